@@ -1,0 +1,25 @@
+"""Errors crossval reports to its user. Each names the thing at fault."""
+
+from __future__ import annotations
+
+
+class CrossvalError(Exception):
+    """Base class: an error the CLI prints as one clear message (exit status 2)."""
+
+    exit_code = 2
+
+
+class ProvisionError(CrossvalError):
+    """Caffe could not be provisioned (fetch, verify, build, or a selected build is unusable)."""
+
+
+class SourceHashMismatch(ProvisionError):
+    """A downloaded source file does not have its pinned SHA-256."""
+
+
+class NeedsRoot(ProvisionError):
+    """Build dependencies are missing and this process may not install them."""
+
+
+class CaffeNotAvailable(ProvisionError):
+    """No usable pycaffe: none provisioned, or the selected one does not import."""

@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests that need Caffe use real Caffe: they fail, never skip, without it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from crossval import provision
+from crossval.errors import CaffeNotAvailable
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (tox sets `ci`).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=200,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=25)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=5000,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session")
+def caffe_install() -> provision.CaffeInstall:
+    """The provisioned (or CROSSVAL_CAFFE-selected) pycaffe."""
+    try:
+        return provision.locate()
+    except CaffeNotAvailable as exc:
+        pytest.fail(f"real Caffe is required and missing: {exc}", pytrace=False)
