@@ -170,7 +170,7 @@ def _build(
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()  # CMake must see the same paths every time, or it rebuilds all
     src = source.unpack(downloads, work / "src", progress)
-    build.configure(src, work / "build", interp, progress)
+    build.configure(src, work / "build", interp, progress, key)
     build.compile_caffe(work / "build", progress, jobs)
     progress.stage("assemble", f"{entry}")
     entry.parent.mkdir(parents=True, exist_ok=True)

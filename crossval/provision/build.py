@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -174,21 +173,21 @@ def _run_logged(
         raise ProvisionError(f"{what} failed (exit {rc}); full log: {log}\n" + "\n".join(errors))
 
 
-def configure(src: Path, build: Path, interp: Interpreter, progress: Progress) -> None:
-    """Run CMake unless this build tree was already configured with the same command."""
-    cmd = cmake_command(src, interp)
-    stamp = build / "crossval-configure.json"
-    if (build / "CMakeCache.txt").is_file() and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == cmd:
-                return
-        except ValueError:
-            pass
+def configure(src: Path, build: Path, interp: Interpreter, progress: Progress, key: str) -> None:
+    """Run CMake unless this build tree is already configured for cache key `key`.
+
+    Interpreters with the same key (same ABI, same numpy major) build interchangeable
+    products, so a tree configured by one serves the others; re-running CMake with another
+    interpreter's numpy include path would recompile everything for nothing.
+    """
+    stamp = build / "crossval-configured"
+    if (build / "CMakeCache.txt").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return
     progress.stage("configure", "cmake, CPU only, OpenBLAS, Python layer on")
     build.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    _run_logged(cmd, build, build / "cmake.log", "cmake")
-    stamp.write_text(json.dumps(cmd))
+    _run_logged(cmake_command(src, interp), build, build / "cmake.log", "cmake")
+    stamp.write_text(key)
 
 
 def compile_caffe(build: Path, progress: Progress, jobs: int | None = None) -> None:

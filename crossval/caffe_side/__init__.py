@@ -1,0 +1,1 @@
+"""Code that runs inside the Caffe worker process (it imports pycaffe; nothing else here does)."""

@@ -1,0 +1,156 @@
+"""The Caffe worker's main loop: ``python -m crossval.caffe_side.server``.
+
+Reads pickled ``(op, kwargs)`` requests on stdin and writes ``("ok", result)`` or
+``("error", text)`` on a private copy of stdout. Nets are cached by prototxt and reused
+across requests (only the batch axis is reshaped), never rebuilt per example.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from crossval.worker import read_frame, write_frame
+
+
+def main() -> None:
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything Caffe or a layer prints goes to the log, not the protocol
+    requests = sys.stdin.buffer
+    import caffe
+
+    caffe.set_mode_cpu()
+    ops = Ops(caffe)
+    while True:
+        try:
+            op, kwargs = read_frame(requests)
+        except EOFError:
+            return
+        handler = getattr(ops, "op_" + op, None)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown worker op {op!r}")
+            write_frame(replies, ("ok", handler(**kwargs)))
+        except Exception as exc:  # reported to the caller; the worker lives on
+            write_frame(replies, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Ops:
+    """The worker's operations; each `op_<name>` is callable as `worker.call("<name>", ...)`."""
+
+    MAX_NETS = 64
+
+    def __init__(self, caffe: Any) -> None:
+        self.caffe = caffe
+        self.nets: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+    # -- nets ------------------------------------------------------------------------------
+
+    def net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> Any:
+        key = (prototxt, phase, weights)
+        net = self.nets.get(key)
+        if net is None:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+                f.write(prototxt)
+            try:
+                ph = getattr(self.caffe, phase)
+                net = (self.caffe.Net(f.name, weights, ph) if weights
+                       else self.caffe.Net(f.name, ph))
+            finally:
+                os.unlink(f.name)
+            self.nets[key] = net
+            if len(self.nets) > self.MAX_NETS:
+                self.nets.popitem(last=False)
+        else:
+            self.nets.move_to_end(key)
+        return net
+
+    def op_ping(self) -> dict[str, Any]:
+        return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
+
+    def op_prototxt(self, head: str, **kwargs: Any) -> str:
+        from crossval.caffe_side import nets
+
+        return nets.BUILDERS[head](**kwargs)
+
+    def op_params(self, prototxt: str, phase: str = "TEST", weights: str = "") -> dict[str, Any]:
+        """Every param blob, by layer, in Caffe's order (copies), plus layer types."""
+        net = self.net(prototxt, phase, weights)
+        types = {name: layer.type for name, layer in zip(net._layer_names, net.layers)}
+        return {
+            "params": {name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
+            "types": {name: types[name] for name in net.params},
+        }
+
+    def op_run(self, prototxt: str, inputs: dict[str, np.ndarray],
+               params: dict[str, list[np.ndarray]] | None = None, phase: str = "TRAIN",
+               backward: bool = False, weights: str = "") -> dict[str, Any]:
+        """Set params and inputs, forward (and backward), and return every blob and diff."""
+        net = self.net(prototxt, phase, weights)
+        reshaped = False
+        for name, value in inputs.items():
+            if name not in net.blobs:
+                raise KeyError(f"input blob {name!r} is not in the net "
+                               f"(blobs: {', '.join(net.blobs)})")
+            blob = net.blobs[name]
+            if blob.data.shape != value.shape:
+                blob.reshape(*value.shape)
+                reshaped = True
+        if reshaped:
+            net.reshape()
+        for name, value in inputs.items():
+            net.blobs[name].data[...] = value
+        for layer, blobs in (params or {}).items():
+            if layer not in net.params:
+                raise KeyError(f"layer {layer!r} has no params in the net")
+            for i, value in enumerate(blobs):
+                target = net.params[layer][i].data
+                if target.shape != value.shape:
+                    raise ValueError(f"{layer}/{i}: Caffe shape {target.shape}, "
+                                     f"given {value.shape}")
+                target[...] = value
+        net.forward()
+        out: dict[str, Any] = {
+            "blobs": {name: b.data.copy() for name, b in net.blobs.items()},
+            "params": {name: [b.data.copy() for b in bl] for name, bl in net.params.items()},
+        }
+        if backward:
+            # pycaffe's backward accumulates param diffs (gemm with beta 1): clear them first.
+            for blobs in net.params.values():
+                for b in blobs:
+                    b.diff[...] = 0
+            net.backward()
+            out["diffs"] = {name: net.blobs[name].diff.copy() for name in inputs}
+            out["param_diffs"] = {name: [b.diff.copy() for b in bl]
+                                  for name, bl in net.params.items()}
+        return out
+
+    def op_save(self, prototxt: str, params: dict[str, list[np.ndarray]], out: str,
+                phase: str = "TEST") -> str:
+        """Write a caffemodel holding `params` (blob order as in the net)."""
+        net = self.net(prototxt, phase)
+        for layer, blobs in params.items():
+            for i, value in enumerate(blobs):
+                net.params[layer][i].data[...] = value
+        net.save(out)
+        return out
+
+    def op_crash(self, how: str) -> None:
+        """For tests of crash isolation: die the way Caffe can."""
+        if how == "abort":
+            os.abort()
+        if how == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+        raise ValueError(f"unknown crash {how!r}")
+
+
+if __name__ == "__main__":
+    main()
