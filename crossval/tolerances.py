@@ -10,6 +10,9 @@ relative error of an n-term sum or dot product in any order (Higham, Accuracy an
 of Numerical Algorithms, 2nd ed., eq. 3.4-3.5), which covers BLAS and PyTorch summing in
 different orders. Library tanh/exp/log are taken as accurate to LIBM_ULPS ulps.
 
+Every bound also carries an absolute term of a few ETA32 (the smallest float32 denormal) per
+operation: a result that underflows is off by up to that much whatever its relative error.
+
 A float32 implementation compared with the float64 reference must lie within ``bound``;
 two float32 implementations (Caffe and a port) compared with each other must lie within
 ``2 * bound`` (each may be off by ``bound`` in opposite directions): see ``cross``.
@@ -26,6 +29,7 @@ from numpy.typing import NDArray
 F64 = NDArray[np.float64]
 
 U32 = 2.0**-24
+ETA32 = 2.0**-149  # smallest float32 denormal: the absolute error of a result that underflows
 LIBM_ULPS = 4  # glibc / Eigen / SLEEF float32 exp, tanh, log: documented max error <= 4 ulp
 
 
@@ -90,7 +94,7 @@ def inner_product(x: F64, w: F64, b: F64 | None, e_x: F64 | float = 0.0) -> F64:
     if b is not None:
         mag = mag + np.abs(b)
     carried = np.broadcast_to(np.asarray(e_x, dtype=np.float64), x.shape) @ np.abs(w).T
-    out: F64 = gamma(d + 1) * mag + carried
+    out: F64 = gamma(d + 1) * mag + carried + (d + 1) * ETA32
     return out
 
 
@@ -102,7 +106,7 @@ def sigmoid(y: F64, e_x: F64 | float = 0.0) -> F64:
 
 def scale(y: F64, s: float, e_x: F64 | float = 0.0) -> F64:
     """Bound for y = s x: see TABLE['scale']."""
-    out: F64 = U32 * np.abs(y) + abs(s) * np.asarray(e_x, dtype=np.float64)
+    out: F64 = U32 * np.abs(y) + abs(s) * np.asarray(e_x, dtype=np.float64) + ETA32
     return out
 
 
@@ -112,7 +116,7 @@ def softmax(z: F64, p: F64, e_z: F64 | float = 0.0, axis: int = 1) -> F64:
     shifted = np.abs(z - z.max(axis=axis, keepdims=True))
     e = np.broadcast_to(np.asarray(e_z, dtype=np.float64), z.shape)
     carried = 2.0 * e.max(axis=axis, keepdims=True)
-    out: F64 = p * ((shifted + LIBM_ULPS + k + 2) * U32 + carried)
+    out: F64 = p * ((shifted + LIBM_ULPS + k + 2) * U32 + carried) + 4 * ETA32
     return out
 
 
@@ -120,8 +124,135 @@ def dot_fixed(p: F64, k: F64, e_p: F64 | float = 0.0) -> F64:
     """Bound for y = p @ k.T with fixed k (1, K): see TABLE['dot_fixed']."""
     kk = np.abs(k).reshape(1, -1)
     e = np.broadcast_to(np.asarray(e_p, dtype=np.float64), p.shape)
-    out: F64 = gamma(kk.shape[1]) * (np.abs(p) @ kk.T) + e @ kk.T
+    out: F64 = gamma(kk.shape[1]) * (np.abs(p) @ kk.T) + e @ kk.T + kk.sum() * ETA32
     return out
+
+
+# ---- losses ------------------------------------------------------------------------------
+
+
+def euclidean_loss(a: F64, b: F64, e_a: F64 | float) -> float:
+    """Bound for L = sum (a - b)^2 / 2N: see TABLE['euclidean_loss']."""
+    d = a - b.reshape(a.shape)
+    n, m = a.shape[0], d.size
+    loss = float((d * d).sum() / n / 2)
+    return (
+        gamma(m + 3) * loss
+        + float((np.abs(d) * (e_a + U32 * np.abs(d))).sum() / n)
+        + (m + 3) * ETA32
+    )
+
+
+def smooth_l1_loss(a: F64, b: F64, sigma: float, e_a: F64 | float) -> float:
+    """Bound for the SmoothL1 loss: see TABLE['smooth_l1_loss']."""
+    d = a - b.reshape(a.shape)
+    n, m, s2 = a.shape[0], d.size, sigma * sigma
+    ad = np.abs(d)
+    per = np.where(ad < 1 / s2, 0.5 * s2 * d * d, ad - 0.5 / s2)
+    slope = np.minimum(s2 * ad, 1.0)
+    return float(
+        gamma(m + 3) * float(np.abs(per).sum()) / n
+        + float((slope * (e_a + U32 * ad)).sum() / n)
+        + (2 * m + 3) * ETA32
+    )
+
+
+def softmax_with_loss(
+    p: F64,
+    e_p: F64,
+    labels: NDArray[np.int64],
+    valid: NDArray[np.bool_],
+    normalizer: float,
+    flt_min: float,
+) -> float:
+    """Bound for SoftmaxWithLoss over (N, K) probabilities: see TABLE['softmax_with_loss']."""
+    rows = np.arange(p.shape[0])
+    idx = np.where(valid, labels, 0)
+    py = np.maximum(p[rows, idx], flt_min)
+    ell = -np.log(py)
+    per = e_p[rows, idx] / py + (LIBM_ULPS + 1) * U32 * np.abs(ell)
+    n = int(valid.sum())
+    total = float(per[valid].sum()) + (gamma(n) if n else 0.0) * float(np.abs(ell[valid]).sum())
+    return total / normalizer + ETA32
+
+
+def euclidean_loss_grad(a: F64, b: F64, e_a: F64 | float) -> F64:
+    """Bound for g = (a - b) / N: see TABLE['euclidean_loss_grad']."""
+    d = a - b.reshape(a.shape)
+    n = a.shape[0]
+    out: F64 = (e_a + U32 * np.abs(d)) / n + U32 * np.abs(d) / n + ETA32
+    return out
+
+
+def smooth_l1_loss_grad(a: F64, b: F64, sigma: float, e_a: F64 | float) -> F64:
+    """Bound for the SmoothL1 gradient: see TABLE['smooth_l1_loss_grad']."""
+    d = a - b.reshape(a.shape)
+    n, s2 = a.shape[0], sigma * sigma
+    g = np.where(np.abs(d) < 1 / s2, s2 * d, np.sign(d)) / n
+    out: F64 = s2 * (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(g) + 2 * ETA32
+    return out
+
+
+def softmax_with_loss_grad(
+    p: F64, e_p: F64, labels: NDArray[np.int64], valid: NDArray[np.bool_], normalizer: float
+) -> F64:
+    """Bound for g = (p - onehot) / normalizer: see TABLE['softmax_with_loss_grad']."""
+    onehot = np.zeros_like(p)
+    rows = np.arange(p.shape[0])
+    onehot[rows, np.where(valid, labels, 0)] = 1.0
+    g = np.abs(p - onehot) / normalizer
+    out: F64 = ((e_p + U32 * np.abs(p - onehot)) / normalizer + U32 * g + ETA32) * valid[:, None]
+    return out
+
+
+# ---- backward through the heads' layers ---------------------------------------------------
+
+
+def scale_grad(g_y: F64, s: float, e_gy: F64) -> F64:
+    """Bound for g_x = s g_y: see TABLE['scale_grad']."""
+    out: F64 = abs(s) * e_gy + U32 * np.abs(s * g_y) + ETA32
+    return out
+
+
+def sigmoid_grad(g_y: F64, y: F64, e_gy: F64, e_y: F64) -> F64:
+    """Bound for g_x = g_y y (1 - y): see TABLE['sigmoid_grad']."""
+    out: F64 = (
+        np.abs(g_y) * (np.abs(1 - 2 * y) * e_y + e_y * e_y)
+        + y * (1 - y) * e_gy
+        + 3 * U32 * np.abs(g_y * y * (1 - y))
+        + ETA32
+    )
+    return out
+
+
+def dot_fixed_grad(g_y: F64, k: F64, e_gy: F64) -> F64:
+    """Bound for g_p = g_y k with k (1, K): see TABLE['dot_fixed_grad']."""
+    kk = np.abs(k).reshape(1, -1)
+    out: F64 = e_gy * kk + U32 * np.abs(g_y) * kk + ETA32
+    return out
+
+
+def softmax_grad(g_p: F64, p: F64, e_gp: F64, e_p: F64) -> F64:
+    """Bound for g_z = p (g_p - sum g_p p): see TABLE['softmax_grad']."""
+    k = p.shape[1]
+    s = (g_p * p).sum(axis=1, keepdims=True)
+    e_s = gamma(k) * (np.abs(g_p) * p).sum(axis=1, keepdims=True) + (
+        np.abs(g_p) * e_p + p * e_gp
+    ).sum(axis=1, keepdims=True)
+    h = g_p - s
+    e_h = e_gp + e_s + U32 * np.abs(h)
+    out: F64 = p * e_h + np.abs(h) * e_p + U32 * np.abs(p * h) + 2 * ETA32
+    return out
+
+
+def inner_product_grads(x: F64, w: F64, g_y: F64, e_gy: F64) -> tuple[F64, F64, F64]:
+    """Bounds for (g_x, g_W, g_b) of y = x W^T + b: see TABLE['inner_product_grad']."""
+    n, m = g_y.shape
+    ag, aw, ax = np.abs(g_y), np.abs(w), np.abs(x)
+    e_x: F64 = gamma(m) * (ag @ aw) + e_gy @ aw + m * ETA32
+    e_w: F64 = gamma(n) * (ag.T @ ax) + e_gy.T @ ax + n * ETA32
+    e_b: F64 = gamma(n) * ag.sum(axis=0) + e_gy.sum(axis=0) + n * ETA32
+    return e_x, e_w, e_b
 
 
 def cross(bound: F64 | float) -> F64:

@@ -73,7 +73,10 @@ class CaffeWorker:
         env["OPENBLAS_NUM_THREADS"] = env.get("CROSSVAL_CAFFE_THREADS", "1")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "crossval.caffe_side.server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
         )
         return self._proc
 

@@ -30,7 +30,8 @@ class SmoothL1Loss(caffe.Layer):  # type: ignore[misc]
         if bottom[0].count != bottom[1].count or bottom[0].num != bottom[1].num:
             raise ValueError(
                 f"SmoothL1Loss: bottoms {bottom[0].data.shape} and {bottom[1].data.shape} "
-                "must have the same batch size and count")
+                "must have the same batch size and count"
+            )
         self.diff = np.zeros_like(bottom[0].data, dtype=np.float32)
         top[0].reshape(1)
 
@@ -39,8 +40,9 @@ class SmoothL1Loss(caffe.Layer):  # type: ignore[misc]
         self.diff[...] = x
         ax = np.abs(x)
         inner = ax < 1 / self.sigma2
-        per = np.where(inner, np.float32(0.5) * self.sigma2 * x * x,
-                       ax - np.float32(0.5) / self.sigma2)
+        per = np.where(
+            inner, np.float32(0.5) * self.sigma2 * x * x, ax - np.float32(0.5) / self.sigma2
+        )
         top[0].data[...] = np.sum(per, dtype=np.float32) / np.float32(bottom[0].num)
 
     def backward(self, top: Any, propagate_down: Any, bottom: Any) -> None:

@@ -9,6 +9,7 @@ the answer's ``pool5``; the label blobs are ``true_age`` (N x 1) and ``label`` (
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import caffe
@@ -26,17 +27,22 @@ def _loss(n: Any, loss: str, pred: Any, logits: Any, batch: int, opts: dict[str,
     elif loss == "smooth_l1":
         n.true_age = L.Input(shape=dict(dim=[batch, 1]))
         n.loss = L.Python(
-            pred, n.true_age, loss_weight=1,
-            python_param=dict(module=SMOOTH_L1_MODULE, layer="SmoothL1Loss",
-                              param_str=json.dumps({"sigma": float(opts.get("sigma", 1.0))})))
+            pred,
+            n.true_age,
+            loss_weight=1,
+            python_param=dict(
+                module=SMOOTH_L1_MODULE,
+                layer="SmoothL1Loss",
+                param_str=json.dumps({"sigma": float(opts.get("sigma", 1.0))}),
+            ),
+        )
     elif loss == "softmax_with_loss":
         if logits is None:
             raise ValueError("softmax_with_loss needs the expectation head's logits")
         n.label = L.Input(shape=dict(dim=[batch]))
         loss_param: dict[str, Any] = {}
         if opts.get("normalization") is not None:
-            loss_param["normalization"] = getattr(
-                caffe.params.Loss, opts["normalization"])
+            loss_param["normalization"] = getattr(caffe.params.Loss, opts["normalization"])
         if opts.get("ignore_label") is not None:
             loss_param["ignore_label"] = int(opts["ignore_label"])
         n.loss = L.SoftmaxWithLoss(logits, n.label, loss_param=loss_param)
@@ -44,16 +50,19 @@ def _loss(n: Any, loss: str, pred: Any, logits: Any, batch: int, opts: dict[str,
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
 
 
-def sigmoid_scale(features: int, batch: int = 1, scale: float = 99.0, loss: str | None = None,
-                  **opts: Any) -> str:
+def sigmoid_scale(
+    features: int, batch: int = 1, scale: float = 99.0, loss: str | None = None, **opts: Any
+) -> str:
     """Prototxt of the sigmoid-scale head; with `loss`, the train variant."""
     n = caffe.NetSpec()
     n.pool5 = L.Input(shape=dict(dim=[batch, features]))
     n.fc1 = L.InnerProduct(n.pool5, num_output=1)
     n.pred01 = L.Sigmoid(n.fc1)
-    n.pred_age = L.Scale(n.pred01, param=dict(lr_mult=0),
-                         scale_param=dict(bias_term=False,
-                                          filler=dict(type="constant", value=scale)))
+    n.pred_age = L.Scale(
+        n.pred01,
+        param=dict(lr_mult=0),
+        scale_param=dict(bias_term=False, filler=dict(type="constant", value=scale)),
+    )
     if loss is not None:
         if loss == "softmax_with_loss":
             raise ValueError("the sigmoid-scale head has no logits for softmax_with_loss")
@@ -61,8 +70,14 @@ def sigmoid_scale(features: int, batch: int = 1, scale: float = 99.0, loss: str 
     return _finish(n, train=loss is not None)
 
 
-def expectation(features: int, batch: int = 1, bins: int = 100, ip_name: str | None = None,
-                loss: str | None = None, **opts: Any) -> str:
+def expectation(
+    features: int,
+    batch: int = 1,
+    bins: int = 100,
+    ip_name: str | None = None,
+    loss: str | None = None,
+    **opts: Any,
+) -> str:
     """Prototxt of the expectation head; with `loss`, the train variant."""
     ip_name = ip_name or f"fc{bins}"
     n = caffe.NetSpec()
@@ -70,8 +85,9 @@ def expectation(features: int, batch: int = 1, bins: int = 100, ip_name: str | N
     logits = L.InnerProduct(n.pool5, num_output=bins)
     setattr(n, ip_name, logits)
     n.prob = L.Softmax(logits)
-    n.pred_age = L.Convolution(n.prob, param=dict(lr_mult=0),
-                               convolution_param=dict(num_output=1, bias_term=False))
+    n.pred_age = L.Convolution(
+        n.prob, param=dict(lr_mult=0), convolution_param=dict(num_output=1, bias_term=False)
+    )
     if loss is not None:
         _loss(n, loss, n.pred_age, logits, batch, opts)
     return _finish(n, train=loss is not None)
@@ -85,4 +101,7 @@ def _finish(n: Any, train: bool) -> str:
     return str(proto)
 
 
-BUILDERS = {"sigmoid_scale": sigmoid_scale, "expectation": expectation}
+BUILDERS: dict[str, Callable[..., str]] = {
+    "sigmoid_scale": sigmoid_scale,
+    "expectation": expectation,
+}

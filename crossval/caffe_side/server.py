@@ -60,8 +60,7 @@ class Ops:
                 f.write(prototxt)
             try:
                 ph = getattr(self.caffe, phase)
-                net = (self.caffe.Net(f.name, weights, ph) if weights
-                       else self.caffe.Net(f.name, ph))
+                net = self.caffe.Net(f.name, weights, ph) if weights else self.caffe.Net(f.name, ph)
             finally:
                 os.unlink(f.name)
             self.nets[key] = net
@@ -77,27 +76,34 @@ class Ops:
     def op_prototxt(self, head: str, **kwargs: Any) -> str:
         from crossval.caffe_side import nets
 
-        return nets.BUILDERS[head](**kwargs)
+        return str(nets.BUILDERS[head](**kwargs))
 
     def op_params(self, prototxt: str, phase: str = "TEST", weights: str = "") -> dict[str, Any]:
         """Every param blob, by layer, in Caffe's order (copies), plus layer types."""
         net = self.net(prototxt, phase, weights)
-        types = {name: layer.type for name, layer in zip(net._layer_names, net.layers)}
+        types = {name: layer.type for name, layer in zip(net._layer_names, net.layers, strict=True)}
         return {
             "params": {name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
             "types": {name: types[name] for name in net.params},
         }
 
-    def op_run(self, prototxt: str, inputs: dict[str, np.ndarray],
-               params: dict[str, list[np.ndarray]] | None = None, phase: str = "TRAIN",
-               backward: bool = False, weights: str = "") -> dict[str, Any]:
+    def op_run(
+        self,
+        prototxt: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]] | None = None,
+        phase: str = "TRAIN",
+        backward: bool = False,
+        weights: str = "",
+    ) -> dict[str, Any]:
         """Set params and inputs, forward (and backward), and return every blob and diff."""
         net = self.net(prototxt, phase, weights)
         reshaped = False
         for name, value in inputs.items():
             if name not in net.blobs:
-                raise KeyError(f"input blob {name!r} is not in the net "
-                               f"(blobs: {', '.join(net.blobs)})")
+                raise KeyError(
+                    f"input blob {name!r} is not in the net (blobs: {', '.join(net.blobs)})"
+                )
             blob = net.blobs[name]
             if blob.data.shape != value.shape:
                 blob.reshape(*value.shape)
@@ -112,8 +118,9 @@ class Ops:
             for i, value in enumerate(blobs):
                 target = net.params[layer][i].data
                 if target.shape != value.shape:
-                    raise ValueError(f"{layer}/{i}: Caffe shape {target.shape}, "
-                                     f"given {value.shape}")
+                    raise ValueError(
+                        f"{layer}/{i}: Caffe shape {target.shape}, given {value.shape}"
+                    )
                 target[...] = value
         net.forward()
         out: dict[str, Any] = {
@@ -127,12 +134,14 @@ class Ops:
                     b.diff[...] = 0
             net.backward()
             out["diffs"] = {name: net.blobs[name].diff.copy() for name in inputs}
-            out["param_diffs"] = {name: [b.diff.copy() for b in bl]
-                                  for name, bl in net.params.items()}
+            out["param_diffs"] = {
+                name: [b.diff.copy() for b in bl] for name, bl in net.params.items()
+            }
         return out
 
-    def op_save(self, prototxt: str, params: dict[str, list[np.ndarray]], out: str,
-                phase: str = "TEST") -> str:
+    def op_save(
+        self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
+    ) -> str:
         """Write a caffemodel holding `params` (blob order as in the net)."""
         net = self.net(prototxt, phase)
         for layer, blobs in params.items():

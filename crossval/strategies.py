@@ -1,0 +1,96 @@
+"""Hypothesis strategies for cases, hard regions included.
+
+A case is drawn as a handful of numbers (head, loss, shape, a magnitude, label mode, loss
+parameters, a seed) and its arrays are built from them with numpy: drawing arrays element by
+element costs milliseconds per example, this costs microseconds. Every draw is labelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from reference.losses import NORMALIZATIONS
+
+from .heads import COMBINATIONS, HEADS, Case
+
+# The hard values each dimension must reach, mixed with the whole range.
+BATCHES = st.one_of(st.sampled_from([1, 2, 8, 64]), st.integers(1, 64))
+FEATURES = st.one_of(st.sampled_from([1, 64, 512]), st.integers(1, 512))
+BINS = st.one_of(st.sampled_from([2, 100, 101, 128]), st.integers(2, 128))
+# Largest |pre-activation| (sigmoid head) or logit spread (expectation head): beyond 20 the
+# sigmoid saturates in float32; beyond 88 exp underflows; 100+ is the "large spread" region.
+SPREADS = st.one_of(st.sampled_from([1e-3, 1.0, 25.0, 60.0, 120.0, 300.0]), st.floats(1e-3, 300.0))
+SIGMAS = st.one_of(st.just(1.0), st.sampled_from([0.25, 0.5, 2.0, 3.0]), st.floats(0.1, 10.0))
+
+
+def _region(head: str, spread: float) -> str:
+    if head == "sigmoid_scale":
+        return "saturating" if spread > 20 else "linear"
+    return "spread>100" if spread > 100 else ("spread>88" if spread > 88 else "moderate")
+
+
+@st.composite
+def cases(draw: st.DrawFn, combos: tuple[tuple[str, str], ...] = COMBINATIONS) -> Case:
+    head, loss = draw(st.sampled_from(combos), label="head+loss")
+    n = draw(BATCHES, label="batch")
+    d = draw(FEATURES, label="features")
+    k = draw(BINS, label="bins") if head == "expectation" else 1
+    spread = draw(SPREADS, label="spread")
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    sigma = draw(SIGMAS, label="sigma") if loss == "smooth_l1" else 1.0
+    rng = np.random.default_rng(seed)
+
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal((k, d)) / np.sqrt(d)
+    b = rng.standard_normal(k)
+    z = x.astype(np.float64) @ w.T + b
+    reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
+    if reach > 0 and k >= 1:
+        factor = spread / reach
+        w, b = w * factor, b * factor
+    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
+    weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
+
+    normalization: str | None = None
+    ignore: int | None = None
+    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
+    if loss == "softmax_with_loss":
+        mode = draw(st.sampled_from(["uniform", "ends", "fractional"]), label="labels")
+        if mode == "ends":
+            lab = rng.choice([0, k - 1], size=n).astype(np.float64)
+        elif mode == "fractional":  # Caffe truncates (static_cast<int>)
+            lab = rng.integers(0, k, size=n) + rng.uniform(0, 0.999, size=n)
+        else:
+            lab = rng.integers(0, k, size=n).astype(np.float64)
+        normalization = draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
+        ignoring = draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
+        if ignoring != "none":
+            ignore = 255 if ignoring == "out-of-range" else int(rng.integers(0, k))
+            mask = rng.random(n) < 0.4 if ignoring != "all" else np.ones(n, dtype=bool)
+            lab = np.where(mask, ignore, lab)
+        target = lab.astype(np.float32)
+    else:
+        mode = draw(st.sampled_from(["uniform", "ends", "integers"]), label="targets")
+        if mode == "ends":
+            t = rng.choice([0.0, top], size=(n, 1))
+        elif mode == "integers":
+            t = rng.integers(0, int(top) + 1, size=(n, 1)).astype(np.float64)
+        else:
+            t = rng.uniform(0.0, top, size=(n, 1))
+        target = t.astype(np.float32)
+    return Case(
+        head=head,
+        loss=loss,
+        x=x,
+        target=target,
+        weights=weights,
+        bins=k or 100,
+        sigma=sigma,
+        normalization=normalization,
+        ignore_label=ignore,
+        region=_region(head, spread),
+    )
+
+
+__all__ = ["HEADS", "cases"]
