@@ -14,6 +14,7 @@ so is the fixed blob (99 or arange(K)) against the value the head prescribes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,31 +54,65 @@ class CaseResult:
         return [c for c in self.comparisons if c.check.startswith(check)]
 
 
+ModuleFactory = Callable[[Case, torch.dtype], nn.Module]
+LossFn = Callable[[torch.Tensor, torch.Tensor, Case], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """A PyTorch implementation of a head and its loss: the reference, a port, or a mutant."""
+
+    name: str
+    module: ModuleFactory | None = None  # None: the head's reference
+    loss: LossFn | None = None  # None: the loss table's reference
+
+    def build(self, head: Head, case: Case, dtype: torch.dtype) -> nn.Module:
+        if self.module is None:
+            return head.reference(case, dtype)
+        return head.load(self.module(case, torch.float32), case, dtype)
+
+    def loss_fn(self, case: Case) -> LossFn:
+        return self.loss if self.loss is not None else LOSSES[case.loss].reference
+
+
+REFERENCE = Impl("reference")
+
+
 @dataclass
 class TorchRun:
     blobs: dict[str, np.ndarray]
     loss: float
     grads: dict[str, np.ndarray]  # d loss / d (pool5, learnable params, intermediate blobs)
+    state: dict[str, np.ndarray]
 
 
-def run_torch(head: Head, module: nn.Module, case: Case, dtype: torch.dtype) -> TorchRun:
-    """Forward and backward of the reference `module` on `case` in `dtype`."""
+def run_torch(head: Head, impl: Impl, case: Case, dtype: torch.dtype) -> TorchRun:
+    """Forward and backward of `impl` on `case` in `dtype`."""
+    module = impl.build(head, case, dtype)
     x = torch.from_numpy(case.x).to(dtype).requires_grad_(True)
     target = torch.from_numpy(case.target).to(dtype)
     blobs = module(x)
     for t in blobs.values():
-        t.retain_grad()
-    loss_row = LOSSES[case.loss]
-    consumed = blobs[head.ip_layer(case)] if loss_row.consumes == "logits" else blobs["pred_age"]
-    loss = loss_row.reference(consumed, target, case)
+        if t.requires_grad:
+            t.retain_grad()
+    consumed = (
+        blobs[head.ip_layer(case)] if LOSSES[case.loss].consumes == "logits" else blobs["pred_age"]
+    )
+    loss = impl.loss_fn(case)(consumed, target, case)
     loss.backward()  # type: ignore[no-untyped-call]
     grads: dict[str, np.ndarray] = {"pool5": _np(x.grad)}
     for name, t in blobs.items():
         grads[name] = _np(t.grad) if t.grad is not None else np.zeros(tuple(t.shape))
     params = dict(module.named_parameters())
     for key in head.learnable(case):
-        grads[key] = _np(params[key].grad)
-    return TorchRun({k: _np(v) for k, v in blobs.items()}, float(loss.detach()), grads)
+        p = params.get(key)
+        grads[key] = (
+            _np(p.grad)
+            if p is not None and p.grad is not None
+            else np.zeros(case.weights[key].shape)
+        )
+    state = {k: _np(v) for k, v in module.state_dict().items()}
+    return TorchRun({k: _np(v) for k, v in blobs.items()}, float(loss.detach()), grads, state)
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray:
@@ -86,7 +121,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray:
 
 
 class Harness:
-    """Runs cases; caches prototxts and Caffe param layouts per net shape."""
+    """Runs cases; caches prototxts, Caffe param layouts and surgery per net."""
 
     def __init__(self, worker: CaffeWorker) -> None:
         self.worker = worker
@@ -94,25 +129,27 @@ class Harness:
         self._layouts: dict[str, dict[str, list[tuple[int, ...]]]] = {}
 
     def prototxt(self, head: Head, case: Case, train: bool = True) -> str:
+        """The head's train net for `case` (batch 1; the worker reshapes per example),
+        loaded once in the worker with its fixed kernel set by net surgery."""
         args = head.prototxt_args(case, train)
         key = tuple(sorted(args.items()))
         proto = self._protos.get(key)
         if proto is None:
-            proto = self.worker.call("prototxt", batch=1, **args)
+            proto = str(self.worker.call("prototxt", batch=1, **args))
+            got = self.worker.call("params", prototxt=proto, phase="TRAIN", surgery=head.surgery)
+            self._layouts[proto] = {
+                k: [tuple(a.shape) for a in v] for k, v in got["params"].items()
+            }
             self._protos[key] = proto
         return proto
 
-    def layout(self, proto: str) -> dict[str, list[tuple[int, ...]]]:
-        lay = self._layouts.get(proto)
-        if lay is None:
-            got = self.worker.call("params", prototxt=proto, phase="TRAIN")
-            lay = {k: [tuple(a.shape) for a in v] for k, v in got["params"].items()}
-            self._layouts[proto] = lay
-        return lay
-
-    def run_caffe(self, head: Head, case: Case, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def run_caffe(self, head: Head, case: Case) -> dict[str, Any]:
+        """Caffe forward+backward with the case's learnable weights transferred in; the fixed
+        blob keeps what Caffe itself put there (Scale filler, or the surgery)."""
         proto = self.prototxt(head, case)
-        params = transfer.state_dict_to_caffe(state, self.layout(proto))
+        ip = head.ip_layer(case)
+        learnable = {k: torch.from_numpy(case.weights[k]) for k in head.learnable(case)}
+        params = transfer.state_dict_to_caffe(learnable, {ip: self._layouts[proto][ip]})
         label_blob = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
         result: dict[str, Any] = self.worker.call(
             "run",
@@ -120,33 +157,42 @@ class Harness:
             inputs={"pool5": case.x, label_blob: case.target},
             params=params,
             backward=True,
+            surgery=head.surgery,
         )
         result["sent"] = params
         return result
 
-    def run_case(self, case: Case, module: nn.Module | None = None) -> CaseResult:
-        """All comparisons for `case`. `module` replaces the float32 reference (a port)."""
+    def run_case(
+        self, case: Case, *, port: Impl | None = None, reference: Impl | None = None
+    ) -> CaseResult:
+        """All comparisons for `case`.
+
+        `port` replaces the float32 PyTorch side (a port under test); `reference` replaces
+        the reference itself, float64 and float32 (to show the checks catch a wrong one).
+        """
         head = HEADS[case.head]
         desc = case.describe()
-        ref32 = module if module is not None else head.reference(case, torch.float32)
-        ref64 = head.reference(case, torch.float64)
-        caffe = self.run_caffe(head, case, head.reference(case, torch.float32).state_dict())
-        t32 = run_torch(head, ref32, case, torch.float32)
-        t64 = run_torch(head, ref64, case, torch.float64)
+        ref_impl = reference or REFERENCE
+        caffe = self.run_caffe(head, case)
+        t32 = run_torch(head, port or ref_impl, case, torch.float32)
+        t64 = run_torch(head, ref_impl, case, torch.float64)
         out = CaseResult(case)
         add = out.comparisons.append
 
-        # Copies: weights in and out of Caffe, and the fixed blob, bit for bit.
+        # Copies, bit for bit: weights into Caffe and back, and the fixed blob on both sides.
         for layer, blobs in caffe["sent"].items():
             for i, value in enumerate(blobs):
                 add(exact("transfer", f"{layer}/{i}", caffe["params"][layer][i], value, desc))
-        fixed = head.fixed_layer
-        add(exact("fixed", f"{fixed}/0", caffe["params"][fixed][0], head.fixed_value(case), desc))
+        fixed, want = head.fixed_layer, head.fixed_value(case)
+        add(exact("fixed caffe", f"{fixed}/0", caffe["params"][fixed][0], want, desc))
+        key = transfer.state_dict_key(fixed, 0)
+        if key in t32.state:
+            add(exact("fixed torch", key, t32.state[key].astype(np.float32), want, desc))
 
         ref = dict(t64.blobs)
         ref["pool5"] = case.x.astype(np.float64)
-        for key in head.learnable(case):
-            ref[key] = case.weights[key].astype(np.float64)
+        for k in head.learnable(case):
+            ref[k] = case.weights[k].astype(np.float64)
         fwd = head.forward_bounds(ref, case)
 
         def triple(
@@ -172,6 +218,7 @@ class Harness:
         target = case.target.astype(np.float64)
         prob = ref.get("prob")
         e_loss = loss_row.value_bound(ref[consumed], target, case, fwd[consumed], prob)
+        rule = "softmax_with_loss" if case.loss == "softmax_with_loss" else case.loss + "_loss"
         triple(
             "loss",
             "loss",
@@ -179,17 +226,15 @@ class Harness:
             np.array(t32.loss),
             np.array(t64.loss),
             np.array(e_loss),
-            f"tolerances.{case.loss}_loss"
-            if case.loss != "softmax_with_loss"
-            else "tolerances.softmax_with_loss",
+            "tolerances." + rule,
         )
 
         e_lg = loss_row.grad_bound(ref[consumed], target, case, fwd[consumed], prob)
         bwd = head.backward_bounds(ref, t64.grads, case, fwd, e_lg)
         caffe_grads = {"pool5": caffe["diffs"]["pool5"]}
         ip = head.ip_layer(case)
-        for i, key in enumerate(head.learnable(case)):
-            caffe_grads[key] = caffe["param_diffs"][ip][i]
+        for i, k in enumerate(head.learnable(case)):
+            caffe_grads[k] = caffe["param_diffs"][ip][i]
         for name, bound in bwd.items():
             triple(
                 "gradient",
@@ -198,7 +243,7 @@ class Harness:
                 t32.grads[name],
                 t64.grads[name],
                 bound,
-                "tolerances.inner_product_grad <- backward chain",
+                f"tolerances.{rule}_grad -> backward chain",
             )
         return out
 

@@ -149,6 +149,7 @@ class Head:
     losses: tuple[str, ...]
     summary: str
     fixed_layer: str = "pred_age"
+    surgery: str = ""  # the layer whose kernel net surgery sets, if any
 
     def ip_layer(self, case: Case) -> str:
         raise NotImplementedError
@@ -299,6 +300,7 @@ HEADS: dict[str, Head] = {
             "expectation",
             ("euclidean", "smooth_l1", "softmax_with_loss"),
             "InnerProduct(K) -> Softmax -> Convolution with kernel arange(K)",
+            surgery="pred_age",
         ),
     )
 }

@@ -46,12 +46,13 @@ class Ops:
 
     def __init__(self, caffe: Any) -> None:
         self.caffe = caffe
-        self.nets: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self.nets: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
 
     # -- nets ------------------------------------------------------------------------------
 
-    def net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> Any:
-        key = (prototxt, phase, weights)
+    def net(self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = "") -> Any:
+        """A cached net; with `surgery`, that layer's kernel is set to arange(K) on creation."""
+        key = (prototxt, phase, weights, surgery)
         net = self.nets.get(key)
         if net is None:
             import tempfile
@@ -63,6 +64,8 @@ class Ops:
                 net = self.caffe.Net(f.name, weights, ph) if weights else self.caffe.Net(f.name, ph)
             finally:
                 os.unlink(f.name)
+            if surgery:
+                self._surgery(net, surgery)
             self.nets[key] = net
             if len(self.nets) > self.MAX_NETS:
                 self.nets.popitem(last=False)
@@ -78,9 +81,11 @@ class Ops:
 
         return str(nets.BUILDERS[head](**kwargs))
 
-    def op_params(self, prototxt: str, phase: str = "TEST", weights: str = "") -> dict[str, Any]:
+    def op_params(
+        self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = ""
+    ) -> dict[str, Any]:
         """Every param blob, by layer, in Caffe's order (copies), plus layer types."""
-        net = self.net(prototxt, phase, weights)
+        net = self.net(prototxt, phase, weights, surgery)
         types = {name: layer.type for name, layer in zip(net._layer_names, net.layers, strict=True)}
         return {
             "params": {name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
@@ -95,9 +100,10 @@ class Ops:
         phase: str = "TRAIN",
         backward: bool = False,
         weights: str = "",
+        surgery: str = "",
     ) -> dict[str, Any]:
         """Set params and inputs, forward (and backward), and return every blob and diff."""
-        net = self.net(prototxt, phase, weights)
+        net = self.net(prototxt, phase, weights, surgery)
         reshaped = False
         for name, value in inputs.items():
             if name not in net.blobs:
@@ -149,6 +155,49 @@ class Ops:
                 net.params[layer][i].data[...] = value
         net.save(out)
         return out
+
+    def op_surgery(
+        self,
+        prototxt: str,
+        phase: str = "TRAIN",
+        layer: str = "pred_age",
+        weights: str = "",
+        out: str = "",
+    ) -> dict[str, Any]:
+        """The seed's net surgery on a fresh net; with `out`, save it as a caffemodel."""
+        net = self.net(prototxt, phase, weights)
+        result = self._surgery(net, layer)
+        if out:
+            net.save(out)
+        return result
+
+    @staticmethod
+    def _surgery(net: Any, layer: str) -> dict[str, Any]:
+        """Set `layer`'s kernel to arange(K), K read from the net (its bottom's channels)."""
+        names = list(net._layer_names)
+        if layer not in names:
+            raise LookupError(f"the net has no layer {layer!r} to set (layers: {', '.join(names)})")
+        lay = net.layers[names.index(layer)]
+        if lay.type != "Convolution":
+            raise ValueError(
+                f"layer {layer!r} is a {lay.type}, not the Convolution the surgery sets"
+            )
+        if len(lay.blobs) != 1:
+            raise ValueError(
+                f"layer {layer!r} has {len(lay.blobs)} param blobs; the surgery "
+                "expects one kernel and no bias (bias_term: false)"
+            )
+        bottom = net.bottom_names[layer][0]
+        k = int(np.prod(net.blobs[bottom].data.shape[1:]))
+        kernel = lay.blobs[0].data
+        if kernel.shape != (1, k):
+            raise ValueError(
+                f"layer {layer!r} has a kernel of shape {kernel.shape}; the "
+                f"surgery needs (1, {k}) (num_output 1 over the {k} bins of "
+                f"{bottom!r}, no kernel_size)"
+            )
+        kernel[...] = np.arange(k, dtype=np.float32)
+        return {"bins": k, "kernel": kernel.copy(), "bottom": bottom}
 
     def op_crash(self, how: str) -> None:
         """For tests of crash isolation: die the way Caffe can."""
