@@ -256,3 +256,144 @@ def _rule_of(head: Head, blob: str, case: Case) -> str:
     if blob == "prob":
         return "softmax"
     return "scale" if head.name == "sigmoid_scale" else "dot_fixed"
+
+
+# ---- finite differences ---------------------------------------------------------------------
+
+# Caffe's own GradientChecker settings (include/caffe/test/test_gradient_check_util.hpp).
+CAFFE_FD_STEP = 1e-2
+CAFFE_FD_THRESHOLD = 1e-3
+
+
+@dataclass
+class FiniteDifference:
+    """One element's analytic gradient against its central difference."""
+
+    where: str
+    computed: float
+    estimated: float
+    verdict: str  # "ok", "FAIL", or "kink" (skipped: the step crosses a non-smooth point)
+    slack: float = 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"finite difference {self.where}: backward gives {self.computed:.7g}, central "
+            f"difference {self.estimated:.7g} ({self.verdict}; allowed "
+            f"{CAFFE_FD_THRESHOLD:g} * max(|a|, |n|, 1) + {self.slack:.3g})"
+        )
+
+
+def caffe_gradient_check(
+    harness: Harness, case: Case, samples: int = 6, seed: int = 0
+) -> list[FiniteDifference]:
+    """Caffe's GradientChecker (float32, step 1e-2, threshold 1e-3 relative to
+    max(|analytic|, |numeric|, 1)) on `samples` elements each of pool5 and the IP weight and
+    bias, run inside the worker."""
+    head = HEADS[case.head]
+    proto = harness.prototxt(head, case)
+    ip = head.ip_layer(case)
+    keys = head.learnable(case)
+    learnable = {k: torch.from_numpy(case.weights[k]) for k in keys}
+    params = transfer.state_dict_to_caffe(learnable, {ip: harness._layouts[proto][ip]})
+    rng = np.random.default_rng(seed)
+    targets: list[tuple[str, str, int]] = []
+    for kind, name, size in (
+        ("blob", "pool5", case.x.size),
+        ("param", f"{ip}/0", case.weights[keys[0]].size),
+        ("param", f"{ip}/1", case.weights[keys[1]].size),
+    ):
+        for idx in rng.choice(size, size=min(samples, size), replace=False):
+            targets.append((kind, name, int(idx)))
+    label_blob = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+    kink = ("pred_age", "true_age", 1.0 / case.sigma**2) if case.loss == "smooth_l1" else None
+    # Caffe's threshold assumes the step's truncation error and the objective's rounding are
+    # negligible, as they are in its unit-scale layer tests. Ages scaled by 99 (or K - 1)
+    # break both assumptions, so each element is also allowed
+    #   e_L / step            the float32 bound of the loss value (tolerance table), for the
+    #                         two rounded losses in (L+ - L-) / (2 step), and
+    #   |FD64(step) - g64|    the central difference's own truncation error, measured on the
+    #                         float64 reference at the same point with the same step.
+    e_l = loss_bound(case)
+    truncation = _reference_truncation(case, targets, CAFFE_FD_STEP)
+    slacks = [e_l / CAFFE_FD_STEP + t for t in truncation]
+    got = harness.worker.call(
+        "gradient_check",
+        slacks=slacks,
+        prototxt=proto,
+        inputs={"pool5": case.x, label_blob: case.target},
+        params=params,
+        targets=targets,
+        step=CAFFE_FD_STEP,
+        threshold=CAFFE_FD_THRESHOLD,
+        surgery=head.surgery,
+        kink=kink,
+    )
+    return [
+        FiniteDifference(f"d loss/d {name}[{idx}]", c, e, v, slack)
+        for (_, name, idx, c, e, v), slack in zip(got["results"], slacks, strict=True)
+    ]
+
+
+def _objective64(case: Case) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor]]:
+    """The float64 reference loss as a function of (pool5, W, b), and those three tensors."""
+    head = HEADS[case.head]
+    module = head.reference(case, torch.float64)
+    keys = head.learnable(case)
+    target = torch.from_numpy(case.target).double()
+    row = LOSSES[case.loss]
+
+    def objective(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        blobs = torch.func.functional_call(module, {keys[0]: w, keys[1]: b}, (x,))
+        consumed = blobs[head.ip_layer(case)] if row.consumes == "logits" else blobs["pred_age"]
+        return row.reference(consumed, target, case)
+
+    args = [torch.from_numpy(case.x).double()]
+    args += [torch.from_numpy(case.weights[k]).double() for k in keys]
+    return objective, args
+
+
+def _reference_truncation(
+    case: Case, targets: list[tuple[str, str, int]], step: float
+) -> list[float]:
+    """|central difference - analytic gradient| of the float64 reference, per target."""
+    objective, args = _objective64(case)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    objective(*leaves).backward()  # type: ignore[no-untyped-call]
+    out = []
+    with torch.no_grad():
+        for _, name, idx in targets:
+            pos = 0 if name == "pool5" else (1 if name.endswith("/0") else 2)
+            grad = leaves[pos].grad
+            assert grad is not None
+            values = []
+            for delta in (step, -step):
+                moved = [a.clone() for a in args]
+                moved[pos].view(-1)[idx] += delta
+                values.append(float(objective(*moved)))
+            fd = (values[0] - values[1]) / (2 * step)
+            out.append(abs(fd - float(grad.reshape(-1)[idx])))
+    return out
+
+
+def torch_gradcheck(case: Case) -> bool:
+    """torch.autograd.gradcheck of the float64 reference head + loss, with respect to the
+    features and the learnable params (raises GradcheckError naming the input on failure)."""
+    objective, args = _objective64(case)
+    leaves = tuple(a.requires_grad_(True) for a in args)
+    return bool(torch.autograd.gradcheck(objective, leaves, fast_mode=True))
+
+
+def loss_bound(case: Case) -> float:
+    """The float32 error bound of the case's loss value (tolerance table, float64 reference)."""
+    head = HEADS[case.head]
+    t64 = run_torch(head, REFERENCE, case, torch.float64)
+    ref = dict(t64.blobs)
+    ref["pool5"] = case.x.astype(np.float64)
+    for k in head.learnable(case):
+        ref[k] = case.weights[k].astype(np.float64)
+    fwd = head.forward_bounds(ref, case)
+    row = LOSSES[case.loss]
+    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
+    return row.value_bound(
+        ref[consumed], case.target.astype(np.float64), case, fwd[consumed], ref.get("prob")
+    )

@@ -7,7 +7,10 @@ element costs milliseconds per example, this costs microseconds. Every draw is l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import torch
 from hypothesis import strategies as st
 
 from reference.losses import NORMALIZATIONS
@@ -30,25 +33,46 @@ def _region(head: str, spread: float) -> str:
     return "spread>100" if spread > 100 else ("spread>88" if spread > 88 else "moderate")
 
 
+# For finite differences in float32 with Caffe's step (1e-2): features and weights small
+# enough that the age (scaled by 99, or by up to K-1) is smooth on the step's scale; the
+# central difference's truncation error then stays far below Caffe's threshold.
+SMALL_SCALES = st.floats(0.02, 0.2)
+MODERATE_SIGMAS = st.sampled_from([0.5, 1.0, 2.0])
+
+
 @st.composite
-def cases(draw: st.DrawFn, combos: tuple[tuple[str, str], ...] = COMBINATIONS) -> Case:
+def cases(
+    draw: st.DrawFn,
+    combos: tuple[tuple[str, str], ...] = COMBINATIONS,
+    spreads: st.SearchStrategy[float] = SPREADS,
+    sigmas: st.SearchStrategy[float] = SIGMAS,
+    near_prediction: bool = False,
+    small: st.SearchStrategy[float] | None = None,
+) -> Case:
+    """A case of one of `combos`. With `near_prediction`, regression targets lie within about
+    a year of the head's own prediction (the loss stays small, as a finite-difference check in
+    float32 needs)."""
     head, loss = draw(st.sampled_from(combos), label="head+loss")
     n = draw(BATCHES, label="batch")
     d = draw(FEATURES, label="features")
     k = draw(BINS, label="bins") if head == "expectation" else 1
-    spread = draw(SPREADS, label="spread")
+    spread = draw(spreads, label="spread")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
-    sigma = draw(SIGMAS, label="sigma") if loss == "smooth_l1" else 1.0
+    sigma = draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0
     rng = np.random.default_rng(seed)
 
     x = rng.standard_normal((n, d)).astype(np.float32)
     w = rng.standard_normal((k, d)) / np.sqrt(d)
     b = rng.standard_normal(k)
-    z = x.astype(np.float64) @ w.T + b
-    reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
-    if reach > 0 and k >= 1:
-        factor = spread / reach
-        w, b = w * factor, b * factor
+    if small is not None:
+        size = draw(small, label="small scale")
+        x = (x * size).astype(np.float32)
+        w, b = w * size, b * size
+    else:
+        z = x.astype(np.float64) @ w.T + b
+        reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
+        if reach > 0:
+            w, b = w * (spread / reach), b * (spread / reach)
     ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
     weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
 
@@ -79,7 +103,7 @@ def cases(draw: st.DrawFn, combos: tuple[tuple[str, str], ...] = COMBINATIONS) -
         else:
             t = rng.uniform(0.0, top, size=(n, 1))
         target = t.astype(np.float32)
-    return Case(
+    case = Case(
         head=head,
         loss=loss,
         x=x,
@@ -91,6 +115,13 @@ def cases(draw: st.DrawFn, combos: tuple[tuple[str, str], ...] = COMBINATIONS) -
         ignore_label=ignore,
         region=_region(head, spread),
     )
+    if near_prediction and loss != "softmax_with_loss":
+        with torch.no_grad():
+            pred = HEADS[head].reference(case, torch.float64)(torch.from_numpy(x).double())
+        age = pred["pred_age"].numpy()
+        near = age + rng.normal(0.0, 0.3, size=age.shape)
+        case = replace(case, target=near.astype(np.float32), region=case.region + " near")
+    return case
 
 
 __all__ = ["HEADS", "cases"]

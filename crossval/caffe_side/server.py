@@ -145,6 +145,69 @@ class Ops:
             }
         return out
 
+    def op_gradient_check(
+        self,
+        prototxt: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        targets: list[tuple[str, str, int]],
+        step: float = 1e-2,
+        threshold: float = 1e-3,
+        surgery: str = "",
+        kink: tuple[str, str, float] | None = None,
+        slacks: list[float] | None = None,
+    ) -> dict[str, Any]:
+        """Caffe's GradientChecker, in float32, on chosen elements.
+
+        `targets` are (kind, layer-or-blob, flat index) with kind "blob" (an input blob) or
+        "param" (param blob 0 or 1 is given as `layer/i` in the name). For each element:
+        estimated = (L(v + step) - L(v - step)) / (2 step); it must be within
+        threshold * max(|computed|, |estimated|, 1) + slack of the backward pass, with
+        `slacks` one per target (zero by default, as in Caffe). With `kink`
+        (blob, target blob, k), an element whose perturbation moves any |blob - target|
+        across k is skipped, as Caffe's checker skips its kink range.
+        """
+        net = self.op_run(prototxt, inputs, params, backward=True, surgery=surgery)
+        live = self.net(prototxt, "TRAIN", "", surgery)
+
+        def value_of(kind: str, name: str) -> Any:
+            if kind == "blob":
+                return live.blobs[name].data
+            layer, i = name.rsplit("/", 1)
+            return live.params[layer][int(i)].data
+
+        def side(kind: str, name: str, idx: int, delta: float) -> tuple[float, np.ndarray]:
+            arr = value_of(kind, name).reshape(-1)
+            old = arr[idx]
+            arr[idx] = np.float32(old + delta)
+            live.forward()
+            loss = float(live.blobs["loss"].data.reshape(-1)[0])
+            resid = np.zeros(0)
+            if kink is not None:
+                resid = live.blobs[kink[0]].data.reshape(-1) - live.blobs[kink[1]].data.reshape(-1)
+            arr[idx] = old
+            return loss, resid
+
+        results = []
+        for t, (kind, name, idx) in enumerate(targets):
+            slack = slacks[t] if slacks else 0.0
+            if kind == "blob":
+                computed = float(net["diffs"][name].reshape(-1)[idx])
+            else:
+                layer, i = name.rsplit("/", 1)
+                computed = float(net["param_diffs"][layer][int(i)].reshape(-1)[idx])
+            pos, r_pos = side(kind, name, idx, step)
+            neg, r_neg = side(kind, name, idx, -step)
+            if kink is not None and np.any((np.abs(r_pos) < kink[2]) != (np.abs(r_neg) < kink[2])):
+                results.append((kind, name, idx, computed, float("nan"), "kink"))
+                continue
+            estimated = (pos - neg) / (2 * step)
+            scale = max(abs(computed), abs(estimated), 1.0)
+            ok = abs(computed - estimated) <= threshold * scale + slack
+            results.append((kind, name, idx, computed, estimated, "ok" if ok else "FAIL"))
+        live.forward()
+        return {"results": results}
+
     def op_save(
         self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
     ) -> str:
