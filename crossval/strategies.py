@@ -40,6 +40,92 @@ SMALL_SCALES = st.floats(0.02, 0.2)
 MODERATE_SIGMAS = st.sampled_from([0.5, 1.0, 2.0])
 
 
+def build_case(
+    head: str,
+    loss: str,
+    batch: int,
+    features: int,
+    bins: int = 100,
+    spread: float = 1.0,
+    seed: int = 0,
+    sigma: float = 1.0,
+    small: float | None = None,
+    targets: str = "uniform",
+    normalization: str | None = None,
+    ignoring: str = "none",
+    near_prediction: bool = False,
+) -> Case:
+    """The case these numbers describe (deterministic: `@example`s call this directly).
+
+    `spread` is the largest |pre-activation| (sigmoid head) or logit spread (expectation
+    head) the weights are scaled to; `small`, if given, instead scales features and weights
+    down to that size. `targets`: "uniform", "ends", "integers" (ages) or "uniform", "ends",
+    "fractional" (labels). `ignoring`: "none", "some", "all", "out-of-range" (ignore_label
+    255). With `near_prediction`, regression targets lie within about a year of the head's
+    own prediction (the loss stays small, as a finite-difference check in float32 needs).
+    """
+    n, d = batch, features
+    k = bins if head == "expectation" else 1
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal((k, d)) / np.sqrt(d)
+    b = rng.standard_normal(k)
+    if small is not None:
+        x = (x * small).astype(np.float32)
+        w, b = w * small, b * small
+    else:
+        z = x.astype(np.float64) @ w.T + b
+        reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
+        if reach > 0:
+            w, b = w * (spread / reach), b * (spread / reach)
+    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
+    weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
+
+    ignore: int | None = None
+    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
+    if loss == "softmax_with_loss":
+        if targets == "ends":
+            lab = rng.choice([0, k - 1], size=n).astype(np.float64)
+        elif targets == "fractional":  # Caffe truncates (static_cast<int>)
+            lab = rng.integers(0, k, size=n) + rng.uniform(0, 0.999, size=n)
+        else:
+            lab = rng.integers(0, k, size=n).astype(np.float64)
+        if ignoring != "none":
+            ignore = 255 if ignoring == "out-of-range" else int(rng.integers(0, k))
+            mask = rng.random(n) < 0.4 if ignoring != "all" else np.ones(n, dtype=bool)
+            lab = np.where(mask, ignore, lab)
+        target = lab.astype(np.float32)
+    else:
+        normalization = None
+        if targets == "ends":
+            t = rng.choice([0.0, top], size=(n, 1))
+        elif targets == "integers":
+            t = rng.integers(0, int(top) + 1, size=(n, 1)).astype(np.float64)
+        else:
+            t = rng.uniform(0.0, top, size=(n, 1))
+        target = t.astype(np.float32)
+    region = "small" if small is not None else _region(head, spread)
+    case = Case(
+        head=head,
+        loss=loss,
+        x=x,
+        target=target,
+        weights=weights,
+        bins=bins if head == "expectation" else 100,
+        sigma=sigma,
+        normalization=normalization,
+        ignore_label=ignore,
+        region=region,
+    )
+    if near_prediction and loss != "softmax_with_loss":
+        with torch.no_grad():
+            pred = HEADS[head].reference(case, torch.float64)(torch.from_numpy(x).double())
+        age = pred["pred_age"].numpy()
+        near = age + rng.normal(0.0, 0.3, size=age.shape)
+        case = replace(case, target=near.astype(np.float32), region=region + " near")
+    return case
+
+
 @st.composite
 def cases(
     draw: st.DrawFn,
@@ -49,79 +135,35 @@ def cases(
     near_prediction: bool = False,
     small: st.SearchStrategy[float] | None = None,
 ) -> Case:
-    """A case of one of `combos`. With `near_prediction`, regression targets lie within about
-    a year of the head's own prediction (the loss stays small, as a finite-difference check in
-    float32 needs)."""
+    """A case of one of `combos`, drawn as a few labelled numbers (see `build_case`)."""
     head, loss = draw(st.sampled_from(combos), label="head+loss")
-    n = draw(BATCHES, label="batch")
-    d = draw(FEATURES, label="features")
-    k = draw(BINS, label="bins") if head == "expectation" else 1
-    spread = draw(spreads, label="spread")
-    seed = draw(st.integers(0, 2**32 - 1), label="seed")
-    sigma = draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0
-    rng = np.random.default_rng(seed)
-
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    w = rng.standard_normal((k, d)) / np.sqrt(d)
-    b = rng.standard_normal(k)
-    if small is not None:
-        size = draw(small, label="small scale")
-        x = (x * size).astype(np.float32)
-        w, b = w * size, b * size
-    else:
-        z = x.astype(np.float64) @ w.T + b
-        reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
-        if reach > 0:
-            w, b = w * (spread / reach), b * (spread / reach)
-    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
-    weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
-
-    normalization: str | None = None
-    ignore: int | None = None
-    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
-    if loss == "softmax_with_loss":
-        mode = draw(st.sampled_from(["uniform", "ends", "fractional"]), label="labels")
-        if mode == "ends":
-            lab = rng.choice([0, k - 1], size=n).astype(np.float64)
-        elif mode == "fractional":  # Caffe truncates (static_cast<int>)
-            lab = rng.integers(0, k, size=n) + rng.uniform(0, 0.999, size=n)
-        else:
-            lab = rng.integers(0, k, size=n).astype(np.float64)
-        normalization = draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
-        ignoring = draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
-        if ignoring != "none":
-            ignore = 255 if ignoring == "out-of-range" else int(rng.integers(0, k))
-            mask = rng.random(n) < 0.4 if ignoring != "all" else np.ones(n, dtype=bool)
-            lab = np.where(mask, ignore, lab)
-        target = lab.astype(np.float32)
-    else:
-        mode = draw(st.sampled_from(["uniform", "ends", "integers"]), label="targets")
-        if mode == "ends":
-            t = rng.choice([0.0, top], size=(n, 1))
-        elif mode == "integers":
-            t = rng.integers(0, int(top) + 1, size=(n, 1)).astype(np.float64)
-        else:
-            t = rng.uniform(0.0, top, size=(n, 1))
-        target = t.astype(np.float32)
-    case = Case(
-        head=head,
-        loss=loss,
-        x=x,
-        target=target,
-        weights=weights,
-        bins=k or 100,
-        sigma=sigma,
-        normalization=normalization,
-        ignore_label=ignore,
-        region=_region(head, spread),
+    labels = loss == "softmax_with_loss"
+    return build_case(
+        head,
+        loss,
+        batch=draw(BATCHES, label="batch"),
+        features=draw(FEATURES, label="features"),
+        bins=draw(BINS, label="bins") if head == "expectation" else 100,
+        spread=draw(spreads, label="spread"),
+        seed=draw(st.integers(0, 2**32 - 1), label="seed"),
+        sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
+        small=draw(small, label="small scale") if small is not None else None,
+        targets=draw(
+            st.sampled_from(["uniform", "ends", "fractional" if labels else "integers"]),
+            label="targets",
+        ),
+        normalization=(
+            draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
+            if labels
+            else None
+        ),
+        ignoring=(
+            draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
+            if labels
+            else "none"
+        ),
+        near_prediction=near_prediction,
     )
-    if near_prediction and loss != "softmax_with_loss":
-        with torch.no_grad():
-            pred = HEADS[head].reference(case, torch.float64)(torch.from_numpy(x).double())
-        age = pred["pred_age"].numpy()
-        near = age + rng.normal(0.0, 0.3, size=age.shape)
-        case = replace(case, target=near.astype(np.float32), region=case.region + " near")
-    return case
 
 
-__all__ = ["HEADS", "cases"]
+__all__ = ["BATCHES", "BINS", "FEATURES", "SPREADS", "build_case", "cases"]
