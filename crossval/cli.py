@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import CrossvalError
 
@@ -29,6 +30,47 @@ def _caffe_info(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(info.format_text(data))
+    return 0
+
+
+def _surgery(args: argparse.Namespace) -> int:
+    from .surgery import surgery
+    from .worker import CaffeWorker
+
+    with CaffeWorker() as worker:
+        result = surgery(
+            worker,
+            Path(args.prototxt),
+            Path(args.output),
+            layer=args.layer,
+            weights=Path(args.weights) if args.weights else None,
+            force=args.force,
+        )
+    print(result)
+    return 0
+
+
+def _prototxt(args: argparse.Namespace) -> int:
+    from .worker import CaffeWorker
+
+    opts: dict[str, object] = {"features": args.features, "batch": args.batch}
+    if args.head == "expectation":
+        opts["bins"] = args.bins
+        if args.ip_name:
+            opts["ip_name"] = args.ip_name
+    if not args.deploy:
+        opts["loss"] = args.loss
+        if args.loss == "smooth_l1":
+            opts["sigma"] = args.sigma
+    with CaffeWorker() as worker:
+        text = worker.call("prototxt", head=args.head, **opts)
+    if args.output:
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise CrossvalError(f"{out} exists; not overwriting it (use --force)")
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -71,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_caffe_option(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_caffe_info)
+
+    proto = sub.add_parser("prototxt", help="write one of the seed's heads as a Caffe net")
+    proto.add_argument("head", choices=["sigmoid_scale", "expectation"])
+    proto.add_argument("--features", type=int, default=512, help="features in pool5 (512)")
+    proto.add_argument("--batch", type=int, default=1)
+    proto.add_argument("--bins", type=int, default=100, help="K, expectation head (100)")
+    proto.add_argument("--ip-name", default=None, help="InnerProduct name (default fc<K>)")
+    proto.add_argument(
+        "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
+    )
+    proto.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
+    proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
+    proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
+    proto.add_argument("--force", action="store_true", help="overwrite --output")
+    proto.set_defaults(func=_prototxt)
+
+    surg = sub.add_parser(
+        "surgery", help="set the pred_age kernel to arange(K) and save initial weights"
+    )
+    surg.add_argument("prototxt", help="the train_val (or deploy) net")
+    surg.add_argument("-o", "--output", required=True, help="init_weights.caffemodel to write")
+    surg.add_argument("--layer", default="pred_age", help="the fixed Convolution (pred_age)")
+    surg.add_argument("--weights", default=None, help="start from these weights")
+    surg.add_argument("--force", action="store_true", help="overwrite an existing output")
+    surg.set_defaults(func=_surgery)
     return parser
 
 

@@ -66,7 +66,15 @@ def caffe_to_state_dict(
                 raise TransferError(
                     f"{where} does not fit {key!r}, which has shape {tuple(target.shape)}"
                 )
-            out[key] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
+            copied = torch.from_numpy(np.array(value, copy=True))
+            converted = copied.to(target.dtype)
+            if not torch.equal(converted.to(copied.dtype).isnan(), copied.isnan()) or not (
+                torch.equal(converted.to(copied.dtype)[~copied.isnan()], copied[~copied.isnan()])
+            ):
+                raise TransferError(
+                    f"{where} ({copied.dtype}) does not fit {key!r} ({target.dtype}) exactly"
+                )
+            out[key] = converted
             origin[key] = f"Caffe param {layer}/{i}"
     extra = [k for k in state if k not in out]
     if extra:
@@ -105,14 +113,30 @@ def state_dict_to_caffe(
                     f"param {layer}/{i} has shape {tuple(shape)}"
                 )
             value = t.to(torch.float32).numpy().copy()
-            if t.dtype != torch.float32 and not torch.equal(torch.from_numpy(value).to(t.dtype), t):
+            back = torch.from_numpy(value).to(t.dtype)
+            if (
+                t.dtype != torch.float32
+                and not torch.equal(back, t)
+                and not bool(
+                    (back.isnan() == t.isnan()).all()
+                    and torch.equal(back[~t.isnan()], t[~t.isnan()])
+                )
+            ):
                 raise TransferError(
                     f"state_dict {key!r} ({t.dtype}) is not exactly representable in float32"
+                )
+            if key in used:
+                raise TransferError(
+                    f"Caffe param {layer}/{i} maps to {key!r}, which another "
+                    "Caffe param already took"
                 )
             blobs.append(value)
             used.add(key)
         out[layer] = blobs
     extra = [k for k in state if k not in used]
     if extra:
-        raise TransferError("state_dict entries with no Caffe param: " + ", ".join(extra))
+        raise TransferError(
+            "state_dict entries with no Caffe param: "
+            + ", ".join(f"{k} {tuple(state[k].shape)}" for k in extra)
+        )
     return out

@@ -55,15 +55,7 @@ class Ops:
         key = (prototxt, phase, weights, surgery)
         net = self.nets.get(key)
         if net is None:
-            import tempfile
-
-            with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-                f.write(prototxt)
-            try:
-                ph = getattr(self.caffe, phase)
-                net = self.caffe.Net(f.name, weights, ph) if weights else self.caffe.Net(f.name, ph)
-            finally:
-                os.unlink(f.name)
+            net = self.load(prototxt, phase, weights)
             if surgery:
                 self._surgery(net, surgery)
             self.nets[key] = net
@@ -72,6 +64,46 @@ class Ops:
         else:
             self.nets.move_to_end(key)
         return net
+
+    def load(self, prototxt: str, phase: str = "TEST", weights: str = "") -> Any:
+        """A new caffe.Net (not cached) from prototxt text and optional weights."""
+        import tempfile
+
+        self.validate(prototxt, weights)
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+            f.write(prototxt)
+        try:
+            ph = getattr(self.caffe, phase)
+            return self.caffe.Net(f.name, weights, ph) if weights else self.caffe.Net(f.name, ph)
+        finally:
+            os.unlink(f.name)
+
+    @staticmethod
+    def validate(prototxt: str, weights: str = "") -> None:
+        """Parse the net (and weights) in Python first: Caffe would abort on a bad file."""
+        from caffe.proto import caffe_pb2
+        from google.protobuf import text_format
+
+        try:
+            text_format.Merge(prototxt, caffe_pb2.NetParameter())
+        except text_format.ParseError as exc:
+            raise ValueError(f"malformed prototxt: {exc}") from None
+        if weights:
+            try:
+                with open(weights, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise ValueError(f"cannot read weights {weights}: {exc.strerror}") from None
+            model = caffe_pb2.NetParameter()
+            try:
+                model.ParseFromString(data)
+            except Exception as exc:  # DecodeError, and RuntimeError on some runtimes
+                raise ValueError(
+                    f"{weights} is not a caffemodel (truncated or another format; "
+                    f"{len(data)} bytes): {exc}"
+                ) from None
+            if not model.layer and not model.layers:
+                raise ValueError(f"{weights} holds no layers: not a caffemodel")
 
     def op_ping(self) -> dict[str, Any]:
         return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
@@ -228,7 +260,7 @@ class Ops:
         out: str = "",
     ) -> dict[str, Any]:
         """The seed's net surgery on a fresh net; with `out`, save it as a caffemodel."""
-        net = self.net(prototxt, phase, weights)
+        net = self.load(prototxt, phase, weights)
         result = self._surgery(net, layer)
         if out:
             net.save(out)
