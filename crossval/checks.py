@@ -86,9 +86,12 @@ class TorchRun:
     state: dict[str, np.ndarray]
 
 
-def run_torch(head: Head, impl: Impl, case: Case, dtype: torch.dtype) -> TorchRun:
-    """Forward and backward of `impl` on `case` in `dtype`."""
-    module = impl.build(head, case, dtype)
+def run_torch(
+    head: Head, impl: Impl, case: Case, dtype: torch.dtype, module: nn.Module | None = None
+) -> TorchRun:
+    """Forward and backward of `impl` on `case` in `dtype` (on `module` if given, which must
+    already hold the case's weights)."""
+    module = impl.build(head, case, dtype) if module is None else module
     x = torch.from_numpy(case.x).to(dtype).requires_grad_(True)
     target = torch.from_numpy(case.target).to(dtype)
     blobs = module(x)
@@ -127,6 +130,24 @@ class Harness:
         self.worker = worker
         self._protos: dict[tuple[Any, ...], str] = {}
         self._layouts: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+        self._modules: dict[tuple[Any, ...], nn.Module] = {}
+
+    def module(self, impl: Impl, head: Head, case: Case, dtype: torch.dtype) -> nn.Module:
+        """`impl`'s module for this net shape, built once, holding the case's weights."""
+        key = (impl, head.name, case.features, case.bins, case.scale, dtype)
+        module = self._modules.get(key)
+        if module is None:
+            if len(self._modules) > 256:
+                self._modules.clear()
+            module = impl.build(head, case, dtype)
+            self._modules[key] = module
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name in head.learnable(case):
+                params[name].copy_(torch.from_numpy(case.weights[name]))
+        for p in params.values():
+            p.grad = None
+        return module
 
     def prototxt(self, head: Head, case: Case, train: bool = True) -> str:
         """The head's train net for `case` (batch 1; the worker reshapes per example),
@@ -174,8 +195,13 @@ class Harness:
         desc = case.describe()
         ref_impl = reference or REFERENCE
         caffe = self.run_caffe(head, case)
-        t32 = run_torch(head, port or ref_impl, case, torch.float32)
-        t64 = run_torch(head, ref_impl, case, torch.float64)
+        impl32 = port or ref_impl
+        t32 = run_torch(
+            head, impl32, case, torch.float32, self.module(impl32, head, case, torch.float32)
+        )
+        t64 = run_torch(
+            head, ref_impl, case, torch.float64, self.module(ref_impl, head, case, torch.float64)
+        )
         out = CaseResult(case)
         add = out.comparisons.append
 

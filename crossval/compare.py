@@ -42,8 +42,13 @@ class Comparison:
                 f"with {self.desired.shape}"
             )
         self.bound = np.broadcast_to(np.asarray(self.bound, dtype=np.float64), self.desired.shape)
+        with np.errstate(all="ignore"):
+            diff = self.actual - self.desired
+        if np.isfinite(diff).all():
+            self.err = np.abs(diff)
+            return
         with np.errstate(invalid="ignore"):
-            err = np.abs(self.actual - self.desired)
+            err = np.abs(diff)
         same_special = (np.isnan(self.actual) & np.isnan(self.desired)) | (
             np.isinf(self.actual) & (self.actual == self.desired)
         )

@@ -134,6 +134,9 @@ def cases(
     sigmas: st.SearchStrategy[float] = SIGMAS,
     near_prediction: bool = False,
     small: st.SearchStrategy[float] | None = None,
+    batches: st.SearchStrategy[int] = BATCHES,
+    features: st.SearchStrategy[int] = FEATURES,
+    bins: st.SearchStrategy[int] = BINS,
 ) -> Case:
     """A case of one of `combos`, drawn as a few labelled numbers (see `build_case`)."""
     head, loss = draw(st.sampled_from(combos), label="head+loss")
@@ -141,9 +144,9 @@ def cases(
     return build_case(
         head,
         loss,
-        batch=draw(BATCHES, label="batch"),
-        features=draw(FEATURES, label="features"),
-        bins=draw(BINS, label="bins") if head == "expectation" else 100,
+        batch=draw(batches, label="batch"),
+        features=draw(features, label="features"),
+        bins=draw(bins, label="bins") if head == "expectation" else 100,
         spread=draw(spreads, label="spread"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
         sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,

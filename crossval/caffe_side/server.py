@@ -240,6 +240,28 @@ class Ops:
         live.forward()
         return {"results": results}
 
+    def op_time_raw(
+        self,
+        prototxt: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        repeat: int = 1000,
+        surgery: str = "",
+    ) -> dict[str, float]:
+        """Seconds per forward+backward of the net, in this process (no IPC), best of 5."""
+        import time
+
+        self.op_run(prototxt, inputs, params, backward=True, surgery=surgery)
+        net = self.net(prototxt, "TRAIN", "", surgery)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                net.forward()
+                net.backward()
+            best = min(best, (time.perf_counter() - t0) / repeat)
+        return {"forward_backward": best}
+
     def op_save(
         self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
     ) -> str:

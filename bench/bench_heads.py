@@ -1,0 +1,112 @@
+"""Benchmark: cross-framework examples per second for each head+loss property, against the
+raw cost of one Caffe and one PyTorch forward+backward of the same case.
+
+    python bench/bench_heads.py [--examples 300] [--batch 8] [--features 64] [--bins 100]
+
+Prints a markdown table (the README's figures come from it). Not a test: nothing here
+asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crossval.checks import Harness
+from crossval.heads import COMBINATIONS, HEADS, LOSSES
+from crossval.strategies import build_case, cases
+from crossval.transfer import state_dict_to_caffe
+from crossval.worker import CaffeWorker
+
+
+def raw_costs(
+    harness: Harness, head: str, loss: str, n: int, d: int, k: int
+) -> tuple[float, float]:
+    """Seconds per forward+backward: Caffe inside the worker (no IPC), PyTorch float32."""
+    case = build_case(head, loss, batch=n, features=d, bins=k, spread=5.0, seed=1)
+    h = HEADS[head]
+    proto = harness.prototxt(h, case)
+    ip = h.ip_layer(case)
+    learnable = {key: torch.from_numpy(case.weights[key]) for key in h.learnable(case)}
+    params = state_dict_to_caffe(learnable, {ip: harness._layouts[proto][ip]})
+    label = "label" if LOSSES[loss].consumes == "logits" else "true_age"
+    caffe = harness.worker.call(
+        "time_raw",
+        prototxt=proto,
+        params=params,
+        surgery=h.surgery,
+        inputs={"pool5": case.x, label: case.target},
+    )["forward_backward"]
+    module = h.reference(case, torch.float32)
+    x = torch.from_numpy(case.x).requires_grad_(True)
+    target = torch.from_numpy(case.target)
+    consumed = ip if LOSSES[loss].consumes == "logits" else "pred_age"
+    reps = 500
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            LOSSES[loss].reference(module(x)[consumed], target, case).backward()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return caffe, best
+
+
+def examples_per_second(
+    harness: Harness, combo: tuple[str, str], examples: int, n: int, d: int, k: int
+) -> float:
+    strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
+    count = 0
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def prop(case: object) -> None:
+        nonlocal count
+        count += 1
+        assert harness.run_case(case).passed  # type: ignore[arg-type]
+
+    t0 = time.perf_counter()
+    prop()
+    return count / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--bins", type=int, default=100)
+    args = ap.parse_args()
+    n, d, k = args.batch, args.features, args.bins
+    with CaffeWorker() as worker:
+        harness = Harness(worker)
+        print(
+            f"batch {n}, features {d}, K {k}, {args.examples} examples per property, "
+            f"torch threads {torch.get_num_threads()}\n"
+        )
+        print(
+            "| property | examples/s | ms/example | raw Caffe fwd+bwd | raw PyTorch fwd+bwd "
+            "| overhead (x raw) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for combo in COMBINATIONS:
+            caffe, pt = raw_costs(harness, *combo, n, d, k)
+            rate = examples_per_second(harness, combo, args.examples, n, d, k)
+            per = 1.0 / rate
+            print(
+                f"| {'+'.join(combo)} | {rate:.0f} | {per * 1e3:.2f} | {caffe * 1e6:.0f} us "
+                f"| {pt * 1e6:.0f} us | {per / (caffe + pt):.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
