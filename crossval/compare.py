@@ -1,8 +1,9 @@
 """One result type for every comparison, with a one-line text a reader understands alone.
 
 Grammar: ``<check>: <blob><index>=<actual>, but should be roughly <desired> (|err| <abs> >
-<bound> allowed, rel <rel>, <ulp> ulp; <k> of <n> elements over) [<case>]``. Actual is Caffe
-or the port, desired is the reference (or Caffe, when a port is checked against it).
+<bound> allowed, rel <rel>, <ulp> ulp; <k> of <n> elements over; <rule>) [<case>]``, with
+"exactly" for bit-exact copies. Actual is Caffe or the port, desired is the reference (or
+Caffe, when a port is checked against it).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ class Comparison:
         e, b = (float(self.err[i]), float(self.bound[i])) if self.err.size else (0.0, 0.0)
         rel = e / abs(d) if d else float("inf") if e else 0.0
         ulp = float(ulp_distance(np.array(a), np.array(d))) if np.isfinite(a + d) else np.inf
-        verdict = "but should be roughly" if not self.passed else "and should be roughly"
+        exactly = self.rule.startswith("bit-exact")
+        verdict = ("but" if not self.passed else "and") + (
+            " should be exactly" if exactly else " should be roughly")
         return (
             f"{self.check}: {self.blob}{idx}={a:.9g}, {verdict} {d:.9g} "
             f"(|err| {e:.3g} {'>' if e > b else '<='} {b:.3g} allowed, rel {rel:.3g}, "

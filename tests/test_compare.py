@@ -326,7 +326,7 @@ def test_exact_catches_signed_zero(dtype: type[np.floating]) -> None:
         assert c.worst == (1,)
         text = str(c)
         assert "transfer: fc1/0[1]=" in text
-        assert "but should be roughly" in text
+        assert "but should be exactly" in text
         assert "1 of 3 elements over" in text
         assert text.endswith("[signed zero]")
 
