@@ -108,7 +108,8 @@ class Comparison:
         ulp = float(ulp_distance(np.array(a), np.array(d))) if np.isfinite(a + d) else np.inf
         exactly = self.rule.startswith("bit-exact")
         verdict = ("but" if not self.passed else "and") + (
-            " should be exactly" if exactly else " should be roughly")
+            " should be exactly" if exactly else " should be roughly"
+        )
         return (
             f"{self.check}: {self.blob}{idx}={a:.9g}, {verdict} {d:.9g} "
             f"(|err| {e:.3g} {'>' if e > b else '<='} {b:.3g} allowed, rel {rel:.3g}, "
