@@ -255,6 +255,89 @@ def inner_product_grads(x: F64, w: F64, g_y: F64, e_gy: F64) -> tuple[F64, F64, 
     return e_x, e_w, e_b
 
 
+# ---- solvers ------------------------------------------------------------------------------
+
+
+def _sqrt_error(h: F64, e_h: F64) -> F64:
+    """Error of sqrt(h) given h's error: e/(2 sqrt h), but never more than sqrt(e)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lin = np.where(h > 0, e_h / (2 * np.sqrt(np.maximum(h, 0))), np.inf)
+    out: F64 = np.minimum(lin, np.sqrt(e_h))
+    return out
+
+
+def solver_update(
+    kind: str,
+    lr: float,
+    d: F64,
+    e_d: F64,
+    h: F64,
+    h2: F64,
+    e_h: F64,
+    e_h2: F64,
+    momentum: float,
+    momentum2: float,
+    rms_decay: float,
+    delta: float,
+    t: int,
+) -> tuple[F64, F64, F64]:
+    """Bound on one param's update for solver `kind`, from the reference's regularized
+    gradient `d` and histories `h`, `h2` (before this step) and their bounds: returns
+    (e_update, e_h after, e_h2 after). See TABLE['solver_step']."""
+    ad = np.abs(d)
+    if kind == "SGD":
+        v = momentum * h + lr * d
+        e_v = momentum * e_h + lr * e_d + 2 * U32 * np.abs(v) + ETA32
+        return e_v, e_v, e_h2
+    if kind == "Nesterov":
+        v = momentum * h + lr * d
+        e_v = momentum * e_h + lr * e_d + 2 * U32 * np.abs(v) + ETA32
+        upd = (1 + momentum) * v - momentum * h
+        return (1 + momentum) * e_v + momentum * e_h + 3 * U32 * np.abs(upd) + ETA32, e_v, e_h2
+    if kind in ("AdaGrad", "RMSProp"):
+        if kind == "AdaGrad":
+            hn = h + d * d
+            e_hn = e_h + 2 * ad * e_d + e_d * e_d + 2 * U32 * hn + ETA32
+        else:
+            hn = rms_decay * h + (1 - rms_decay) * d * d
+            e_hn = (
+                rms_decay * e_h
+                + (1 - rms_decay) * (2 * ad * e_d + e_d * e_d)
+                + 3 * U32 * hn
+                + ETA32
+            )
+        den = np.sqrt(hn) + delta
+        e_den = _sqrt_error(hn, e_hn) + U32 * den
+        upd = lr * d / den
+        e_upd = lr * (e_d + ad * e_den / den) / den + 3 * U32 * np.abs(upd) + ETA32
+        return np.where(np.isfinite(e_upd), e_upd, np.inf), e_hn, e_h2
+    if kind == "AdaDelta":
+        hn = momentum * h + (1 - momentum) * d * d
+        e_hn = momentum * e_h + (1 - momentum) * (2 * ad * e_d + e_d * e_d) + 3 * U32 * hn
+        r = np.sqrt((h2 + delta) / (hn + delta))
+        e_r = 0.5 * r * (e_h2 / (h2 + delta) + e_hn / (hn + delta)) + 3 * U32 * r
+        step = d * r
+        e_step = e_d * r + ad * e_r + U32 * np.abs(step) + ETA32
+        e_h2n = (
+            momentum * e_h2
+            + (1 - momentum) * (2 * np.abs(step) * e_step + e_step**2)
+            + 3 * U32 * (momentum * h2 + (1 - momentum) * step * step)
+        )
+        return lr * e_step + 2 * U32 * lr * np.abs(step) + ETA32, e_hn, e_h2n
+    if kind == "Adam":
+        m = momentum * h + (1 - momentum) * d
+        e_m = momentum * e_h + (1 - momentum) * e_d + 2 * U32 * np.abs(m) + ETA32
+        v = momentum2 * h2 + (1 - momentum2) * d * d
+        e_v = momentum2 * e_h2 + (1 - momentum2) * (2 * ad * e_d + e_d * e_d) + 3 * U32 * v + ETA32
+        corr = np.sqrt(1 - momentum2**t) / (1 - momentum**t)
+        den = np.sqrt(v) + delta
+        e_den = _sqrt_error(v, e_v) + U32 * den
+        upd = lr * corr * m / den
+        e_upd = lr * corr * (e_m + np.abs(m) * e_den / den) / den + 6 * U32 * np.abs(upd)
+        return np.where(np.isfinite(e_upd), e_upd, np.inf) + ETA32, e_m, e_v
+    raise ValueError(f"unknown solver type {kind!r}")
+
+
 def cross(bound: F64 | float) -> F64:
     """Bound between two float32 implementations, each within `bound` of exact math."""
     return np.asarray(2.0 * np.asarray(bound, dtype=np.float64))

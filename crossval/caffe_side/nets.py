@@ -56,18 +56,18 @@ def sigmoid_scale(
     """Prototxt of the sigmoid-scale head; with `loss`, the train variant."""
     n = caffe.NetSpec()
     n.pool5 = L.Input(shape=dict(dim=[batch, features]))
-    n.fc1 = L.InnerProduct(n.pool5, num_output=1)
+    n.fc1 = L.InnerProduct(n.pool5, num_output=1, **_ip_params(opts))
     n.pred01 = L.Sigmoid(n.fc1)
     n.pred_age = L.Scale(
         n.pred01,
-        param=dict(lr_mult=0),
+        param=dict(lr_mult=opts.get("fixed_lr_mult", 0)),
         scale_param=dict(bias_term=False, filler=dict(type="constant", value=scale)),
     )
     if loss is not None:
         if loss == "softmax_with_loss":
             raise ValueError("the sigmoid-scale head has no logits for softmax_with_loss")
         _loss(n, loss, n.pred_age, None, batch, opts)
-    return _finish(n, train=loss is not None)
+    return _finish(n, train=loss is not None, force_backward=opts.get("force_backward", True))
 
 
 def expectation(
@@ -82,21 +82,33 @@ def expectation(
     ip_name = ip_name or f"fc{bins}"
     n = caffe.NetSpec()
     n.pool5 = L.Input(shape=dict(dim=[batch, features]))
-    logits = L.InnerProduct(n.pool5, num_output=bins)
+    logits = L.InnerProduct(n.pool5, num_output=bins, **_ip_params(opts))
     setattr(n, ip_name, logits)
     n.prob = L.Softmax(logits)
     n.pred_age = L.Convolution(
-        n.prob, param=dict(lr_mult=0), convolution_param=dict(num_output=1, bias_term=False)
+        n.prob,
+        param=dict(lr_mult=opts.get("fixed_lr_mult", 0)),
+        convolution_param=dict(num_output=1, bias_term=False),
     )
     if loss is not None:
         _loss(n, loss, n.pred_age, logits, batch, opts)
-    return _finish(n, train=loss is not None)
+    return _finish(n, train=loss is not None, force_backward=opts.get("force_backward", True))
 
 
-def _finish(n: Any, train: bool) -> str:
+def _ip_params(opts: dict[str, Any]) -> dict[str, Any]:
+    """`ip_mults`: ((lr_mult, decay_mult) of the weight, (lr_mult, decay_mult) of the bias)."""
+    mults = opts.get("ip_mults")
+    if not mults:
+        return {}
+    return {"param": [dict(lr_mult=lr, decay_mult=dm) for lr, dm in mults]}
+
+
+def _finish(n: Any, train: bool, force_backward: bool = True) -> str:
     proto = n.to_proto()
-    if train:
-        # Input blobs get diffs only when asked: the checks compare d(loss)/d(pool5).
+    if train and force_backward:
+        # Input blobs get diffs only when asked: the checks compare d(loss)/d(pool5). A net
+        # for a solver leaves it off, as a real train_val does (Caffe then computes no diff
+        # for lr_mult-0 params, which keeps them out of gradient clipping's norm).
         proto.force_backward = True
     return str(proto)
 

@@ -262,6 +262,44 @@ class Ops:
             best = min(best, (time.perf_counter() - t0) / repeat)
         return {"forward_backward": best}
 
+    def op_train(
+        self,
+        solver_prototxt: str,
+        steps: int,
+        batches: list[dict[str, np.ndarray]],
+        weights: str = "",
+    ) -> dict[str, Any]:
+        """Run Caffe's solver (from its prototxt file) `steps` iterations from `weights`.
+
+        Iteration t gets input batch t (cycled). Returns the loss of each iteration (computed
+        before its update, as Caffe reports it), every param after each iteration, and
+        whether each layer in `fixed` still matched its initial value bit for bit.
+        """
+        solver = self.caffe.get_solver(solver_prototxt)
+        net = solver.net
+        if weights:
+            self.validate("", weights)
+            net.copy_from(weights)
+
+        def snapshot() -> dict[str, list[np.ndarray]]:
+            return {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
+
+        initial = snapshot()
+        losses, params = [], []
+        for t in range(steps):
+            batch = batches[t % len(batches)]
+            for name, value in batch.items():
+                if net.blobs[name].data.shape != value.shape:
+                    raise ValueError(
+                        f"batch {t}: {name} has shape {value.shape}, the net "
+                        f"{net.blobs[name].data.shape}"
+                    )
+                net.blobs[name].data[...] = value
+            solver.step(1)
+            losses.append(float(net.blobs["loss"].data.reshape(-1)[0]))
+            params.append(snapshot())
+        return {"initial": initial, "losses": losses, "params": params, "iter": solver.iter}
+
     def op_save(
         self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
     ) -> str:
@@ -280,10 +318,15 @@ class Ops:
         layer: str = "pred_age",
         weights: str = "",
         out: str = "",
+        params: dict[str, list[np.ndarray]] | None = None,
     ) -> dict[str, Any]:
-        """The seed's net surgery on a fresh net; with `out`, save it as a caffemodel."""
+        """The seed's net surgery on a fresh net (after setting `params`, if given); with
+        `out`, save the net as a caffemodel."""
         net = self.load(prototxt, phase, weights)
-        result = self._surgery(net, layer)
+        for name, blobs in (params or {}).items():
+            for i, value in enumerate(blobs):
+                net.params[name][i].data[...] = value
+        result = self._surgery(net, layer) if layer else {}
         if out:
             net.save(out)
         return result

@@ -1,0 +1,490 @@
+"""The seed's training workflow in Caffe, and training parity with PyTorch.
+
+Workflow (as the answer describes it): write the train_val net and a solver, set the
+`pred_age` kernel by net surgery (the sigmoid head's 99 comes from its Scale filler), save
+``init_weights.caffemodel``, and run Caffe's solver from it, snapshotting as it goes.
+
+Parity: the same steps in PyTorch with ``reference.solvers.CaffeSolver`` in float32, and in
+float64 as the reference trajectory. After every step the learnable params and the loss are
+compared three ways (Caffe~ref64, torch~ref64, torch~caffe) within bounds carried along the
+trajectory (``tolerances.solver_update``: they grow with the step count). The fixed blobs
+(99, arange(K)) must stay bit-identical after every step, in the live net and in every
+snapshot reloaded from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from reference.solvers import CaffeSolver, Param, SolverConfig
+
+from . import tolerances as tol
+from . import transfer
+from .checks import REFERENCE, Impl
+from .compare import Comparison, exact
+from .heads import HEADS, LOSSES, Case, Head
+from .worker import CaffeWorker
+
+F32 = NDArray[np.float32]
+F64 = NDArray[np.float64]
+Mults = tuple[tuple[float, float], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    """Initial weights and loss (from `case`), one input batch per step, and the solver."""
+
+    case: Case
+    batches: tuple[tuple[F32, F32], ...]
+    solver: SolverConfig
+    ip_mults: Mults = ((1.0, 1.0), (1.0, 1.0))  # (lr_mult, decay_mult) of weight, bias
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+    def describe(self) -> str:
+        s = self.solver
+        extra = [f"{s.type}", f"lr={s.base_lr:g}/{s.lr_policy}", f"steps={self.steps}"]
+        if s.momentum:
+            extra.append(f"momentum={s.momentum:g}")
+        if s.weight_decay:
+            extra.append(f"decay={s.weight_decay:g}{s.regularization_type}")
+        if s.clip_gradients >= 0:
+            extra.append(f"clip={s.clip_gradients:g}")
+        if self.ip_mults != ((1.0, 1.0), (1.0, 1.0)):
+            extra.append(f"mults={self.ip_mults}")
+        return self.case.describe() + " " + " ".join(extra)
+
+
+@dataclass
+class Trajectory:
+    """Loss at each step (before its update) and learnable params after each step."""
+
+    losses: list[float] = field(default_factory=list)
+    params: list[dict[str, np.ndarray]] = field(default_factory=list)
+    fixed: list[np.ndarray] = field(default_factory=list)  # the fixed blob after each step
+    bounds: list[dict[str, F64]] = field(default_factory=list)  # ref64 only
+    loss_bounds: list[float] = field(default_factory=list)  # ref64 only
+
+
+# ---- Caffe ------------------------------------------------------------------------------
+
+
+def solver_prototxt(
+    cfg: SolverConfig, net: Path, snapshot: int = 0, prefix: Path | None = None
+) -> str:
+    """Caffe SolverParameter text for `cfg`, training `net`."""
+    lines = [
+        f'net: "{net}"',
+        f'type: "{cfg.type}"',
+        f"base_lr: {cfg.base_lr!r}",
+        f'lr_policy: "{cfg.lr_policy}"',
+        f"gamma: {cfg.gamma!r}",
+        f"power: {cfg.power!r}",
+        f"stepsize: {cfg.stepsize}",
+        *(f"stepvalue: {v}" for v in cfg.stepvalue),
+        f"max_iter: {cfg.max_iter}",
+        f"momentum: {cfg.momentum!r}",
+        f"momentum2: {cfg.momentum2!r}",
+        f"rms_decay: {cfg.rms_decay!r}",
+        f"delta: {cfg.delta!r}",
+        f"weight_decay: {cfg.weight_decay!r}",
+        f'regularization_type: "{cfg.regularization_type}"',
+        f"clip_gradients: {cfg.clip_gradients!r}",
+        "display: 0",
+        "solver_mode: CPU",
+    ]
+    if snapshot and prefix is not None:
+        lines += [f"snapshot: {snapshot}", f'snapshot_prefix: "{prefix}"']
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Workflow:
+    """The files of the seed's workflow in `workdir`."""
+
+    workdir: Path
+    train_val: Path
+    solver: Path
+    init_weights: Path
+    snapshot_prefix: Path
+
+    def snapshots(self) -> list[Path]:
+        return sorted(
+            self.workdir.glob(self.snapshot_prefix.name + "_iter_*.caffemodel"),
+            key=lambda p: int(p.stem.rsplit("_", 1)[1]),
+        )
+
+
+def write_workflow(
+    worker: CaffeWorker, tc: TrainCase, workdir: Path, snapshot: int = 0, fixed_lr_mult: float = 0.0
+) -> Workflow:
+    """train_val.prototxt, solver.prototxt and init_weights.caffemodel (surgery applied)."""
+    case, head = tc.case, HEADS[tc.case.head]
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = head.prototxt_args(case, train=True)
+    args.update(
+        batch=case.batch, force_backward=False, ip_mults=tc.ip_mults, fixed_lr_mult=fixed_lr_mult
+    )
+    proto = str(worker.call("prototxt", **args))
+    wf = Workflow(
+        workdir,
+        workdir / "train_val.prototxt",
+        workdir / "solver.prototxt",
+        workdir / "init_weights.caffemodel",
+        workdir / "snapshot",
+    )
+    wf.train_val.write_text(proto)
+    wf.solver.write_text(solver_prototxt(tc.solver, wf.train_val, snapshot, wf.snapshot_prefix))
+    ip = head.ip_layer(case)
+    params = {ip: [case.weights[k] for k in head.learnable(case)]}
+    worker.call(
+        "surgery",
+        prototxt=proto,
+        phase="TRAIN",
+        layer=head.surgery,
+        out=str(wf.init_weights),
+        params=params,
+    )
+    return wf
+
+
+def caffe_trajectory(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> Trajectory:
+    head, case = HEADS[tc.case.head], tc.case
+    label = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+    batches = [{"pool5": x, label: t} for x, t in tc.batches]
+    got = worker.call(
+        "train",
+        solver_prototxt=str(wf.solver),
+        steps=tc.steps,
+        batches=batches,
+        weights=str(wf.init_weights),
+    )
+    ip, keys = head.ip_layer(case), head.learnable(case)
+    traj = Trajectory(losses=list(got["losses"]))
+    for params in got["params"]:
+        traj.params.append({keys[i]: params[ip][i] for i in range(2)})
+        traj.fixed.append(params[head.fixed_layer][0])
+    return traj
+
+
+# ---- PyTorch ----------------------------------------------------------------------------
+
+
+def _loss(
+    head: Head, impl: Impl, case: Case, module: nn.Module, x: F32, target: F32, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    blobs = module(torch.from_numpy(x).to(dtype))
+    consumed = (
+        blobs[head.ip_layer(case)] if LOSSES[case.loss].consumes == "logits" else blobs["pred_age"]
+    )
+    return impl.loss_fn(case)(consumed, torch.from_numpy(target).to(dtype), case), blobs
+
+
+def torch_trajectory(
+    tc: TrainCase, dtype: torch.dtype, impl: Impl = REFERENCE, bounds: bool = False
+) -> Trajectory:
+    """Train `impl` with CaffeSolver; with `bounds`, carry the float32 error bounds along
+    (meaningful for the float64 reference trajectory)."""
+    case, head = tc.case, HEADS[tc.case.head]
+    module = impl.build(head, case, dtype)
+    keys = head.learnable(case)
+    named = dict(module.named_parameters())
+    mults = dict(zip(keys, tc.ip_mults, strict=True))
+    # Every parameter the port exposes is trained, as a port's optimizer would; a constant
+    # that is a buffer is invisible to it.
+    params = {name: Param(t, *mults.get(name, (1.0, 1.0))) for name, t in named.items()}
+    solver = CaffeSolver(tc.solver, params)
+    fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
+    traj = Trajectory()
+    e_w = {k: np.zeros(case.weights[k].shape) for k in keys}
+    e_h = {k: np.zeros(case.weights[k].shape) for k in keys}
+    e_h2 = {k: np.zeros(case.weights[k].shape) for k in keys}
+    for t, (x, target) in enumerate(tc.batches):
+        for p in named.values():
+            p.grad = None
+        step_case = dataclasses.replace(case, x=x, target=target)
+        loss, blobs = _loss(head, impl, step_case, module, x, target, dtype)
+        loss.backward()  # type: ignore[no-untyped-call]
+        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named.items()}
+        if bounds:
+            hist = {k: solver.history[k].detach().numpy().copy() for k in keys}
+            hist2 = {k: solver.history2[k].detach().numpy().copy() for k in keys}
+            w_before = {k: named[k].detach().numpy().copy() for k in keys}
+        rate = solver.step(grads)
+        traj.losses.append(float(loss.detach()))
+        traj.params.append({k: named[k].detach().numpy().copy() for k in keys})
+        traj.fixed.append(module.state_dict()[fixed_key].detach().numpy().copy())
+        if bounds:
+            e_loss, e_g = _step_gradient_bounds(head, step_case, module, blobs, grads, e_w)
+            traj.loss_bounds.append(e_loss)
+            e_w, e_h, e_h2 = _carry(
+                tc,
+                keys,
+                w_before,
+                grads,
+                e_g,
+                e_w,
+                e_h,
+                e_h2,
+                hist,
+                hist2,
+                rate,
+                t,
+                traj.params[-1],
+            )
+            traj.bounds.append(dict(e_w))
+    return traj
+
+
+def _step_gradient_bounds(
+    head: Head,
+    case: Case,
+    module: nn.Module,
+    blobs: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    e_w: dict[str, F64],
+) -> tuple[float, dict[str, F64]]:
+    """Loss and gradient bounds at this step's reference params, including the feedback of
+    the params' own accumulated error (first order: |g| e_w for the loss, |H e_w| for the
+    gradient)."""
+    keys = head.learnable(case)
+    named = dict(module.named_parameters())
+    ref = {k: v.detach().numpy() for k, v in blobs.items()}
+    ref["pool5"] = case.x.astype(np.float64)
+    for k in keys:
+        ref[k] = named[k].detach().numpy().astype(np.float64)
+    # Gradients of the blobs for the backward chain.
+    x = torch.from_numpy(case.x).double().requires_grad_(True)
+    out = module(x)
+    for v in out.values():
+        v.retain_grad()
+    row = LOSSES[case.loss]
+    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
+    loss = row.reference(out[consumed], torch.from_numpy(case.target).double(), case)
+    loss.backward()  # type: ignore[no-untyped-call]
+    g = {k: v.grad.numpy() for k, v in out.items() if v.grad is not None}
+    for p in named.values():
+        p.grad = None
+    fwd = head.forward_bounds(ref, case)
+    target = case.target.astype(np.float64)
+    e_loss = row.value_bound(ref[consumed], target, case, fwd[consumed], ref.get("prob"))
+    e_lg = row.grad_bound(ref[consumed], target, case, fwd[consumed], ref.get("prob"))
+    e_g = head.backward_bounds(ref, g, case, fwd, e_lg)
+    # Feedback of earlier steps' error through the params: d grad = H e_w, d loss = g e_w.
+    e_loss += sum(float((np.abs(grads[k].numpy()) * e_w[k]).sum()) for k in keys)
+    if any(e.any() for e in e_w.values()):
+        hv = _hessian_vector(head, case, module, {k: e_w[k] for k in keys})
+        e_g = {k: e_g[k] + 2 * np.abs(hv[k]) for k in keys}
+    return e_loss, {k: e_g[k] for k in keys}
+
+
+def _hessian_vector(head: Head, case: Case, module: nn.Module, v: dict[str, F64]) -> dict[str, F64]:
+    keys = head.learnable(case)
+    named = dict(module.named_parameters())
+    row = LOSSES[case.loss]
+    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
+    x = torch.from_numpy(case.x).double()
+    target = torch.from_numpy(case.target).double()
+
+    def f(*ws: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(module, dict(zip(keys, ws, strict=True)), (x,))
+        return row.reference(out[consumed], target, case)
+
+    primals = tuple(named[k].detach() for k in keys)
+    tangents = tuple(torch.from_numpy(v[k]) for k in keys)
+    _, hv = torch.autograd.functional.hvp(f, primals, tangents)  # type: ignore[no-untyped-call]
+    return {k: hv[i].numpy() for i, k in enumerate(keys)}
+
+
+def _carry(
+    tc: TrainCase,
+    keys: tuple[str, str],
+    w: dict[str, np.ndarray],
+    grads: dict[str, torch.Tensor],
+    e_g: dict[str, F64],
+    e_w: dict[str, F64],
+    e_h: dict[str, F64],
+    e_h2: dict[str, F64],
+    hist: dict[str, np.ndarray],
+    hist2: dict[str, np.ndarray],
+    rate: float,
+    t: int,
+    w_after: dict[str, np.ndarray],
+) -> tuple[dict[str, F64], dict[str, F64], dict[str, F64]]:
+    """One step of the bound recursion (tolerances.solver_update) for every param."""
+    cfg = tc.solver
+    g = {k: grads[k].detach().numpy().astype(np.float64) for k in keys}
+    e_d = {k: e_g[k] + tol.U32 * np.abs(g[k]) for k in keys}
+    if cfg.clip_gradients >= 0:
+        norm = float(np.sqrt(sum((g[k] ** 2).sum() for k in keys)))
+        e_norm = sum(float((np.abs(g[k]) * e_g[k]).sum()) for k in keys) / max(norm, 1e-300)
+        e_norm += tol.gamma(sum(g[k].size for k in keys) + 2) * norm
+        if norm > cfg.clip_gradients or norm + e_norm > cfg.clip_gradients:
+            s = cfg.clip_gradients / norm if norm > cfg.clip_gradients else 1.0
+            e_s = cfg.clip_gradients * e_norm / max(norm - e_norm, 1e-300) ** 2
+            # Near the threshold either branch may be taken: allow both.
+            flip = abs(norm - cfg.clip_gradients) <= e_norm
+            for k in keys:
+                alt = np.abs(g[k]) * abs(1 - s) if flip else 0.0
+                e_d[k] = s * e_d[k] + np.abs(g[k]) * e_s + alt + tol.U32 * s * np.abs(g[k])
+                g[k] = g[k] * s
+    new_w, new_h, new_h2 = {}, {}, {}
+    for k, (lr_mult, decay_mult) in zip(keys, tc.ip_mults, strict=True):
+        decay = cfg.weight_decay * decay_mult
+        d, ed = g[k], e_d[k]
+        wk = w[k].astype(np.float64)
+        if decay:
+            if cfg.regularization_type == "L2":
+                d = d + decay * wk
+                ed = ed + decay * e_w[k] + tol.U32 * np.abs(d)
+            else:
+                d = d + decay * np.sign(wk)
+                ed = ed + np.where(np.abs(wk) <= e_w[k], 2 * decay, 0.0) + tol.U32 * np.abs(d)
+        lr = rate * lr_mult
+        e_upd, new_h[k], new_h2[k] = tol.solver_update(
+            cfg.type,
+            lr,
+            d,
+            ed,
+            hist[k].astype(np.float64),
+            hist2[k].astype(np.float64),
+            e_h[k],
+            e_h2[k],
+            cfg.momentum,
+            cfg.momentum2,
+            cfg.rms_decay,
+            cfg.delta,
+            t + 1,
+        )
+        # Caffe rounds the rate itself to float32 (its policies compute in Dtype).
+        e_upd = e_upd + 4 * tol.U32 * np.abs(wk - w_after[k])
+        new_w[k] = e_w[k] + e_upd + tol.U32 * np.abs(w_after[k]) + tol.ETA32
+    return new_w, new_h, new_h2
+
+
+# ---- comparing --------------------------------------------------------------------------
+
+
+def compare_trajectories(
+    tc: TrainCase, caffe: Trajectory, t32: Trajectory, t64: Trajectory
+) -> list[Comparison]:
+    out: list[Comparison] = []
+    desc = tc.describe()
+    for t in range(tc.steps):
+        rule = f"tolerances.solver_step after {t + 1} steps"
+        for key, bound in t64.bounds[t].items():
+            name = f"{key} after step {t + 1}"
+            r = t64.params[t][key]
+            out.append(
+                Comparison("train caffe~ref64", name, caffe.params[t][key], r, bound, rule, desc)
+            )
+            out.append(
+                Comparison("train torch~ref64", name, t32.params[t][key], r, bound, rule, desc)
+            )
+            out.append(
+                Comparison(
+                    "train torch~caffe",
+                    name,
+                    t32.params[t][key],
+                    caffe.params[t][key],
+                    tol.cross(bound),
+                    rule,
+                    desc,
+                )
+            )
+        eb = np.array(t64.loss_bounds[t])
+        name = f"loss at step {t + 1}"
+        out.append(
+            Comparison(
+                "train caffe~ref64",
+                name,
+                np.array(caffe.losses[t]),
+                np.array(t64.losses[t]),
+                eb,
+                rule,
+                desc,
+            )
+        )
+        out.append(
+            Comparison(
+                "train torch~caffe",
+                name,
+                np.array(t32.losses[t]),
+                np.array(caffe.losses[t]),
+                tol.cross(eb),
+                rule,
+                desc,
+            )
+        )
+    return out
+
+
+def fixed_moved(traj: Trajectory, initial: np.ndarray, name: str) -> str | None:
+    """ "fixed parameter moved: ..." naming the param, the first step and the largest change,
+    or None when it stayed bit-identical."""
+    for t, value in enumerate(traj.fixed):
+        if value.tobytes() != np.asarray(initial, dtype=value.dtype).tobytes():
+            change = np.abs(value.astype(np.float64) - initial.astype(np.float64))
+            i = np.unravel_index(int(np.argmax(change)), change.shape)
+            return (
+                f"fixed parameter moved: {name} at step {t + 1}, largest change "
+                f"{float(change[i]):.6g} at index {tuple(int(j) for j in i)}"
+            )
+    return None
+
+
+def snapshot_checks(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> list[Comparison]:
+    """Each snapshot reloaded from disk: its fixed blob is bit-identical to the prescribed."""
+    head = HEADS[tc.case.head]
+    want = head.fixed_value(tc.case)
+    proto = wf.train_val.read_text()
+    out = []
+    for snap in wf.snapshots():
+        got = worker.call("params", prototxt=proto, phase="TRAIN", weights=str(snap))
+        out.append(
+            exact(
+                "snapshot",
+                f"{head.fixed_layer}/0 in {snap.name}",
+                got["params"][head.fixed_layer][0],
+                want,
+                tc.describe(),
+            )
+        )
+    return out
+
+
+def run_parity(
+    worker: CaffeWorker, tc: TrainCase, workdir: Path, snapshot: int = 0, port: Impl | None = None
+) -> dict[str, Any]:
+    """The whole check for one training case: workflow, three trajectories, comparisons,
+    fixed-blob checks. Returns the pieces for tests and reports."""
+    wf = write_workflow(worker, tc, workdir, snapshot)
+    caffe = caffe_trajectory(worker, tc, wf)
+    t32 = torch_trajectory(tc, torch.float32, port or REFERENCE)
+    t64 = torch_trajectory(tc, torch.float64, REFERENCE, bounds=True)
+    head = HEADS[tc.case.head]
+    want = head.fixed_value(tc.case)
+    fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
+    return {
+        "workflow": wf,
+        "caffe": caffe,
+        "torch": t32,
+        "ref64": t64,
+        "comparisons": compare_trajectories(tc, caffe, t32, t64),
+        "caffe_fixed": fixed_moved(caffe, want, f"Caffe {head.fixed_layer}/0"),
+        "torch_fixed": fixed_moved(t32, want, f"port {fixed_key}"),
+        "snapshots": snapshot_checks(worker, tc, wf) if snapshot else [],
+    }
+
+
+__all__ = ["TrainCase", "Trajectory", "Workflow", "run_parity"]
