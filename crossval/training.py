@@ -331,7 +331,8 @@ def _carry(
         e_norm += tol.gamma(sum(g[k].size for k in keys) + 2) * norm
         if norm > cfg.clip_gradients or norm + e_norm > cfg.clip_gradients:
             s = cfg.clip_gradients / norm if norm > cfg.clip_gradients else 1.0
-            e_s = cfg.clip_gradients * e_norm / max(norm - e_norm, 1e-300) ** 2
+            low = norm - e_norm
+            e_s = cfg.clip_gradients * e_norm / (low * low) if low > 0 else float("inf")
             # Near the threshold either branch may be taken: allow both.
             flip = abs(norm - cfg.clip_gradients) <= e_norm
             for k in keys:

@@ -9,8 +9,10 @@ update (scaled by ``lr_mult``: an lr_mult-0 param never moves, whatever the deca
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +40,17 @@ class SolverConfig:
     weight_decay: float = 0.0
     regularization_type: str = "L2"
     clip_gradients: float = -1.0
+
+    def as_caffe_reads_it(self) -> SolverConfig:
+        """The config with every float field rounded to float32, as Caffe's SolverParameter
+        (``float`` fields in caffe.proto) holds it: 1 - momentum2 for momentum2 = 0.999
+        differs by 1.3e-5 relative between the two, far above float32 rounding."""
+        changes: dict[str, Any] = {
+            f.name: float(struct.unpack("f", struct.pack("f", getattr(self, f.name)))[0])
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float)
+        }
+        return replace(self, **changes)
 
     def __post_init__(self) -> None:
         if self.type not in SOLVER_TYPES:
@@ -90,6 +103,7 @@ class CaffeSolver:
     history2: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.cfg = self.cfg.as_caffe_reads_it()
         for name, p in self.params.items():
             self.history[name] = torch.zeros_like(p.tensor)
             self.history2[name] = torch.zeros_like(p.tensor)
