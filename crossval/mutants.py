@@ -36,6 +36,34 @@ class _ExpectationSoftmaxOverBatch(reference.ExpectationHead):
         return {self.ip_layer: ip, "prob": prob, "pred_age": pred_age}
 
 
+class _ExpectationTrainableKernel(reference.ExpectationHead):
+    """The surgery kernel left trainable: a Parameter, so an optimizer moves it."""
+
+    def __init__(self, in_features: int, bins: int) -> None:
+        super().__init__(in_features, bins)
+        kernel = self.pred_age.weight.detach().clone()
+        del self.pred_age.weight
+        self.pred_age.weight = nn.Parameter(kernel)
+
+
+class _SigmoidTrainableScale(reference.SigmoidScaleHead):
+    """The fixed x99 scale left trainable."""
+
+    def __init__(self, in_features: int, scale: float = 99.0) -> None:
+        super().__init__(in_features, scale)
+        value = self.pred_age.weight.detach().clone()
+        del self.pred_age.weight
+        self.pred_age.weight = nn.Parameter(value)
+
+
+def _trainable_kernel(case: Case, dtype: torch.dtype) -> nn.Module:
+    return _ExpectationTrainableKernel(case.features, case.bins)
+
+
+def _trainable_scale(case: Case, dtype: torch.dtype) -> nn.Module:
+    return _SigmoidTrainableScale(case.features, case.scale)
+
+
 def _scale_100(case: Case, dtype: torch.dtype) -> nn.Module:
     return reference.SigmoidScaleHead(case.features, scale=100.0)
 
@@ -91,6 +119,28 @@ MUTANTS: dict[str, Mutant] = {
             "euclidean",
             "MSELoss (mean) for EuclideanLoss (sum / 2N)",
             ("loss", "gradient"),
+        ),
+    )
+}
+
+# Ports that compute the same forward and gradients but train a constant: only training
+# shows them (crossval.training reports "fixed parameter moved").
+TRAINING_MUTANTS: dict[str, Mutant] = {
+    m.impl.name: m
+    for m in (
+        Mutant(
+            Impl("trainable-kernel", module=_trainable_kernel),
+            "expectation",
+            "euclidean",
+            "surgery kernel left trainable (requires_grad)",
+            ("train",),
+        ),
+        Mutant(
+            Impl("trainable-scale", module=_trainable_scale),
+            "sigmoid_scale",
+            "euclidean",
+            "fixed x99 scale left trainable",
+            ("train",),
         ),
     )
 }

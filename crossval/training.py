@@ -15,6 +15,7 @@ snapshot reloaded from disk.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,12 +377,27 @@ def _carry(
 # ---- comparing --------------------------------------------------------------------------
 
 
+def comparable_steps(t64: Trajectory) -> int:
+    """How many steps have finite bounds everywhere. The first-order bound carries the
+    Hessian times the params' error into the next gradient; where training amplifies
+    differences (large curvature with a normalizing solver, for example RMSProp on the x99
+    head), it can grow without limit, and beyond that step Caffe and a port may legitimately
+    part: those steps are reported as not comparable, never as passing."""
+    for t, bounds in enumerate(t64.bounds):
+        if not all(np.isfinite(b).all() for b in bounds.values()):
+            return t
+        if not np.isfinite(t64.loss_bounds[t]):
+            return t
+    return len(t64.bounds)
+
+
 def compare_trajectories(
     tc: TrainCase, caffe: Trajectory, t32: Trajectory, t64: Trajectory
 ) -> list[Comparison]:
+    """Params and loss after each comparable step (see `comparable_steps`), three ways."""
     out: list[Comparison] = []
     desc = tc.describe()
-    for t in range(tc.steps):
+    for t in range(comparable_steps(t64)):
         rule = f"tolerances.solver_step after {t + 1} steps"
         for key, bound in t64.bounds[t].items():
             name = f"{key} after step {t + 1}"
@@ -465,11 +481,17 @@ def snapshot_checks(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> list[Co
 
 
 def run_parity(
-    worker: CaffeWorker, tc: TrainCase, workdir: Path, snapshot: int = 0, port: Impl | None = None
+    worker: CaffeWorker,
+    tc: TrainCase,
+    workdir: Path,
+    snapshot: int = 0,
+    port: Impl | None = None,
+    fixed_lr_mult: float = 0.0,
 ) -> dict[str, Any]:
     """The whole check for one training case: workflow, three trajectories, comparisons,
-    fixed-blob checks. Returns the pieces for tests and reports."""
-    wf = write_workflow(worker, tc, workdir, snapshot)
+    fixed-blob checks. Returns the pieces for tests and reports. A `fixed_lr_mult` other than
+    0 builds a deliberately wrong Caffe net (a negative control)."""
+    wf = write_workflow(worker, tc, workdir, snapshot, fixed_lr_mult)
     caffe = caffe_trajectory(worker, tc, wf)
     t32 = torch_trajectory(tc, torch.float32, port or REFERENCE)
     t64 = torch_trajectory(tc, torch.float64, REFERENCE, bounds=True)
@@ -482,10 +504,40 @@ def run_parity(
         "torch": t32,
         "ref64": t64,
         "comparisons": compare_trajectories(tc, caffe, t32, t64),
+        "comparable_steps": comparable_steps(t64),
         "caffe_fixed": fixed_moved(caffe, want, f"Caffe {head.fixed_layer}/0"),
         "torch_fixed": fixed_moved(t32, want, f"port {fixed_key}"),
         "snapshots": snapshot_checks(worker, tc, wf) if snapshot else [],
     }
 
 
-__all__ = ["TrainCase", "Trajectory", "Workflow", "run_parity"]
+def torch_optim_trajectory(
+    tc: TrainCase,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+) -> Trajectory:
+    """The reference head trained in float32 by a stock torch.optim optimizer (how a port
+    usually trains), one scheduler step per iteration."""
+    case, head = tc.case, HEADS[tc.case.head]
+    module = REFERENCE.build(head, case, torch.float32)
+    keys = head.learnable(case)
+    named = dict(module.named_parameters())
+    opt = optimizer(list(named.values()))
+    sched = scheduler(opt) if scheduler is not None else None
+    fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
+    traj = Trajectory()
+    for x, target in tc.batches:
+        opt.zero_grad()
+        step_case = dataclasses.replace(case, x=x, target=target)
+        loss, _ = _loss(head, REFERENCE, step_case, module, x, target, torch.float32)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        if sched is not None:
+            sched.step()
+        traj.losses.append(float(loss.detach()))
+        traj.params.append({k: named[k].detach().numpy().copy() for k in keys})
+        traj.fixed.append(module.state_dict()[fixed_key].numpy().copy())
+    return traj
+
+
+__all__ = ["TrainCase", "Trajectory", "Workflow", "run_parity", "torch_optim_trajectory"]
