@@ -29,8 +29,8 @@ class _ExpectationKernelFromOne(reference.ExpectationHead):
 class _ExpectationSoftmaxOverBatch(reference.ExpectationHead):
     """Softmax over the batch axis instead of the bins."""
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        ip: Tensor = self.get_submodule(self.ip_attr)(x.reshape(x.shape[0], -1))
+    def forward(self, pool5: Tensor) -> dict[str, Tensor]:
+        ip: Tensor = self.get_submodule(self.ip_attr)(pool5.reshape(pool5.shape[0], -1))
         prob = reference.softmax(ip, axis=0)
         pred_age: Tensor = self.pred_age(prob)
         return {self.ip_layer: ip, "prob": prob, "pred_age": pred_age}

@@ -61,9 +61,10 @@ TABLE: dict[str, Rule] = {
         ),
         Rule(
             "sigmoid",
-            "y = 0.5 tanh(0.5 x) + 0.5 (Caffe) or 1/(1+exp(-x))",
-            "(LIBM_ULPS + 2) u absolute (tanh/exp error, then one multiply-add on values <= 1) "
-            "+ y (1 - y) e_x; absolute, because the tanh form cancels to 0 at x << 0",
+            "y = 0.5 tanh(0.5 x) + 0.5 (Caffe, in double) or 1/(1+exp(-x)) (a port, in float)",
+            "(LIBM_ULPS + 2) u absolute (exp/tanh error, then one multiply-add on values <= 1) "
+            "+ y (1 - y) e_x; absolute, because a port's float32 tanh form cancels to 0 at "
+            "x << 0 where Caffe's double evaluation keeps a tiny positive value",
         ),
         Rule("scale", "y = s x with a fixed s (Scale)", "u |y| + |s| e_x"),
         Rule(
@@ -81,7 +82,82 @@ TABLE: dict[str, Rule] = {
         Rule(
             "euclidean_loss",
             "L = sum (a - b)^2 / N / 2",
-            "gamma(M + 3) sum (a - b)^2 / 2N + sum |a - b| e_a / N over M = count elements",
+            "gamma(M + 3) L + sum |d| (e_a + u |d|) / N over the M = count elements of "
+            "d = a - b: the M-term dot product, the subtraction, the two divisions",
+        ),
+        Rule(
+            "smooth_l1_loss",
+            "L = sum f(a - b) / N, f the Fast R-CNN SmoothL1 with sigma",
+            "gamma(M + 3) sum |f| / N + sum min(sigma^2 |d|, 1) (e_a + u |d|) / N: f is "
+            "1-Lipschitz in the outer region and sigma^2 |d|-Lipschitz inside",
+        ),
+        Rule(
+            "softmax_with_loss",
+            "L = -sum_valid log(max(p_y, FLT_MIN)) / normalizer",
+            "(sum_valid e_p_y / max(p_y, FLT_MIN) + (LIBM_ULPS + 1) u |l| + gamma(n) sum |l|) "
+            "/ normalizer: log turns p's absolute error into an absolute error divided by p; "
+            "the clamp bounds the divisor from below",
+        ),
+        Rule(
+            "euclidean_loss_grad",
+            "g = (a - b) / N",
+            "(e_a + u |d|) / N + u |g|",
+        ),
+        Rule(
+            "smooth_l1_loss_grad",
+            "g = sigma^2 d or sign(d), over N",
+            "sigma^2 (e_a + u |d|) / N + 2 u |g|: the gradient is continuous and "
+            "sigma^2-Lipschitz, so a branch flip near the kink costs no more",
+        ),
+        Rule(
+            "softmax_with_loss_grad",
+            "g = (p - onehot(y)) / normalizer (Caffe ignores the clamp)",
+            "(e_p + u |p - onehot|) / normalizer + u |g|",
+        ),
+        Rule("scale_grad", "g_x = s g_y", "|s| e_gy + u |g_x|"),
+        Rule(
+            "sigmoid_grad",
+            "g_x = g_y y (1 - y), y the forward output",
+            "|g_y| (|1 - 2y| e_y + e_y^2) + y (1 - y) e_gy + 3 u |g_x|: Caffe and PyTorch "
+            "both differentiate through the stored output y, so its error enters",
+        ),
+        Rule("dot_fixed_grad", "g_p = g_y k", "|k| e_gy + u |g_p|"),
+        Rule(
+            "softmax_grad",
+            "g_z = p (g_p - sum_j g_p,j p_j)",
+            "|p| e_h + |h| e_p + u |g_z| with h = g_p - s, e_h = e_gp + e_s + u |h|, "
+            "e_s = gamma(K) sum |g_p| |p| + sum (|g_p| e_p + |p| e_gp)",
+        ),
+        Rule(
+            "inner_product_grad",
+            "g_x = g_y W, g_W = g_y^T x, g_b = sum_n g_y",
+            "gamma(M) |g_y| |W| + e_gy |W|; gamma(N) |g_y|^T |x| + e_gy^T |x|; "
+            "gamma(N) sum |g_y| + sum e_gy",
+        ),
+        Rule(
+            "solver_step",
+            "one Caffe solver iteration: clip, decay, update, w -= update",
+            "carried per element along the float64 trajectory: the gradient's bound (the "
+            "gradient rules above at the reference params, plus 2 |H e_w|, the Hessian times "
+            "the params' own error, for the feedback of earlier steps), then each solver's "
+            "update rule differentiated: momentum and squared-gradient histories carry their "
+            "own error (e_V = m e_V + lr e_d; e_H = r e_H + (1-r) 2|d| e_d; ...), divisions by "
+            "sqrt(H) + delta scale it, and every operation adds a few u of its result; so the "
+            "bound grows with the step count as errors accumulate",
+        ),
+        Rule(
+            "deep_net",
+            "any blob of a net of standard layers (validate-port)",
+            "gamma(A_b) M_b: A_b is the accumulation length along the longest path from the "
+            "inputs (each layer adds its fan-in: prod(kernel shape[1:]) + 1 for Convolution "
+            "and InnerProduct, the window for average pooling, K + LIBM_ULPS for Softmax, "
+            "LIBM_ULPS + 2 for exp-like layers, 2 for the rest); M_b, per sample, is the "
+            "magnitude of the computation: the larger of max |b| and what the layer's inputs' "
+            "magnitudes can carry into b (sum_j |W_ij| M_in + |b_i| for Convolution and "
+            "InnerProduct, M_in / 4 for Sigmoid, 2 max p M_in for Softmax, M_in for the "
+            "rest), so error that earlier layers made and this one shrinks or passes on stays "
+            "covered. Gradients use twice the loss's A (forward and back) and the largest "
+            "|gradient|",
         ),
     )
 }
@@ -336,6 +412,16 @@ def solver_update(
         e_upd = lr * corr * (e_m + np.abs(m) * e_den / den) / den + 6 * U32 * np.abs(upd)
         return np.where(np.isfinite(e_upd), e_upd, np.inf) + ETA32, e_m, e_v
     raise ValueError(f"unknown solver type {kind!r}")
+
+
+def deep_net(blob: F64, magnitude: F64, accumulation: float) -> F64:
+    """Bound for blob `blob` (batch first) with per-sample `magnitude` (N,): see
+    TABLE['deep_net']."""
+    shape = np.shape(blob)
+    m = np.asarray(magnitude, dtype=np.float64)
+    m = m.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else m.reshape(())
+    out: F64 = gamma(max(accumulation, 1)) * np.broadcast_to(m, shape) + ETA32 * (accumulation + 1)
+    return out
 
 
 def cross(bound: F64 | float) -> F64:

@@ -32,10 +32,12 @@ def param_name(layer: str) -> str:
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    """Caffe Sigmoid: y = 0.5 * tanh(0.5 * x) + 0.5."""
-    # Not 1 / (1 + exp(-x)): the forms differ in the last bits, and this one is exactly 0 for
-    # x << 0 in float32 where the other is a tiny positive number.
-    return 0.5 * torch.tanh(0.5 * x) + 0.5
+    """Caffe Sigmoid: y = 0.5 * tanh(0.5 * x) + 0.5, evaluated in double and rounded once."""
+    # Caffe's CPU code is `0.5 * tanh(0.5 * x) + 0.5` with double literals, so a float x is
+    # promoted and the whole expression runs in double: the float result is the correctly
+    # rounded sigmoid, tiny but not 0 far below zero (x = -31 gives 3.4e-14, where the same
+    # formula in float32 gives exactly 0).
+    return (0.5 * torch.tanh(0.5 * x.double()) + 0.5).to(x.dtype)
 
 
 def softmax(x: Tensor, axis: int = 1) -> Tensor:
@@ -88,8 +90,8 @@ class SigmoidScaleHead(nn.Module):
         self.fc1 = nn.Linear(in_features, 1)
         self.pred_age = _FixedScale(scale)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        fc1: Tensor = self.fc1(x.reshape(x.shape[0], -1))
+    def forward(self, pool5: Tensor) -> dict[str, Tensor]:
+        fc1: Tensor = self.fc1(pool5.reshape(pool5.shape[0], -1))
         pred01 = sigmoid(fc1)
         pred_age: Tensor = self.pred_age(pred01)
         return {"fc1": fc1, "pred01": pred01, "pred_age": pred_age}
@@ -130,8 +132,8 @@ class ExpectationHead(nn.Module):
     def learnable(self) -> tuple[str, ...]:
         return (f"{self.ip_attr}.weight", f"{self.ip_attr}.bias")
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        ip: Tensor = self.get_submodule(self.ip_attr)(x.reshape(x.shape[0], -1))
+    def forward(self, pool5: Tensor) -> dict[str, Tensor]:
+        ip: Tensor = self.get_submodule(self.ip_attr)(pool5.reshape(pool5.shape[0], -1))
         prob = softmax(ip, axis=1)
         pred_age: Tensor = self.pred_age(prob)
         return {self.ip_layer: ip, "prob": prob, "pred_age": pred_age}

@@ -105,6 +105,46 @@ class Ops:
             if not model.layer and not model.layers:
                 raise ValueError(f"{weights} holds no layers: not a caffemodel")
 
+    def op_describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> dict[str, Any]:
+        """The net's structure: layers in order with bottoms, tops, param shapes and
+        multipliers (from the prototxt), blob shapes in Caffe's (topological) order, and the
+        tops of Input layers."""
+        from caffe.proto import caffe_pb2
+        from google.protobuf import text_format
+
+        spec = caffe_pb2.NetParameter()
+        text_format.Merge(prototxt, spec)
+        mults = {lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param] for lp in spec.layer}
+        net = self.net(prototxt, phase, "", surgery)
+        layers = []
+        for name, layer in zip(net._layer_names, net.layers, strict=True):
+            given = mults.get(name, [])
+            params = []
+            for i, blob in enumerate(layer.blobs):
+                lr, dm = given[i] if i < len(given) else (1.0, 1.0)
+                params.append({"shape": tuple(blob.data.shape), "lr_mult": lr, "decay_mult": dm})
+            layers.append(
+                {
+                    "name": name,
+                    "type": layer.type,
+                    "bottoms": list(net.bottom_names[name]),
+                    "tops": list(net.top_names[name]),
+                    "params": params,
+                }
+            )
+        inputs = {
+            top: tuple(net.blobs[top].data.shape)
+            for lay in layers
+            if lay["type"] == "Input"
+            for top in lay["tops"]
+        }
+        return {
+            "layers": layers,
+            "blobs": {name: tuple(b.data.shape) for name, b in net.blobs.items()},
+            "inputs": inputs,
+            "force_backward": bool(spec.force_backward),
+        }
+
     def op_ping(self) -> dict[str, Any]:
         return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
 

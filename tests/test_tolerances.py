@@ -1,0 +1,46 @@
+"""The tolerance table is complete, and its bounds hold exactly where they claim to."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import numpy as np
+
+from crossval import tolerances as tol
+
+
+def test_every_bound_function_names_a_rule_of_the_table() -> None:
+    src = inspect.getsource(tol)
+    named = set(re.findall(r"TABLE\['(\w+)'\]", src))
+    assert named, "bound functions cite no rule"
+    assert named <= set(tol.TABLE), sorted(named - set(tol.TABLE))
+    for name, rule in tol.TABLE.items():
+        assert rule.name == name and rule.guards and rule.derivation
+
+
+def test_inner_product_bound_holds_for_any_summation_order() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 300)).astype(np.float32)
+    w = rng.standard_normal((3, 300)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = tol.inner_product(x.astype(np.float64), w.astype(np.float64), None)
+    for order in (np.arange(300), np.arange(300)[::-1], rng.permutation(300)):
+        acc = np.zeros((4, 3), dtype=np.float32)
+        for j in order:  # sequential float32 accumulation, the worst common order
+            acc = (acc + np.outer(x[:, j], w[:, j]).astype(np.float32)).astype(np.float32)
+        assert np.all(np.abs(acc - exact) <= bound)
+    # And it is not vacuous: a 1% error in one weight is far outside.
+    wrong = exact.copy()
+    wrong[0, 0] *= 1.01
+    assert not np.all(np.abs(wrong - exact) <= bound)
+
+
+def test_gamma_refuses_meaningless_lengths() -> None:
+    assert tol.gamma(1) > tol.U32
+    try:
+        tol.gamma(2**24)
+    except ValueError as exc:
+        assert "undefined" in str(exc)
+    else:
+        raise AssertionError("gamma(2**24) must be refused")
