@@ -74,6 +74,25 @@ def _prototxt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_caffe_head
+    from .worker import CaffeWorker
+
+    with CaffeWorker() as worker:
+        report = export_caffe_head(
+            worker,
+            Path(args.prototxt),
+            Path(args.weights),
+            Path(args.output),
+            examples=args.examples,
+            batch=args.batch_check,
+            opset=args.opset,
+            force=args.force,
+        )
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossval",
@@ -138,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     surg.add_argument("--weights", default=None, help="start from these weights")
     surg.add_argument("--force", action="store_true", help="overwrite an existing output")
     surg.set_defaults(func=_surgery)
+
+    onnx_cmd = sub.add_parser(
+        "export-onnx",
+        help="convert a Caffe head (deploy prototxt + caffemodel) to an ONNX model, checked "
+        "against Caffe before it is written",
+    )
+    onnx_cmd.add_argument("prototxt", help="the head's deploy net")
+    onnx_cmd.add_argument("weights", help="its caffemodel (e.g. a trained snapshot)")
+    onnx_cmd.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    onnx_cmd.add_argument(
+        "--examples", type=int, default=20, help="generated inputs checked against Caffe (20)"
+    )
+    onnx_cmd.add_argument(
+        "--batch-check", type=int, default=8, help="batch of those inputs (8; every 4th is 1)"
+    )
+    onnx_cmd.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default: the exporter's)"
+    )
+    onnx_cmd.add_argument("--force", action="store_true", help="overwrite an existing output")
+    onnx_cmd.set_defaults(func=_export_onnx)
     return parser
 
 
