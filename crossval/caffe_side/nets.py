@@ -117,3 +117,8 @@ BUILDERS: dict[str, Callable[..., str]] = {
     "sigmoid_scale": sigmoid_scale,
     "expectation": expectation,
 }
+
+# The other nets the suite builds (a DEX-style VGG-16 age net, a tiny CNN of standard layers).
+from crossval.caffe_side.zoo import ZOO  # noqa: E402
+
+BUILDERS.update(ZOO)
