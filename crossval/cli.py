@@ -54,11 +54,15 @@ def _prototxt(args: argparse.Namespace) -> int:
     from .worker import CaffeWorker
 
     opts: dict[str, object] = {"features": args.features, "batch": args.batch}
-    if args.head == "expectation":
+    if args.head in ("dex_vgg16", "tiny_cnn"):  # whole nets: deploy only
+        opts = {"batch": args.batch, "bins": args.bins}
+        if args.size:
+            opts["size"] = args.size
+    elif args.head == "expectation":
         opts["bins"] = args.bins
         if args.ip_name:
             opts["ip_name"] = args.ip_name
-    if not args.deploy:
+    if not args.deploy and args.head in ("sigmoid_scale", "expectation"):
         opts["loss"] = args.loss
         if args.loss == "smooth_l1":
             opts["sigma"] = args.sigma
@@ -91,6 +95,97 @@ def _export_onnx(args: argparse.Namespace) -> int:
         )
     print(report)
     return 0
+
+
+def _validate_port(args: argparse.Namespace) -> int:
+    from . import validate as v
+    from .worker import CaffeWorker
+
+    mapping: dict[str, str] = {}
+    if args.map:
+        try:
+            mapping = json.loads(Path(args.map).read_text())
+        except (OSError, ValueError) as exc:
+            raise v.UsageError(f"--map {args.map}: {exc}") from None
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in mapping.items()
+        ):
+            raise v.UsageError(f'--map {args.map}: expected {{"layer/index": "state_dict key"}}')
+    with CaffeWorker() as worker:
+        report = v.validate(
+            worker,
+            Path(args.net),
+            args.port,
+            weights=Path(args.weights) if args.weights else None,
+            mapping=mapping,
+            head=args.head,
+            bins=args.bins,
+            examples_n=args.examples,
+            seed=args.seed,
+            batch=args.batch,
+            save_failure=Path(args.save_failure) if args.save_failure else None,
+            replay=Path(args.replay) if args.replay else None,
+            argv=sys.argv[1:],
+        )
+    print(report.text())
+    if args.json:
+        v.write_json(report, Path(args.json))
+    return 0 if report.verdict == "match" else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from reference.solvers import SolverConfig
+
+    from .strategies import build_case
+    from .training import TrainCase, train_report
+    from .worker import CaffeWorker
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CrossvalError(f"{out} is not empty; not writing into it (use --force)")
+    case = build_case(
+        args.head,
+        args.loss,
+        batch=args.batch,
+        features=args.features,
+        bins=args.bins,
+        spread=args.spread,
+        seed=args.seed,
+        sigma=args.sigma,
+    )
+    batches = []
+    for step in range(args.steps):
+        c = build_case(
+            args.head,
+            args.loss,
+            batch=args.batch,
+            features=args.features,
+            bins=args.bins,
+            spread=args.spread,
+            seed=args.seed + 1 + step,
+            sigma=args.sigma,
+        )
+        batches.append((c.x, c.target))
+    try:
+        cfg = SolverConfig(
+            type=args.solver,
+            base_lr=args.lr,
+            lr_policy=args.lr_policy,
+            gamma=args.gamma,
+            stepsize=args.stepsize,
+            max_iter=max(args.steps, 1),
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            regularization_type=args.regularization,
+            clip_gradients=args.clip,
+        )
+    except ValueError as exc:
+        raise CrossvalError(str(exc)) from None
+    tc = TrainCase(case, tuple(batches), cfg)
+    with CaffeWorker() as worker:
+        ok, text = train_report(worker, tc, out, args.snapshot)
+    print(text)
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_caffe_info)
 
     proto = sub.add_parser("prototxt", help="write one of the seed's heads as a Caffe net")
-    proto.add_argument("head", choices=["sigmoid_scale", "expectation"])
+    proto.add_argument(
+        "head",
+        choices=["sigmoid_scale", "expectation", "dex_vgg16", "tiny_cnn"],
+        help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN)",
+    )
+    proto.add_argument("--size", type=int, default=None, help="image size of a whole net")
     proto.add_argument("--features", type=int, default=512, help="features in pool5 (512)")
     proto.add_argument("--batch", type=int, default=1)
     proto.add_argument("--bins", type=int, default=100, help="K, expectation head (100)")
@@ -177,6 +277,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     onnx_cmd.add_argument("--force", action="store_true", help="overwrite an existing output")
     onnx_cmd.set_defaults(func=_export_onnx)
+
+    vp = sub.add_parser(
+        "validate-port",
+        help="check a PyTorch port of a Caffe net against Caffe; name where it first diverges",
+    )
+    vp.add_argument("net", help="the Caffe net (deploy or train_val prototxt)")
+    vp.add_argument(
+        "--port",
+        required=True,
+        metavar="MODULE:CALLABLE",
+        help="returns the torch.nn.Module; forward(**input_blobs) -> {blob: tensor}",
+    )
+    vp.add_argument("--weights", default=None, help="caffemodel (default: generated weights)")
+    vp.add_argument("--map", default=None, help='JSON {"layer/index": "state_dict key"}')
+    vp.add_argument(
+        "--head",
+        choices=["expectation"],
+        default=None,
+        help="append the seed's expectation head (pred_age) to the net's Softmax",
+    )
+    vp.add_argument("--bins", type=int, default=None, help="K for --head expectation")
+    vp.add_argument("--examples", type=int, default=25, help="generated examples (25)")
+    vp.add_argument("--seed", type=int, default=0, help="hypothesis seed (0)")
+    vp.add_argument("--batch", type=int, default=None, help="batch size (default: max(N, 2))")
+    vp.add_argument("--json", default=None, metavar="OUT.json", help="also write the report")
+    vp.add_argument(
+        "--save-failure",
+        default=None,
+        metavar="DIR",
+        help="save the minimal failing example (.npz) with its replay command",
+    )
+    vp.add_argument(
+        "--replay", default=None, metavar="FILE.npz", help="run only the example saved in FILE.npz"
+    )
+    vp.set_defaults(func=_validate_port)
+
+    tr = sub.add_parser(
+        "train",
+        help="the seed's training workflow in Caffe, checked against PyTorch step by step",
+    )
+    tr.add_argument("head", choices=["sigmoid_scale", "expectation"])
+    tr.add_argument(
+        "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
+    )
+    tr.add_argument("--out", required=True, help="directory for the workflow's files")
+    tr.add_argument(
+        "--solver",
+        default="SGD",
+        choices=["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"],
+    )
+    tr.add_argument("--steps", type=int, default=10)
+    tr.add_argument("--lr", type=float, default=0.01)
+    tr.add_argument(
+        "--lr-policy",
+        default="fixed",
+        choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
+    )
+    tr.add_argument("--gamma", type=float, default=0.1)
+    tr.add_argument("--stepsize", type=int, default=5)
+    tr.add_argument("--momentum", type=float, default=0.0)
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--regularization", default="L2", choices=["L2", "L1"])
+    tr.add_argument("--clip", type=float, default=-1.0, help="clip_gradients (off: -1)")
+    tr.add_argument("--snapshot", type=int, default=5, help="snapshot every N steps (5)")
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--features", type=int, default=64)
+    tr.add_argument("--bins", type=int, default=100)
+    tr.add_argument("--spread", type=float, default=3.0, help="initial logit/activation spread")
+    tr.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    tr.set_defaults(func=_train)
     return parser
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch import nn
@@ -39,6 +40,8 @@ from .compare import Comparison
 from .errors import CrossvalError
 from .transfer import state_dict_key
 from .worker import CaffeError, CaffeWorker
+
+SHRINK_BELOW = 0.5  # seconds per example
 
 LIBM_LAYERS = {"Sigmoid", "TanH", "Exp", "Log", "Power", "ELU", "BNLL", "Swish"}
 LOSS_LAYERS = {
@@ -99,43 +102,58 @@ class NetInfo:
     ) -> dict[str, NDArray[np.float64]]:
         """M_b of tolerances.deep_net for every blob, per sample, from Caffe's values."""
 
-        def own(v: np.ndarray) -> NDArray[np.float64]:
+        def per_sample(v: np.ndarray, norm: str = "max") -> NDArray[np.float64]:
             a = np.abs(np.asarray(v, dtype=np.float64))
             if a.ndim == 0:
                 return a.reshape(1)
-            per: NDArray[np.float64] = a.reshape(a.shape[0], -1).max(axis=1, initial=0.0)
-            return per
+            flat = a.reshape(a.shape[0], -1)
+            if norm == "max":
+                out: NDArray[np.float64] = flat.max(axis=1, initial=0.0)
+            elif norm == "l2":
+                out = np.sqrt((flat * flat).sum(axis=1))
+            else:  # rms
+                out = np.sqrt((flat * flat).mean(axis=1))
+            return out
 
-        mag: dict[str, NDArray[np.float64]] = {n: own(blobs[n]) for n in self.inputs}
+        mag: dict[str, NDArray[np.float64]] = {n: per_sample(blobs[n]) for n in self.inputs}
         for lay in self.layers:
             if lay.type == "Input":
                 continue
             ins = [mag[b] for b in lay.bottoms if b in mag]
             m_in: NDArray[np.float64] = np.max(np.stack(ins), axis=0) if ins else np.zeros(1)
-            carried: NDArray[np.float64] = m_in
+            x = blobs.get(lay.bottoms[0]) if lay.bottoms else None
             kind = lay.type
+            carried: NDArray[np.float64] = np.zeros_like(m_in)
             if kind in ("Convolution", "InnerProduct", "Deconvolution") and lay.name in params:
-                w = np.abs(params[lay.name][0].astype(np.float64))
-                rows = float(w.reshape(w.shape[0], -1).sum(axis=1).max(initial=0.0))
+                w = params[lay.name][0].astype(np.float64)
+                w2 = w.reshape(w.shape[0], -1)
+                wnorm = float(np.sqrt((w2 * w2).sum(axis=1)).max(initial=0.0))
                 bias = 0.0
                 if len(params[lay.name]) > 1:
                     bias = float(np.abs(params[lay.name][1]).max(initial=0.0))
-                carried = rows * m_in + bias
-            elif kind == "Scale" and lay.name in params:
-                carried = float(np.abs(params[lay.name][0]).max(initial=0.0)) * m_in
+                if x is None:
+                    patch = np.zeros(1)
+                elif kind == "InnerProduct":
+                    patch = per_sample(x, "l2")  # the whole input is the one patch
+                else:
+                    patch = math.sqrt(w2.shape[1]) * per_sample(x, "rms")
+                # |sum w x| <= ||w|| ||x||: cancellation leaves the error of the terms
+                carried = wnorm * patch + bias
             elif kind == "Sigmoid":
                 carried = m_in / 4
+            elif kind == "Scale" and lay.name in params:
+                carried = float(np.abs(params[lay.name][0]).max(initial=0.0)) * m_in
             elif kind == "Eltwise" and ins:
                 carried = np.sum(np.stack(ins), axis=0)
             for top in lay.tops:
                 if top not in blobs:
                     continue
-                value = own(blobs[top])
+                value = per_sample(blobs[top])
                 c = carried
                 if c.shape != value.shape:
-                    c = np.full(value.shape, float(np.max(carried, initial=0.0)))
+                    c = np.full(value.shape, float(np.max(c, initial=0.0)))
                 if kind in ("Softmax", "SoftmaxWithLoss"):
-                    c = value * np.maximum(1.0, 2 * c)
+                    c = value * np.maximum(1.0, 2 * m_in)  # |dp| <= 2 p |dz|
                 mag[top] = np.maximum(value, c)
         return mag
 
@@ -333,6 +351,14 @@ def make_arrays(
             inputs[name] = rng.integers(0, label_of[name], size=full).astype(np.float32)
         else:
             inputs[name] = (rng.standard_normal(full) * ex.input_scale).astype(np.float32)
+    squashed = {
+        b for lay in info.layers if lay.type in ("Softmax", "Sigmoid", "TanH") for b in lay.bottoms
+    }
+    saturating = {
+        lay.name
+        for lay in info.layers
+        if lay.params and any(info.source(t) in squashed or t in squashed for t in lay.tops)
+    }
     params: dict[str, list[np.ndarray]] = {}
     for lay in info.layers:
         if not lay.params:
@@ -344,7 +370,10 @@ def make_arrays(
                 blobs.append(base[lay.name][i])
                 continue
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-            scale = ex.weight_scale / math.sqrt(max(fan_in, 1))
+            # He scale keeps a deep ReLU net's activations near 1; the layer that feeds a
+            # squashing layer (Softmax, Sigmoid) is scaled by weight_scale to saturate it.
+            boost = ex.weight_scale if lay.name in saturating else 1.0
+            scale = boost * math.sqrt(2.0 / max(fan_in, 1))
             blobs.append((rng.standard_normal(shape) * scale).astype(np.float32))
         params[lay.name] = blobs
     return inputs, params
@@ -496,8 +525,8 @@ class Validator:
         for label, grad, want in pairs:
             got = grad.detach().to(torch.float64).numpy().reshape(want.shape)
             w64 = np.asarray(want, dtype=np.float64)
-            scale = np.full(w64.shape, np.abs(w64).max(initial=0.0))
-            bound = tol.cross(tol.gamma(acc) * scale + tol.ETA32 * acc)
+            rel = tol.LAMBDA * math.sqrt(acc) * tol.U32
+            bound = tol.cross(np.full(w64.shape, rel * np.abs(w64).max(initial=0.0)))
             result.comparisons.append(
                 Comparison(
                     "gradient port~caffe",
@@ -555,6 +584,7 @@ class Report:
     worst: list[dict[str, Any]] = field(default_factory=list)
     saved: str = ""
     replay: str = ""
+    shrink_runs: int = 0
 
     def text(self) -> str:
         lines = [
@@ -581,7 +611,11 @@ class Report:
                         f"  (not returned by the port, so unverified: {fd['inputs_not_returned']})"
                     )
                 lines.append("  " + fd["comparison"])
-            for f in self.failures[:8]:
+            shown = self.first_divergence["comparison"] if self.first_divergence else ""
+            others = [f for f in self.failures if f != shown]
+            if others:
+                lines.append(f"other blobs over tolerance ({len(others)}):")
+            for f in others[:8]:
                 lines.append("  " + f)
             if self.saved:
                 lines.append(f"minimal failing example saved to {self.saved}; replay with:")
@@ -627,7 +661,6 @@ def validate(
         text = "force_backward: true\n" + text
     info = describe(worker, text, phase)
     port = load_port(port_spec)
-    port.eval()
     bindings = bind(info, port, mapping or {}, optional)
     try:
         base = worker.call(
@@ -661,7 +694,9 @@ def validate(
         results = [validator.run(None, inputs, params)]
     else:
         results = _search(validator, examples_n, seed)
-    report.examples_run = len(results)
+    first_bad = next((i for i, r in enumerate(results) if r.failures), None)
+    report.examples_run = len(results) if first_bad is None else first_bad + 1
+    report.shrink_runs = 0 if first_bad is None else len(results) - first_bad - 1
 
     report.checked_blobs = sorted(
         {c.blob for r in results for c in r.comparisons if c.check.startswith("forward")},
@@ -689,15 +724,25 @@ def validate(
 
 
 def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
+    """Hypothesis search; shrinking only where an example is cheap (under SHRINK_BELOW
+    seconds), so a full-size net reports its first failure instead of minutes of shrinking."""
     results: list[ExampleResult] = []
+    start = time.perf_counter()
+    warm = validator.run(Example(seed=seed, input_scale=1.0, weight_scale=1.0))
+    results.append(warm)
+    if warm.failures:
+        return results
+    cheap = time.perf_counter() - start < SHRINK_BELOW
+    phases = list(Phase) if cheap else [p for p in Phase if p != Phase.shrink]
 
     @settings(
-        max_examples=n,
+        max_examples=max(n - 1, 1),
         deadline=None,
         database=None,
         derandomize=False,
         suppress_health_check=list(HealthCheck),
         print_blob=False,
+        phases=phases,
     )
     @given(ex=examples())
     def prop(ex: Example) -> None:

@@ -121,3 +121,40 @@ def make_bgr_swap(*, size: int = 224, bins: int = 101) -> nn.Module:
     Diverges first at: ``conv1_1``. The returned ``data`` is the input as given.
     """
     return _RGBInput(size, bins).eval()
+
+
+class _WithAge(nn.Module):
+    """A DEX port as people deploy it: the net, then age = sum_i i * p_i computed outside it
+    (the blob the seed's expectation head calls `pred_age`)."""
+
+    def __init__(self, net: DexVGG16, first_age: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.first_age = first_age
+
+    def forward(self, data: Tensor) -> dict[str, Tensor]:
+        blobs: dict[str, Tensor] = self.net(data)
+        prob = blobs["prob"]
+        ages = torch.arange(self.first_age, self.first_age + prob.shape[1], dtype=prob.dtype)
+        blobs["pred_age"] = (prob * ages).sum(dim=1, keepdim=True)
+        return blobs
+
+    def state_dict(self, *args: object, **kwargs: object) -> dict[str, Tensor]:  # type: ignore[override]
+        # Keys as the Caffe layers are named (no "net." prefix): the weight-naming rule.
+        return self.net.state_dict(*args, **kwargs)  # type: ignore[arg-type, return-value]
+
+    def named_parameters(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def, override]
+        return self.net.named_parameters(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def make_with_age(*, size: int = 224, bins: int = 101) -> nn.Module:
+    """The correct port plus the age computed from its probabilities (bins 0..K-1)."""
+    return _WithAge(DexVGG16(size, bins).eval()).eval()
+
+
+def make_age_from_one(*, size: int = 224, bins: int = 101) -> nn.Module:
+    """Ages 1..K instead of 0..K-1 (a public DEX port does this: +1 year on every age).
+
+    Diverges first at: ``pred_age``.
+    """
+    return _WithAge(DexVGG16(size, bins).eval(), first_age=1).eval()
