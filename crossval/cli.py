@@ -126,6 +126,7 @@ def _validate_port(args: argparse.Namespace) -> int:
             save_failure=Path(args.save_failure) if args.save_failure else None,
             replay=Path(args.replay) if args.replay else None,
             argv=sys.argv[1:],
+            generate=args.generate,
         )
     print(report.text())
     if args.json:
@@ -290,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="returns the torch.nn.Module; forward(**input_blobs) -> {blob: tensor}",
     )
     vp.add_argument("--weights", default=None, help="caffemodel (default: generated weights)")
+    vp.add_argument(
+        "--generate",
+        action="store_true",
+        help="with --weights: generate learnable weights per example anyway, "
+        "taking only the fixed (lr_mult 0) params from the file",
+    )
     vp.add_argument("--map", default=None, help='JSON {"layer/index": "state_dict key"}')
     vp.add_argument(
         "--head",

@@ -160,8 +160,11 @@ TABLE: dict[str, Rule] = {
             "layer's roundings. M_b, per sample, is max |b|, raised where the computation is "
             "larger than its result: ||W_i||_2 ||x_patch||_2 + |b| for Convolution and "
             "InnerProduct (cancellation), M_in / 4 for Sigmoid, 2 p M_in for Softmax "
-            "(|dp| <= 2 p |dz|), |s| M_in for Scale. Gradients: twice the loss's A and the "
-            "largest |gradient|",
+            "(|dp| <= 2 p |dz|), |s| M_in for Scale. Gradients: 2 LAMBDA sqrt(2 A) u kappa "
+            "max |g|, with twice the loss's A (forward and back), kappa the largest M_b / "
+            "max |b| of the forward pass (the backward pass meets the same cancellations) "
+            "and 2 for products such as p h in Softmax's backward, which carry the error of "
+            "both factors",
         ),
     )
 }

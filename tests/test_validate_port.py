@@ -1,0 +1,313 @@
+"""`crossval validate-port`: exit codes, weight mapping, localization, replay, fixed params,
+gradients, and a full-size DEX-style net."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crossval import provision
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def cli(*args: str, cwd: Path = TESTS, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}:{TESTS}:" + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "crossval", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def nets(
+    tmp_path_factory: pytest.TempPathFactory, caffe_install: provision.CaffeInstall
+) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("nets")
+    made = {
+        "expectation": ("expectation", "--features", "16", "--deploy"),
+        "sigmoid": ("sigmoid_scale", "--features", "16", "--deploy"),
+        "expectation_train": ("expectation", "--features", "16", "--loss", "euclidean"),
+        "tiny": ("tiny_cnn", "--bins", "7"),
+        "dex48": ("dex_vgg16", "--bins", "101", "--size", "48"),
+        "dex224": ("dex_vgg16", "--bins", "101"),
+    }
+    out = {}
+    for name, args in made.items():
+        path = d / f"{name}.prototxt"
+        proc = cli("prototxt", *args, "-o", str(path))
+        assert proc.returncode == 0, proc.stderr
+        out[name] = path
+    # The seed's workflow: the expectation head's kernel comes from net surgery.
+    for name in ("expectation", "expectation_train"):
+        init = d / f"{name}.caffemodel"
+        proc = cli("surgery", str(out[name]), "-o", str(init))
+        assert proc.returncode == 0, proc.stderr
+        out[name + ".init"] = init
+    return out
+
+
+def with_init(nets: dict[str, Path], net: str) -> list[str]:
+    """--weights for a net that needs the surgery's kernel (learnable weights generated)."""
+    init = nets.get(net + ".init")
+    return ["--weights", str(init), "--generate"] if init else []
+
+
+def first_divergence(stdout: str) -> str:
+    m = re.search(r"first diverging blob: '([^']+)'", stdout)
+    return m.group(1) if m else ""
+
+
+@pytest.mark.parametrize(
+    ("net", "port"),
+    [
+        ("expectation", "ports.heads:expectation"),
+        ("sigmoid", "ports.heads:sigmoid"),
+        ("tiny", "ports.tiny:make"),
+    ],
+)
+def test_correct_ports_match(nets: dict[str, Path], net: str, port: str) -> None:
+    proc = cli(
+        "validate-port", str(nets[net]), "--port", port, "--examples", "60", *with_init(nets, net)
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MATCH" in proc.stdout and "blobs compared" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("net", "port", "blob"),
+    [
+        ("expectation", "ports.heads:expectation_kernel_from_one", "pred_age"),
+        ("expectation", "ports.heads:expectation_softmax_over_batch", "prob"),
+        ("sigmoid", "ports.heads:sigmoid_scale_100", "pred_age"),
+        ("tiny", "ports.tiny:make_softmax_dim0", "prob"),
+        ("tiny", "ports.tiny:make_dropout_active", "drop1"),
+    ],
+)
+def test_buggy_ports_fail_at_the_right_blob(
+    nets: dict[str, Path], net: str, port: str, blob: str
+) -> None:
+    proc = cli(
+        "validate-port", str(nets[net]), "--port", port, "--examples", "60", *with_init(nets, net)
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert first_divergence(proc.stdout) == blob, proc.stdout
+
+
+def test_softmax_over_batch_needs_batch_above_one(nets: dict[str, Path]) -> None:
+    one = cli(
+        "validate-port",
+        str(nets["tiny"]),
+        "--port",
+        "ports.tiny:make_softmax_dim0",
+        "--batch",
+        "1",
+        "--examples",
+        "20",
+    )
+    assert one.returncode == 0, one.stdout  # invisible at batch 1: why the default is > 1
+
+
+def test_loss_and_gradients_are_checked(nets: dict[str, Path]) -> None:
+    ok = cli(
+        "validate-port",
+        str(nets["expectation_train"]),
+        "--port",
+        "ports.heads:expectation_with_loss",
+        "--examples",
+        "40",
+        *with_init(nets, "expectation_train"),
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "gradient port~caffe" in ok.stdout or "loss" in ok.stdout
+    bad = cli(
+        "validate-port",
+        str(nets["expectation_train"]),
+        "--port",
+        "ports.heads:expectation_with_mse",
+        "--examples",
+        "40",
+        *with_init(nets, "expectation_train"),
+    )
+    assert bad.returncode == 1, bad.stdout
+    assert first_divergence(bad.stdout) == "loss"
+    assert "gradient port~caffe: d loss/d fc100.weight" in bad.stdout
+
+
+def test_forgotten_surgery_is_reported(nets: dict[str, Path]) -> None:
+    """The seed's net without its init weights: Caffe's kernel is the filler's zeros."""
+    proc = cli(
+        "validate-port",
+        str(nets["expectation"]),
+        "--port",
+        "ports.heads:expectation",
+        "--examples",
+        "5",
+    )
+    assert proc.returncode == 1
+    assert "FIXED: fixed port~caffe: pred_age.weight vs Caffe pred_age/0" in proc.stdout
+    assert first_divergence(proc.stdout) == "pred_age"
+
+
+def test_port_training_a_constant_is_reported(nets: dict[str, Path]) -> None:
+    proc = cli(
+        "validate-port",
+        str(nets["expectation"]),
+        "--port",
+        "ports.heads:expectation_trainable_kernel",
+        "--examples",
+        "10",
+        *with_init(nets, "expectation"),
+    )
+    assert proc.returncode == 1
+    assert (
+        "FIXED: Caffe pred_age/0 has lr_mult 0, but the port's 'pred_age.weight' is a "
+        "trainable parameter"
+    ) in proc.stdout
+
+
+def test_map_and_singleton_axes(nets: dict[str, Path], tmp_path: Path) -> None:
+    bare = cli("validate-port", str(nets["expectation"]), "--port", "ports.heads:renamed")
+    assert bare.returncode == 2
+    assert "Caffe param fc100/0 (100, 16) has no port tensor 'fc100.weight'" in bare.stderr
+    assert "port parameters no Caffe param maps to: logits_w (100, 16)" in bare.stderr
+    mapping = tmp_path / "map.json"
+    mapping.write_text(
+        json.dumps({"fc100/0": "logits_w", "fc100/1": "logits_b", "pred_age/0": "ages"})
+    )
+    ok = cli(
+        "validate-port",
+        str(nets["expectation"]),
+        "--port",
+        "ports.heads:renamed",
+        "--map",
+        str(mapping),
+        "--examples",
+        "30",
+        *with_init(nets, "expectation"),
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_pool_floor_port_is_refused_naming_the_param(nets: dict[str, Path]) -> None:
+    proc = cli("validate-port", str(nets["tiny"]), "--port", "ports.tiny:make_pool_floor")
+    assert proc.returncode == 2
+    assert "Caffe param fc1/0 has shape (16, 100), port tensor 'fc1.weight' has (16, 64)" in (
+        proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no/such.prototxt", "--port", "ports.tiny:make"], "no prototxt at no/such.prototxt"),
+        (["{tiny}", "--port", "ports.tiny"], "expected MODULE:CALLABLE"),
+        (["{tiny}", "--port", "nosuchmodule:make"], "cannot import 'nosuchmodule'"),
+        (["{tiny}", "--port", "ports.tiny:nothing"], "has no callable 'nothing'"),
+        (["{tiny}", "--port", "ports.tiny:make", "--head", "expectation"], "needs --bins K"),
+        (
+            ["{tiny}", "--port", "ports.tiny:make", "--head", "expectation", "--bins", "101"],
+            "--bins 101, but the net's Softmax output 'prob' has 7 bins",
+        ),
+        (["{tiny}", "--port", "ports.tiny:make", "--map", "{bad}"], "--map"),
+        (
+            ["{tiny}", "--port", "ports.tiny:make", "--weights", "nope.caffemodel"],
+            "no caffemodel at nope.caffemodel",
+        ),
+    ],
+)
+def test_bad_input_exits_2(
+    nets: dict[str, Path], tmp_path: Path, args: list[str], message: str
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    filled = [a.replace("{tiny}", str(nets["tiny"])).replace("{bad}", str(bad)) for a in args]
+    proc = cli("validate-port", *filled)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = cli(
+        "validate-port",
+        str(nets["tiny"]),
+        "--port",
+        "ports.tiny:make_softmax_dim0",
+        "--save-failure",
+        str(tmp_path / "fail"),
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 1
+    saved = list((tmp_path / "fail").glob("*.npz"))
+    assert len(saved) == 1
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "mismatch" and report["first_divergence"]["blob"] == "prob"
+    replay = report["replay"]
+    assert replay.startswith("crossval validate-port ") and f"--replay {saved[0]}" in replay
+    again = cli(*replay.split()[1:])
+    assert again.returncode == 1 and first_divergence(again.stdout) == "prob"
+    fixed = cli(
+        "validate-port", str(nets["tiny"]), "--port", "ports.tiny:make", "--replay", str(saved[0])
+    )
+    assert fixed.returncode == 0, fixed.stdout  # the same example passes on a correct port
+
+
+@pytest.mark.parametrize(
+    ("port", "blob"),
+    [
+        ("ports.dex48:with_age", ""),
+        ("ports.dex48:age_from_one", "pred_age"),
+        ("ports.dex48:flatten_nhwc", "fc6"),
+        ("ports.dex48:bgr_swap", "conv1_1"),
+    ],
+)
+def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, blob: str) -> None:
+    proc = cli(
+        "validate-port",
+        str(nets["dex48"]),
+        "--port",
+        port,
+        "--head",
+        "expectation",
+        "--bins",
+        "101",
+        "--examples",
+        "4",
+    )
+    assert proc.returncode == (1 if blob else 0), proc.stdout + proc.stderr
+    assert first_divergence(proc.stdout) == blob, proc.stdout
+
+
+@pytest.mark.slow
+def test_full_size_dex_with_expectation_head(nets: dict[str, Path]) -> None:
+    """Input 1x3x224x224, VGG-16, fc8-101, Softmax, and the seed's pred_age on top."""
+    proc = cli(
+        "validate-port",
+        str(nets["dex224"]),
+        "--port",
+        "ports.dex:make_with_age",
+        "--head",
+        "expectation",
+        "--bins",
+        "101",
+        "--examples",
+        "2",
+        "--batch",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pred_age" in proc.stdout and "fc8-101" in proc.stdout
