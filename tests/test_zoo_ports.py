@@ -451,9 +451,9 @@ def test_dex_full_size_shapes(caffe_install: provision.CaffeInstall, tmp_path: P
     assert run.blob_shapes["pool5"] == (1, 512, 7, 7)
     assert run.blob_shapes["prob"] == (1, 101)
     assert run.param_shapes["fc6"] == [(4096, 25088), (4096,)]
-    # No weight_filler: Caffe's default filler is constant 0, so every age bin is equally
-    # likely.
-    np.testing.assert_allclose(run.blobs["prob"], 1 / 101, rtol=1e-6)
+    # No weight_filler: Caffe's default filler is constant 0, so every logit is 0 and every
+    # age bin gets exactly 1/101 (exp(0) = 1, a sum of 101 ones, one float32 division).
+    assert np.all(run.blobs["prob"] == np.float32(1) / np.float32(101))
 
     port = DEX.make()
     state = port.state_dict()
