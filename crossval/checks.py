@@ -167,12 +167,16 @@ class Harness:
     def run_caffe(self, head: Head, case: Case) -> dict[str, Any]:
         """Caffe forward+backward with the case's learnable weights transferred in; the fixed
         blob keeps what Caffe itself put there (Scale filler, or the surgery)."""
+        return self.submit_caffe(head, case)()
+
+    def submit_caffe(self, head: Head, case: Case) -> Callable[[], dict[str, Any]]:
+        """`run_caffe` started in the worker; call the result to wait for it."""
         proto = self.prototxt(head, case)
         ip = head.ip_layer(case)
         learnable = {k: torch.from_numpy(case.weights[k]) for k in head.learnable(case)}
         params = transfer.state_dict_to_caffe(learnable, {ip: self._layouts[proto][ip]})
         label_blob = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
-        result: dict[str, Any] = self.worker.call(
+        pending = self.worker.submit(
             "run",
             prototxt=proto,
             inputs={"pool5": case.x, label_blob: case.target},
@@ -180,8 +184,13 @@ class Harness:
             backward=True,
             surgery=head.surgery,
         )
-        result["sent"] = params
-        return result
+
+        def wait() -> dict[str, Any]:
+            result: dict[str, Any] = pending()
+            result["sent"] = params
+            return result
+
+        return wait
 
     def run_case(
         self, case: Case, *, port: Impl | None = None, reference: Impl | None = None
@@ -194,7 +203,7 @@ class Harness:
         head = HEADS[case.head]
         desc = case.describe()
         ref_impl = reference or REFERENCE
-        caffe = self.run_caffe(head, case)
+        pending = self.submit_caffe(head, case)  # Caffe runs while PyTorch does
         impl32 = port or ref_impl
         t32 = run_torch(
             head, impl32, case, torch.float32, self.module(impl32, head, case, torch.float32)
@@ -202,6 +211,7 @@ class Harness:
         t64 = run_torch(
             head, ref_impl, case, torch.float64, self.module(ref_impl, head, case, torch.float64)
         )
+        caffe = pending()
         out = CaseResult(case)
         add = out.comparisons.append
 

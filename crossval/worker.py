@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,10 +91,25 @@ class CaffeWorker:
 
     def call(self, op: str, **kwargs: Any) -> Any:
         """Run `op` in the worker and return its result."""
+        return self.submit(op, **kwargs)()
+
+    def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
+        """Send `op` to the worker and return a function that waits for its result, so the
+        caller can work meanwhile (the worker runs on the other core). One request at a time:
+        collect the result before the next submit."""
         proc = self._proc if self._proc and self._proc.poll() is None else self._start()
-        assert proc.stdin is not None and proc.stdout is not None
         try:
+            assert proc.stdin is not None
             write_frame(proc.stdin, (op, kwargs))
+        except (BrokenPipeError, OSError):
+            return lambda: self._collect(proc, op, failed=True)
+        return lambda: self._collect(proc, op)
+
+    def _collect(self, proc: subprocess.Popen[bytes], op: str, failed: bool = False) -> Any:
+        assert proc.stdout is not None
+        try:
+            if failed:
+                raise EOFError
             status, payload = read_frame(proc.stdout)
         except (EOFError, BrokenPipeError, OSError):
             rc = proc.wait()
