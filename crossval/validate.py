@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch import nn
 
+from . import examplegen
 from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
@@ -349,50 +350,36 @@ def examples() -> st.SearchStrategy[Example]:
     )
 
 
-def make_arrays(
-    info: NetInfo, ex: Example, batch: int, base: dict[str, list[np.ndarray]], generate: bool
-) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
-    """Inputs and params for `ex`: labels of SoftmaxWithLoss are valid class indices; params
-    with lr_mult 0 keep the net's own values; others are generated (fan-in scaled) unless
-    `generate` is off (weights given)."""
-    rng = np.random.default_rng(ex.seed)
+def recipe(info: NetInfo) -> dict[str, Any]:
+    """What `examplegen.generate` needs to know of the net."""
     label_of: dict[str, int] = {}
     for lay in info.losses:
         if lay.type == "SoftmaxWithLoss" and len(lay.bottoms) > 1:
             label_of[info.source(lay.bottoms[1])] = info.blobs[lay.bottoms[0]][1]
-    inputs = {}
-    for name, shape in info.inputs.items():
-        full = (batch, *shape[1:])
-        if name in label_of:
-            inputs[name] = rng.integers(0, label_of[name], size=full).astype(np.float32)
-        else:
-            inputs[name] = (rng.standard_normal(full) * ex.input_scale).astype(np.float32)
     squashed = {
         b for lay in info.layers if lay.type in ("Softmax", "Sigmoid", "TanH") for b in lay.bottoms
     }
-    saturating = {
-        lay.name
-        for lay in info.layers
-        if lay.params and any(info.source(t) in squashed or t in squashed for t in lay.tops)
+    return {
+        "inputs": [(n, tuple(s), label_of.get(n, 0)) for n, s in info.inputs.items()],
+        "params": [
+            (
+                lay.name,
+                [(tuple(p["shape"]), float(p["lr_mult"])) for p in lay.params],
+                any(info.source(t) in squashed or t in squashed for t in lay.tops),
+            )
+            for lay in info.layers
+            if lay.params
+        ],
     }
-    params: dict[str, list[np.ndarray]] = {}
-    for lay in info.layers:
-        if not lay.params:
-            continue
-        blobs = []
-        for i, p in enumerate(lay.params):
-            shape = tuple(p["shape"])
-            if not generate or p["lr_mult"] == 0:
-                blobs.append(base[lay.name][i])
-                continue
-            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-            # He scale keeps a deep ReLU net's activations near 1; the layer that feeds a
-            # squashing layer (Softmax, Sigmoid) is scaled by weight_scale to saturate it.
-            boost = ex.weight_scale if lay.name in saturating else 1.0
-            scale = boost * math.sqrt(2.0 / max(fan_in, 1))
-            blobs.append((rng.standard_normal(shape) * scale).astype(np.float32))
-        params[lay.name] = blobs
-    return inputs, params
+
+
+def make_arrays(
+    info: NetInfo, ex: Example, batch: int, base: dict[str, list[np.ndarray]], generate: bool
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
+    """Inputs and params for `ex` (see `examplegen.generate`)."""
+    return examplegen.generate(
+        recipe(info), ex.seed, ex.input_scale, ex.weight_scale, batch, base, generate
+    )
 
 
 # ---- one example ----------------------------------------------------------------------
@@ -436,10 +423,11 @@ class Validator:
         batch: int,
         generate: bool,
         surgery: str,
+        weights: str = "",
     ) -> None:
         self.worker, self.info, self.port = worker, info, port
         self.bindings, self.base, self.batch = bindings, base, batch
-        self.generate, self.surgery = generate, surgery
+        self.generate, self.surgery, self.weights = generate, surgery, weights
         self.accum = info.accumulation()
         self.has_loss = bool(info.losses)
 
@@ -454,15 +442,39 @@ class Validator:
             inputs, params = make_arrays(self.info, ex, self.batch, self.base, self.generate)
         desc = self.describe(ex)
         result = ExampleResult(ex, inputs=inputs, params=params)
-        caffe = self.worker.call(
-            "run",
-            prototxt=self.info.prototxt,
-            inputs=inputs,
-            params=params,
-            phase=self.info.phase,
-            backward=self.has_loss,
-            surgery=self.surgery,
-        )
+        if ex is not None:
+            # Caffe makes the same example itself (no 550 MB of weights through a pipe) and
+            # proves by digest that its weights are these.
+            caffe = self.worker.call(
+                "run_generated",
+                prototxt=self.info.prototxt,
+                recipe=recipe(self.info),
+                seed=ex.seed,
+                input_scale=ex.input_scale,
+                weight_scale=ex.weight_scale,
+                batch=self.batch,
+                learnable=self.generate,
+                phase=self.info.phase,
+                weights=self.weights,
+                surgery=self.surgery,
+                backward=self.has_loss,
+            )
+            if caffe["digest"] != examplegen.digest(params):
+                raise CrossvalError(
+                    "the Caffe worker generated other weights than the port "
+                    "got (different numpy?); rerun with --replay"
+                )
+        else:
+            caffe = self.worker.call(
+                "run",
+                prototxt=self.info.prototxt,
+                inputs=inputs,
+                params=params,
+                phase=self.info.phase,
+                backward=self.has_loss,
+                surgery=self.surgery,
+                return_params=False,
+            )
         tensors = dict(self.port.state_dict(keep_vars=True))
         with torch.no_grad():
             for b in self.bindings:
@@ -799,7 +811,15 @@ def validate(
         if not cmp.passed:
             report.fixed.append("FIXED: " + str(cmp))
     validator = Validator(
-        worker, info, port, bindings, base, n, weights is None or generate, surgery
+        worker,
+        info,
+        port,
+        bindings,
+        base,
+        n,
+        weights is None or generate,
+        surgery,
+        str(weights) if weights else "",
     )
     if replay is not None:
         data = np.load(replay)

@@ -173,6 +173,7 @@ class Ops:
         backward: bool = False,
         weights: str = "",
         surgery: str = "",
+        return_params: bool = True,
     ) -> dict[str, Any]:
         """Set params and inputs, forward (and backward), and return every blob and diff."""
         net = self.net(prototxt, phase, weights, surgery)
@@ -201,10 +202,9 @@ class Ops:
                     )
                 target[...] = value
         net.forward()
-        out: dict[str, Any] = {
-            "blobs": {name: b.data.copy() for name, b in net.blobs.items()},
-            "params": {name: [b.data.copy() for b in bl] for name, bl in net.params.items()},
-        }
+        out: dict[str, Any] = {"blobs": {name: b.data.copy() for name, b in net.blobs.items()}}
+        if return_params:
+            out["params"] = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
         if backward:
             # pycaffe's backward accumulates param diffs (gemm with beta 1): clear them first.
             for blobs in net.params.values():
@@ -339,6 +339,42 @@ class Ops:
             losses.append(float(net.blobs["loss"].data.reshape(-1)[0]))
             params.append(snapshot())
         return {"initial": initial, "losses": losses, "params": params, "iter": solver.iter}
+
+    def op_run_generated(
+        self,
+        prototxt: str,
+        recipe: dict[str, Any],
+        seed: int,
+        input_scale: float,
+        weight_scale: float,
+        batch: int,
+        learnable: bool,
+        phase: str = "TEST",
+        weights: str = "",
+        surgery: str = "",
+        backward: bool = False,
+    ) -> dict[str, Any]:
+        """`run` on an example generated here (crossval.examplegen) instead of shipped: the
+        reply carries the digest of every param the net ran with."""
+        from crossval import examplegen
+
+        inputs, params = examplegen.generate(
+            recipe, seed, input_scale, weight_scale, batch, None, learnable
+        )
+        out = self.op_run(
+            prototxt,
+            inputs,
+            params,
+            phase=phase,
+            backward=backward,
+            weights=weights,
+            surgery=surgery,
+            return_params=False,
+        )
+        net = self.net(prototxt, phase, weights, surgery)
+        used = {name: [b.data for b in bl] for name, bl in net.params.items()}
+        out["digest"] = examplegen.digest(used)
+        return out
 
     def op_save(
         self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"

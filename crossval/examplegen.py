@@ -1,0 +1,65 @@
+"""Inputs and weights of one validate-port example, from a few numbers (numpy only).
+
+Both sides run this: the parent for the port, the Caffe worker for Caffe, so a full-size
+net's weights (550 MB for VGG-16) are made twice instead of shipped through a pipe. Same
+numpy, same seed: bit-identical arrays (validate-port checks that the weights Caffe used are
+the port's, bit for bit, through a digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+
+def generate(
+    recipe: dict[str, Any],
+    seed: int,
+    input_scale: float,
+    weight_scale: float,
+    batch: int,
+    base: dict[str, list[np.ndarray]] | None,
+    learnable: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
+    """`recipe`: {"inputs": [(name, shape, classes or 0)], "params": [(layer, [(shape,
+    lr_mult)], saturating)]}. Labels of SoftmaxWithLoss are class indices; params with
+    lr_mult 0 (and all params unless `learnable`) come from `base` (None: left out, the
+    holder keeps its own); the others are He-scaled normals, the layer feeding a squashing
+    layer scaled by `weight_scale`."""
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, np.ndarray] = {}
+    for name, shape, classes in recipe["inputs"]:
+        full = (batch, *shape[1:])
+        if classes:
+            inputs[name] = rng.integers(0, classes, size=full).astype(np.float32)
+        else:
+            inputs[name] = (rng.standard_normal(full) * input_scale).astype(np.float32)
+    params: dict[str, list[np.ndarray]] = {}
+    for layer, blobs, saturating in recipe["params"]:
+        out = []
+        for i, (shape, lr_mult) in enumerate(blobs):
+            if not learnable or lr_mult == 0:
+                if base is None:
+                    continue
+                out.append(base[layer][i])
+                continue
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+            boost = weight_scale if saturating else 1.0
+            scale = boost * math.sqrt(2.0 / max(fan_in, 1))
+            out.append((rng.standard_normal(tuple(shape)) * scale).astype(np.float32))
+        if out:
+            params[layer] = out
+    return inputs, params
+
+
+def digest(params: dict[str, list[np.ndarray]]) -> str:
+    """SHA-256 over every param's bytes, in order: equal digests, bit-identical weights."""
+    h = hashlib.sha256()
+    for layer in sorted(params):
+        for i, a in enumerate(params[layer]):
+            h.update(f"{layer}/{i}".encode())
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
