@@ -189,6 +189,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _mutants(args: argparse.Namespace) -> int:
+    import time
+
+    from .killtable import kill_table
+    from .worker import CaffeWorker
+
+    start = time.monotonic()
+    with CaffeWorker() as worker:
+        table = kill_table(worker, max_examples=args.max_examples)
+    print(table.markdown())
+    print(f"\n({args.max_examples} examples at most per mutant; {time.monotonic() - start:.1f} s)")
+    return 0 if table.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossval",
@@ -356,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
     tr.set_defaults(func=_train)
+
+    mut = sub.add_parser(
+        "mutants",
+        help="run every mutant (realistic port bug) through the checks: the kill table",
+    )
+    mut.add_argument(
+        "--max-examples",
+        type=int,
+        default=200,
+        help="examples per mutant before it counts as surviving (200, the ci profile)",
+    )
+    mut.set_defaults(func=_mutants)
     return parser
 
 
