@@ -203,6 +203,23 @@ def _mutants(args: argparse.Namespace) -> int:
     return 0 if table.ok else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from . import provision
+    from .provision import info
+    from .report import run, table
+    from .worker import CaffeWorker
+
+    install = provision.locate(args.caffe)
+    described = info.collect(install)
+    with CaffeWorker(install) as worker:
+        ok, rows = run(
+            worker, args.profile, Path(args.out), examples=args.examples, caffe_info=described
+        )
+    print(table(rows))
+    print(f"\n{'every check passes' if ok else 'FAILURES'}; report in {args.out}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossval",
@@ -333,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay", default=None, metavar="FILE.npz", help="run only the example saved in FILE.npz"
     )
     vp.set_defaults(func=_validate_port)
+
+    rp = sub.add_parser(
+        "report", help="run the whole matrix against the Caffe in use; table, JSON, MD, plots"
+    )
+    rp.add_argument(
+        "--caffe",
+        metavar="PATH",
+        default=None,
+        help="a pycaffe of your own (default: the provisioned one)",
+    )
+    rp.add_argument(
+        "--profile",
+        choices=["dev", "ci", "thorough"],
+        default="ci",
+        help="examples per property: dev 25, ci 200, thorough 5000",
+    )
+    rp.add_argument("--examples", type=int, default=None, help="override the profile's count")
+    rp.add_argument("--out", default="crossval-report", help="directory for the files")
+    rp.set_defaults(func=_report)
 
     tr = sub.add_parser(
         "train",

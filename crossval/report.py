@@ -1,0 +1,338 @@
+"""`crossval report`: the whole matrix against one Caffe, as a table, JSON, Markdown and plots.
+
+Rows: each head x loss (forward blobs, loss, gradients, transfer, fixed blob; generated
+examples), Caffe's gradient checker on each head x loss, training parity and fixed values for
+every solver, and ONNX (onnxruntime) against Caffe for each head. A row passes when every
+comparison in it does; the command exits 0 if and only if every row passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
+from .compare import Comparison
+from .heads import COMBINATIONS, HEADS
+from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_case, cases
+from .worker import CaffeWorker
+
+PROFILES = {"dev": 25, "ci": 200, "thorough": 5000}
+
+
+@dataclass
+class Row:
+    """One line of the table: a check over some examples, its worst comparison."""
+
+    check: str
+    examples: int = 0
+    comparisons: int = 0
+    failures: int = 0
+    max_abs: float = 0.0
+    max_ulp: float = 0.0
+    max_ratio: float = 0.0
+    rule: str = ""
+    first_failure: str = ""
+    ratios: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.failures == 0 and self.examples > 0 else "FAIL"
+
+    def add(self, c: Comparison, keep_ratio: bool = False) -> None:
+        self.comparisons += 1
+        ratio = c.ratio
+        if math.isfinite(c.max_abs):
+            self.max_abs = max(self.max_abs, c.max_abs)
+        if math.isfinite(c.max_ulp):
+            self.max_ulp = max(self.max_ulp, c.max_ulp)
+        if ratio > self.max_ratio:
+            self.max_ratio = ratio
+            self.rule = c.rule
+        if keep_ratio and math.isfinite(ratio):
+            self.ratios.append(ratio)
+        if not c.passed:
+            self.failures += 1
+            if not self.first_failure:
+                self.first_failure = str(c)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("ratios")
+        d["verdict"] = self.verdict
+        return d
+
+
+class Progress:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.t0 = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.stream.write(f"[crossval report] {time.monotonic() - self.t0:6.1f}s {text}\n")
+        self.stream.flush()
+
+
+def _settings(n: int) -> Any:  # a hypothesis settings decorator
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict[str, Row]:
+    name = "+".join(combo)
+    by_kind: dict[str, Row] = {}
+
+    @_settings(examples)  # type: ignore[untyped-decorator]
+    @given(case=cases(combos=(combo,)))
+    def prop(case: Any) -> None:
+        result = harness.run_case(case)
+        seen: set[str] = set()
+        for c in result.comparisons:
+            kind = c.check.split()[0]
+            row = by_kind.setdefault(kind, Row(f"{name} {kind}"))
+            if kind not in seen:
+                row.examples += 1
+                seen.add(kind)
+            row.add(c, keep_ratio=c.check.endswith("torch~caffe"))
+
+    prop()
+    return by_kind
+
+
+def head_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
+    rows: list[Row] = []
+    for combo in COMBINATIONS:
+        by_kind = _combo_rows(harness, combo, examples)
+        for kind in ("forward", "loss", "gradient", "transfer", "fixed"):
+            if kind in by_kind:
+                rows.append(by_kind[kind])
+        say(
+            f"{'+'.join(combo)}: {examples} examples, "
+            + ", ".join(f"{r.check.split()[-1]} {r.verdict}" for r in by_kind.values())
+        )
+    return rows
+
+
+def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row:
+    row = Row("+".join(combo) + " caffe gradient checker")
+    row.rule = "Caffe GradientChecker (step 1e-2, threshold 1e-3) + float32 slack"
+    strategy = cases(
+        combos=(combo,), small=SMALL_SCALES, sigmas=MODERATE_SIGMAS, near_prediction=True
+    )
+
+    @_settings(examples)  # type: ignore[untyped-decorator]
+    @given(case=strategy, seed=st.integers(0, 2**16))
+    def prop(case: Any, seed: int) -> None:
+        row.examples += 1
+        for fd in caffe_gradient_check(harness, case, seed=seed):
+            row.comparisons += 1
+            if fd.verdict == "FAIL":
+                row.failures += 1
+                row.first_failure = row.first_failure or str(fd)
+            elif fd.verdict == "ok":
+                err = abs(fd.computed - fd.estimated)
+                scale = max(abs(fd.computed), abs(fd.estimated), 1.0)
+                allowed = CAFFE_FD_THRESHOLD * scale + fd.slack
+                row.max_abs = max(row.max_abs, err)
+                row.max_ratio = max(row.max_ratio, err / allowed)
+
+    prop()
+    return row
+
+
+def gradient_checker_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
+    rows = [_checker_row(harness, combo, examples) for combo in COMBINATIONS]
+    say(
+        f"gradient checker: {examples} examples per head+loss, "
+        + ", ".join(r.verdict for r in rows)
+    )
+    return rows
+
+
+def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
+    from reference.solvers import SOLVER_TYPES, SolverConfig
+
+    from .training import TrainCase, run_parity
+
+    rows = []
+    momentum = {"SGD": 0.9, "Nesterov": 0.9, "AdaDelta": 0.95, "Adam": 0.9}
+    for kind in SOLVER_TYPES:
+        row = Row(f"training {kind}")
+        for head in ("sigmoid_scale", "expectation"):
+            case = build_case(head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=1)
+            batches = tuple(
+                (c.x, c.target)
+                for c in (
+                    build_case(
+                        head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=100 + s
+                    )
+                    for s in range(steps)
+                )
+            )
+            cfg = SolverConfig(
+                type=kind,
+                base_lr=1.0 if kind == "AdaDelta" else 0.01,
+                lr_policy="step",
+                stepsize=max(steps // 2, 1),
+                gamma=0.5,
+                momentum=momentum.get(kind, 0.0),
+                weight_decay=0.001,
+                clip_gradients=10.0,
+            )
+            tc = TrainCase(case, batches, cfg, ((1.0, 1.0), (2.0, 0.0)))
+            with tempfile.TemporaryDirectory() as tmp:
+                got = run_parity(worker, tc, Path(tmp), snapshot=max(steps // 2, 1))
+            row.examples += 1
+            for c in got["comparisons"] + got["snapshots"]:
+                row.add(c)
+            for moved in (got["caffe_fixed"], got["torch_fixed"]):
+                if moved:
+                    row.failures += 1
+                    row.first_failure = row.first_failure or moved
+        rows.append(row)
+    say(
+        f"training: {len(rows)} solvers x 2 heads x {steps} steps, "
+        + ", ".join(f"{r.check.split()[-1]} {r.verdict}" for r in rows)
+    )
+    return rows
+
+
+def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
+    from .onnx_export import HeadSpec, Runtime, export, forward_comparisons
+
+    rows = []
+    for head, loss in (("sigmoid_scale", "euclidean"), ("expectation", "euclidean")):
+        row = Row(f"{head} onnx (onnxruntime)")
+        first = build_case(head, loss, batch=8, features=64, bins=101, seed=0)
+        spec = HeadSpec.from_case(first)
+        model = export(spec)
+        from .onnx_export import with_weights
+
+        for s in range(examples):
+            spread = (1.0, 25.0, 60.0, 120.0, 300.0)[s % 5]
+            case = build_case(
+                head, loss, batch=1 + 7 * (s % 2), features=64, bins=101, spread=spread, seed=s
+            )
+            runtime = Runtime(with_weights(model, spec, case.weights))
+            caffe = harness.run_caffe(HEADS[head], case)["blobs"]
+            runs = {"onnxruntime": runtime(case.x), "caffe": caffe}
+            for c in forward_comparisons(spec, case.x, case.weights, runs, case.describe()):
+                row.add(c)
+            row.examples += 1
+        rows.append(row)
+    say(f"onnx: {examples} examples per head, " + ", ".join(r.verdict for r in rows))
+    return rows
+
+
+def plot(rows: list[Row], out: Path) -> list[Path]:
+    """One PNG per head: the distribution of Caffe-vs-PyTorch err/bound (1 = the tolerance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for head in HEADS:
+        ratios = [r for row in rows if row.check.startswith(head) for r in row.ratios]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        positive = np.array([r for r in ratios if r > 0])
+        zeros = len(ratios) - len(positive)
+        if len(positive):
+            edges = [float(v) for v in np.logspace(-8, 1, 46)]
+            ax.hist(np.clip(positive, 1e-8, 10), bins=edges, color="#4477aa")
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="#cc3311", linestyle="--", label="tolerance (err = bound)")
+        ax.set_xlabel("largest |PyTorch - Caffe| / bound, per comparison")
+        ax.set_ylabel("comparisons")
+        ax.set_title(f"{head}: {len(ratios)} comparisons ({zeros} exactly equal, not shown)")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"{head}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| check | examples | largest abs err | largest ulp | largest err/bound | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.check} | {r.examples} | {r.max_abs:.3g} | {r.max_ulp:.3g} | "
+            f"{r.max_ratio:.3g} | {r.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    worker: CaffeWorker,
+    profile: str,
+    out: Path,
+    stream: TextIO = sys.stderr,
+    examples: int | None = None,
+    caffe_info: dict[str, Any] | None = None,
+) -> tuple[bool, list[Row]]:
+    """The whole matrix; writes report.json, report.md and one PNG per head into `out`."""
+    n = examples or PROFILES[profile]
+    say = Progress(stream)
+    harness = Harness(worker)
+    say(f"profile {profile}: {n} examples per property")
+    rows = head_rows(harness, n, say)
+    rows += gradient_checker_rows(harness, max(n // 10, 5), say)
+    rows += training_rows(worker, 6 if profile != "thorough" else 20, say)
+    rows += onnx_rows(harness, max(n // 10, 5), say)
+    ok = all(r.verdict == "pass" for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plot(rows, out)
+    data = {
+        "profile": profile,
+        "examples_per_property": n,
+        "passed": ok,
+        "caffe": caffe_info or {},
+        "rows": [r.as_dict() for r in rows],
+        "plots": [p.name for p in pngs],
+    }
+    _write(out / "report.json", json.dumps(data, indent=2, default=str))
+    failures = [f"- {r.check}: {r.first_failure}" for r in rows if r.first_failure]
+    md = [
+        f"# crossval report ({profile}, {n} examples per property)",
+        "",
+        f"Verdict: {'every check passes' if ok else 'FAILURES'}",
+        "",
+        table(rows),
+        "",
+    ]
+    if failures:
+        md += ["## First failure of each failing check", "", *failures, ""]
+    md += [f"![{p.stem}]({p.name})" for p in pngs]
+    _write(out / "report.md", "\n".join(md) + "\n")
+    say(f"wrote {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(p) for p in pngs))
+    return ok, rows
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["PROFILES", "Row", "run", "table"]

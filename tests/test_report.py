@@ -1,0 +1,87 @@
+"""`crossval report`: the whole matrix, its files, and its exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from crossval import provision
+from crossval.compare import Comparison
+from crossval.report import Row, table
+
+
+def test_report_runs_the_matrix_and_writes_its_files(
+    tmp_path: Path, caffe_install: provision.CaffeInstall
+) -> None:
+    out = tmp_path / "rep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crossval",
+            "report",
+            "--profile",
+            "dev",
+            "--examples",
+            "10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every check passes" in proc.stdout
+    assert "[crossval report]" in proc.stderr  # progress while it runs
+    data = json.loads((out / "report.json").read_text())
+    assert data["passed"] is True
+    checks = [r["check"] for r in data["rows"]]
+    for needed in (
+        "sigmoid_scale+euclidean forward",
+        "expectation+softmax_with_loss gradient",
+        "expectation+euclidean fixed",
+        "expectation+smooth_l1 caffe gradient checker",
+        "training Adam",
+        "expectation onnx (onnxruntime)",
+    ):
+        assert needed in checks, checks
+    assert all(r["verdict"] == "pass" and r["examples"] > 0 for r in data["rows"])
+    assert data["caffe"]["caffe_version"] == "1.0.0"
+    md = (out / "report.md").read_text()
+    assert "| training SGD |" in md and "![expectation](expectation.png)" in md
+    for head in ("sigmoid_scale", "expectation"):
+        png = (out / f"{head}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_a_failing_comparison_fails_its_row() -> None:
+    row = Row("demo forward")
+    row.examples = 1
+    good = Comparison(
+        "forward torch~caffe",
+        "prob",
+        np.array([0.5]),
+        np.array([0.5]),
+        np.array([1e-6]),
+        "tolerances.softmax",
+    )
+    bad = Comparison(
+        "forward torch~caffe",
+        "prob",
+        np.array([0.6]),
+        np.array([0.5]),
+        np.array([1e-6]),
+        "tolerances.softmax",
+    )
+    row.add(good)
+    assert row.verdict == "pass"
+    row.add(bad)
+    assert row.verdict == "FAIL" and row.failures == 1
+    assert row.first_failure.startswith("forward torch~caffe: prob[0]=0.6")
+    assert "| demo forward | 1 |" in table([row]) and "FAIL |" in table([row])
+    assert Row("nothing ran").verdict == "FAIL"  # a check with no examples is no pass
