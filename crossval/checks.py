@@ -25,7 +25,7 @@ from torch import nn
 from . import tolerances as tol
 from . import transfer
 from .compare import Comparison, exact
-from .heads import HEADS, LOSSES, Case, Head
+from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .worker import CaffeWorker
 
 # The heads are tiny: intra-op threads only add latency (and torch's thread pool on 2 cores
@@ -98,9 +98,7 @@ def run_torch(
     for t in blobs.values():
         if t.requires_grad:
             t.retain_grad()
-    consumed = (
-        blobs[head.ip_layer(case)] if LOSSES[case.loss].consumes == "logits" else blobs["pred_age"]
-    )
+    consumed = blobs[head.consumed(case)]
     loss = impl.loss_fn(case)(consumed, target, case)
     loss.backward()  # type: ignore[no-untyped-call]
     grads: dict[str, np.ndarray] = {"pool5": _np(x.grad)}
@@ -175,11 +173,11 @@ class Harness:
         ip = head.ip_layer(case)
         learnable = {k: torch.from_numpy(case.weights[k]) for k in head.learnable(case)}
         params = transfer.state_dict_to_caffe(learnable, {ip: self._layouts[proto][ip]})
-        label_blob = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+        label = label_blob(case)
         pending = self.worker.submit(
             "run",
             prototxt=proto,
-            inputs={"pool5": case.x, label_blob: case.target},
+            inputs={"pool5": case.x, label: case.target},
             params=params,
             backward=True,
             surgery=head.surgery,
@@ -225,10 +223,7 @@ class Harness:
         if key in t32.state:
             add(exact("fixed torch", key, t32.state[key].astype(np.float32), want, desc))
 
-        ref = dict(t64.blobs)
-        ref["pool5"] = case.x.astype(np.float64)
-        for k in head.learnable(case):
-            ref[k] = case.weights[k].astype(np.float64)
+        ref = head.reference_values(case, t64.blobs)
         fwd = head.forward_bounds(ref, case)
 
         def triple(
@@ -250,7 +245,7 @@ class Harness:
             )
 
         loss_row = LOSSES[case.loss]
-        consumed = head.ip_layer(case) if loss_row.consumes == "logits" else "pred_age"
+        consumed = head.consumed(case)
         target = case.target.astype(np.float64)
         prob = ref.get("prob")
         e_loss = loss_row.value_bound(ref[consumed], target, case, fwd[consumed], prob)
@@ -340,7 +335,7 @@ def caffe_gradient_check(
     ):
         for idx in rng.choice(size, size=min(samples, size), replace=False):
             targets.append((kind, name, int(idx)))
-    label_blob = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+    label = label_blob(case)
     kink = ("pred_age", "true_age", 1.0 / case.sigma**2) if case.loss == "smooth_l1" else None
     # Caffe's threshold assumes the step's truncation error and the objective's rounding are
     # negligible, as they are in its unit-scale layer tests. Ages scaled by 99 (or K - 1)
@@ -356,7 +351,7 @@ def caffe_gradient_check(
         "gradient_check",
         slacks=slacks,
         prototxt=proto,
-        inputs={"pool5": case.x, label_blob: case.target},
+        inputs={"pool5": case.x, label: case.target},
         params=params,
         targets=targets,
         step=CAFFE_FD_STEP,
@@ -380,7 +375,7 @@ def _objective64(case: Case) -> tuple[Callable[..., torch.Tensor], list[torch.Te
 
     def objective(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         blobs = torch.func.functional_call(module, {keys[0]: w, keys[1]: b}, (x,))
-        consumed = blobs[head.ip_layer(case)] if row.consumes == "logits" else blobs["pred_age"]
+        consumed = blobs[head.consumed(case)]
         return row.reference(consumed, target, case)
 
     args = [torch.from_numpy(case.x).double()]
@@ -423,13 +418,10 @@ def loss_bound(case: Case) -> float:
     """The float32 error bound of the case's loss value (tolerance table, float64 reference)."""
     head = HEADS[case.head]
     t64 = run_torch(head, REFERENCE, case, torch.float64)
-    ref = dict(t64.blobs)
-    ref["pool5"] = case.x.astype(np.float64)
-    for k in head.learnable(case):
-        ref[k] = case.weights[k].astype(np.float64)
+    ref = head.reference_values(case, t64.blobs)
     fwd = head.forward_bounds(ref, case)
     row = LOSSES[case.loss]
-    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
+    consumed = head.consumed(case)
     return row.value_bound(
         ref[consumed], case.target.astype(np.float64), case, fwd[consumed], ref.get("prob")
     )

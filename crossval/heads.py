@@ -138,6 +138,16 @@ LOSSES: dict[str, Loss] = {
 }
 
 
+def consumed_blob(case: Case, ip_layer: str) -> str:
+    """The blob the case's loss reads: the logits (`ip_layer`) or `pred_age`."""
+    return ip_layer if LOSSES[case.loss].consumes == "logits" else "pred_age"
+
+
+def label_blob(case: Case) -> str:
+    """The input blob holding the case's targets: `label` (classes) or `true_age`."""
+    return "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+
+
 # ---- heads --------------------------------------------------------------------------------
 
 
@@ -166,6 +176,21 @@ class Head:
 
     def blobs(self, case: Case) -> tuple[str, ...]:
         return (self.ip_layer(case), *self.chain[1:])
+
+    def consumed(self, case: Case) -> str:
+        return consumed_blob(case, self.ip_layer(case))
+
+    def reference_values(
+        self, case: Case, blobs: dict[str, Any], weights: dict[str, Any] | None = None
+    ) -> dict[str, F64]:
+        """What the bound functions read: the float64 reference's blobs, the features and the
+        learnable weights (the case's, or `weights`), by name."""
+        ref: dict[str, F64] = {k: np.asarray(v, dtype=np.float64) for k, v in blobs.items()}
+        ref["pool5"] = case.x.astype(np.float64)
+        source = case.weights if weights is None else weights
+        for k in self.learnable(case):
+            ref[k] = np.asarray(source[k], dtype=np.float64)
+        return ref
 
     chain: tuple[str, ...] = ()
 
@@ -278,7 +303,7 @@ class Expectation(Head):
         e_loss_grad: F64,
     ) -> dict[str, F64]:
         ip = self.ip_layer(case)
-        if LOSSES[case.loss].consumes == "logits":
+        if self.consumed(case) == ip:
             e_gz = e_loss_grad
         else:
             k = self.fixed_value(case).astype(np.float64)

@@ -14,7 +14,6 @@ modules imported (the CLI, a test module) can move a detection by a few examples
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -28,9 +27,8 @@ from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis.errors import NoSuchExample
 from hypothesis.strategies import SearchStrategy
 
-from reference.solvers import CaffeSolver, Param
+from reference.solvers import CaffeSolver
 
-from . import transfer
 from .checks import REFERENCE, Harness
 from .compare import Comparison
 from .heads import HEADS
@@ -38,8 +36,6 @@ from .mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
 from .strategies import SOLVER_TYPES, cases, train_cases
 from .training import (
     TrainCase,
-    Trajectory,
-    _loss,
     caffe_trajectory,
     compare_trajectories,
     fixed_moved,
@@ -175,32 +171,6 @@ def _kill(
 # ---- training ---------------------------------------------------------------------------
 
 
-def solver_trajectory(tc: TrainCase, solver: type[CaffeSolver]) -> Trajectory:
-    """The reference head trained in float32 by `solver` (a port's update rule)."""
-    case, head = tc.case, HEADS[tc.case.head]
-    module = REFERENCE.build(head, case, torch.float32)
-    keys = head.learnable(case)
-    named = dict(module.named_parameters())
-    mults = dict(zip(keys, tc.ip_mults, strict=True))
-    params = {n: Param(t, *mults.get(n, (1.0, 1.0))) for n, t in named.items()}
-    opt = solver(tc.solver, params)
-    fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
-    traj = Trajectory()
-    for x, target in tc.batches:
-        for p in named.values():
-            p.grad = None
-        step_case = dataclasses.replace(case, x=x, target=target)
-        loss, _ = _loss(head, REFERENCE, step_case, module, x, target, torch.float32)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step(
-            {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named.items()}
-        )
-        traj.losses.append(float(loss.detach()))
-        traj.params.append({k: named[k].detach().numpy().copy() for k in keys})
-        traj.fixed.append(module.state_dict()[fixed_key].detach().numpy().copy())
-    return traj
-
-
 def training_failures(
     worker: CaffeWorker,
     tc: TrainCase,
@@ -212,11 +182,7 @@ def training_failures(
     with tempfile.TemporaryDirectory(prefix="crossval-kill-") as d:
         wf = write_workflow(worker, tc, Path(d))
         caffe = caffe_trajectory(worker, tc, wf)
-    t32 = (
-        torch_trajectory(tc, torch.float32, port)
-        if port is not None
-        else solver_trajectory(tc, solver)
-    )
+    t32 = torch_trajectory(tc, torch.float32, port or REFERENCE, solver_type=solver)
     t64 = torch_trajectory(tc, torch.float64, REFERENCE, bounds=True)
     out: list[Comparison | str] = []
     head = HEADS[tc.case.head]
@@ -323,4 +289,4 @@ def kill_table(
     return KillTable(rows, equivalent, ran, false_alarms)
 
 
-__all__ = ["Kill", "KillTable", "kill_table", "solver_trajectory", "training_failures"]
+__all__ = ["Kill", "KillTable", "kill_table", "training_failures"]

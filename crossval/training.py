@@ -31,7 +31,7 @@ from . import tolerances as tol
 from . import transfer
 from .checks import REFERENCE, Impl
 from .compare import Comparison, exact
-from .heads import HEADS, LOSSES, Case, Head
+from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .worker import CaffeWorker
 
 F32 = NDArray[np.float32]
@@ -161,7 +161,7 @@ def write_workflow(
 
 def caffe_trajectory(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> Trajectory:
     head, case = HEADS[tc.case.head], tc.case
-    label = "label" if LOSSES[case.loss].consumes == "logits" else "true_age"
+    label = label_blob(case)
     batches = [{"pool5": x, label: t} for x, t in tc.batches]
     got = worker.call(
         "train",
@@ -185,17 +185,22 @@ def _loss(
     head: Head, impl: Impl, case: Case, module: nn.Module, x: F32, target: F32, dtype: torch.dtype
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     blobs = module(torch.from_numpy(x).to(dtype))
-    consumed = (
-        blobs[head.ip_layer(case)] if LOSSES[case.loss].consumes == "logits" else blobs["pred_age"]
-    )
+    for b in blobs.values():
+        if b.requires_grad:
+            b.retain_grad()  # the bounds' backward chain reads the blobs' gradients
+    consumed = blobs[head.consumed(case)]
     return impl.loss_fn(case)(consumed, torch.from_numpy(target).to(dtype), case), blobs
 
 
 def torch_trajectory(
-    tc: TrainCase, dtype: torch.dtype, impl: Impl = REFERENCE, bounds: bool = False
+    tc: TrainCase,
+    dtype: torch.dtype,
+    impl: Impl = REFERENCE,
+    bounds: bool = False,
+    solver_type: type[CaffeSolver] = CaffeSolver,
 ) -> Trajectory:
-    """Train `impl` with CaffeSolver; with `bounds`, carry the float32 error bounds along
-    (meaningful for the float64 reference trajectory)."""
+    """Train `impl` with `solver_type` (Caffe's rules, or a port's); with `bounds`, carry the
+    float32 error bounds along (meaningful for the float64 reference trajectory)."""
     case, head = tc.case, HEADS[tc.case.head]
     module = impl.build(head, case, dtype)
     keys = head.learnable(case)
@@ -204,7 +209,7 @@ def torch_trajectory(
     # Every parameter the port exposes is trained, as a port's optimizer would; a constant
     # that is a buffer is invisible to it.
     params = {name: Param(t, *mults.get(name, (1.0, 1.0))) for name, t in named.items()}
-    solver = CaffeSolver(tc.solver, params)
+    solver = solver_type(tc.solver, params)
     fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
     traj = Trajectory()
     e_w = {k: np.zeros(case.weights[k].shape) for k in keys}
@@ -218,15 +223,16 @@ def torch_trajectory(
         loss.backward()  # type: ignore[no-untyped-call]
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named.items()}
         if bounds:
+            # At the params this step's gradient was taken at, before the update.
             hist = {k: solver.history[k].detach().numpy().copy() for k in keys}
             hist2 = {k: solver.history2[k].detach().numpy().copy() for k in keys}
             w_before = {k: named[k].detach().numpy().copy() for k in keys}
+            e_loss, e_g = _step_gradient_bounds(head, step_case, module, blobs, grads, e_w)
         rate = solver.step(grads)
         traj.losses.append(float(loss.detach()))
         traj.params.append({k: named[k].detach().numpy().copy() for k in keys})
         traj.fixed.append(module.state_dict()[fixed_key].detach().numpy().copy())
         if bounds:
-            e_loss, e_g = _step_gradient_bounds(head, step_case, module, blobs, grads, e_w)
             traj.loss_bounds.append(e_loss)
             e_w, e_h, e_h2 = _carry(
                 tc,
@@ -260,22 +266,14 @@ def _step_gradient_bounds(
     gradient)."""
     keys = head.learnable(case)
     named = dict(module.named_parameters())
-    ref = {k: v.detach().numpy() for k, v in blobs.items()}
-    ref["pool5"] = case.x.astype(np.float64)
-    for k in keys:
-        ref[k] = named[k].detach().numpy().astype(np.float64)
-    # Gradients of the blobs for the backward chain.
-    x = torch.from_numpy(case.x).double().requires_grad_(True)
-    out = module(x)
-    for v in out.values():
-        v.retain_grad()
+    ref = head.reference_values(
+        case,
+        {k: v.detach().numpy() for k, v in blobs.items()},
+        {k: named[k].detach().numpy() for k in keys},
+    )
+    g = {k: v.grad.numpy() for k, v in blobs.items() if v.grad is not None}
     row = LOSSES[case.loss]
-    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
-    loss = row.reference(out[consumed], torch.from_numpy(case.target).double(), case)
-    loss.backward()  # type: ignore[no-untyped-call]
-    g = {k: v.grad.numpy() for k, v in out.items() if v.grad is not None}
-    for p in named.values():
-        p.grad = None
+    consumed = head.consumed(case)
     fwd = head.forward_bounds(ref, case)
     target = case.target.astype(np.float64)
     e_loss = row.value_bound(ref[consumed], target, case, fwd[consumed], ref.get("prob"))
@@ -293,7 +291,7 @@ def _hessian_vector(head: Head, case: Case, module: nn.Module, v: dict[str, F64]
     keys = head.learnable(case)
     named = dict(module.named_parameters())
     row = LOSSES[case.loss]
-    consumed = head.ip_layer(case) if row.consumes == "logits" else "pred_age"
+    consumed = head.consumed(case)
     x = torch.from_numpy(case.x).double()
     target = torch.from_numpy(case.target).double()
 
