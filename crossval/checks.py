@@ -50,9 +50,6 @@ class CaseResult:
         fails = self.failures
         return fails[0] if fails else None
 
-    def by_check(self, check: str) -> list[Comparison]:
-        return [c for c in self.comparisons if c.check.startswith(check)]
-
 
 ModuleFactory = Callable[[Case, torch.dtype], nn.Module]
 LossFn = Callable[[torch.Tensor, torch.Tensor, Case], torch.Tensor]
