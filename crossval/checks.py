@@ -164,8 +164,11 @@ class Harness:
         blob keeps what Caffe itself put there (Scale filler, or the surgery)."""
         return self.submit_caffe(head, case)()
 
-    def submit_caffe(self, head: Head, case: Case) -> Callable[[], dict[str, Any]]:
-        """`run_caffe` started in the worker; call the result to wait for it."""
+    def submit_caffe(
+        self, head: Head, case: Case, all_diffs: bool = False
+    ) -> Callable[[], dict[str, Any]]:
+        """`run_caffe` started in the worker; call the result to wait for it. With
+        `all_diffs`, the diff of every blob comes back (not just the inputs')."""
         proto = self.prototxt(head, case)
         ip = head.ip_layer(case)
         learnable = {k: torch.from_numpy(case.weights[k]) for k in head.learnable(case)}
@@ -178,6 +181,7 @@ class Harness:
             params=params,
             backward=True,
             surgery=head.surgery,
+            all_diffs=all_diffs,
         )
 
         def wait() -> dict[str, Any]:
@@ -238,7 +242,7 @@ class Harness:
                 t32.blobs[blob],
                 ref[blob],
                 fwd[blob],
-                "tolerances." + _rule_of(head, blob, case),
+                "tolerances." + rule_of(head, blob, case),
             )
 
         loss_row = LOSSES[case.loss]
@@ -263,7 +267,8 @@ class Harness:
         ip = head.ip_layer(case)
         for i, k in enumerate(head.learnable(case)):
             caffe_grads[k] = caffe["param_diffs"][ip][i]
-        for name, bound in bwd.items():
+        for name in head.gradient_keys(case):
+            bound = bwd[name]
             triple(
                 "gradient",
                 f"d loss/d {name}",
@@ -276,7 +281,7 @@ class Harness:
         return out
 
 
-def _rule_of(head: Head, blob: str, case: Case) -> str:
+def rule_of(head: Head, blob: str, case: Case) -> str:
     if blob == head.ip_layer(case):
         return "inner_product"
     if blob == "pred01":

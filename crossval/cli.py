@@ -14,9 +14,10 @@ from .errors import CrossvalError
 def _caffe_ensure(args: argparse.Namespace) -> int:
     from . import provision
 
-    install = provision.ensure(args.caffe, quiet=args.quiet, jobs=args.jobs)
+    install = provision.ensure(args.caffe, quiet=args.quiet, jobs=args.jobs, variant=args.variant)
     where = "cached" if install.cached else install.origin
-    print(f"pycaffe ({where}): {install.python_path}")
+    what = f", variant {install.variant}" if install.variant not in ("", "default") else ""
+    print(f"pycaffe ({where}{what}): {install.python_path}")
     return 0
 
 
@@ -24,7 +25,7 @@ def _caffe_info(args: argparse.Namespace) -> int:
     from . import provision
     from .provision import info
 
-    install = provision.locate(args.caffe)
+    install = provision.locate(args.caffe, variant=args.variant)
     data = info.collect(install)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -220,6 +221,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _check_build(args: argparse.Namespace) -> int:
+    from . import buildcheck, golden
+
+    return buildcheck.run(
+        args.caffe,
+        profile=args.profile,
+        examples=args.examples,
+        json_out=Path(args.json) if args.json else None,
+        out=Path(args.out) if args.out else None,
+        golden_dir=Path(args.golden) if args.golden else golden.GOLDEN_DIR,
+    )
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from . import golden
+
+    written = golden.write(Path(args.out), force=args.force)
+    print(f"wrote {len(written)} golden files to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossval",
@@ -239,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
             "package) instead of the provisioned one; also CROSSVAL_CAFFE",
         )
 
+    def add_variant_option(p: argparse.ArgumentParser) -> None:
+        from .provision.variants import VARIANTS
+
+        p.add_argument(
+            "--variant",
+            default="default",
+            choices=list(VARIANTS),
+            help="which build of the pinned source: "
+            + "; ".join(f"{v.name}: {v.purpose}" for v in VARIANTS.values()),
+        )
+
     ensure = caffe_sub.add_parser(
         "ensure", help="build (once, cached) and check pycaffe for this interpreter"
     )
@@ -253,10 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="parallel compile jobs (default: number of CPUs)",
     )
+    add_variant_option(ensure)
     ensure.set_defaults(func=_caffe_ensure)
 
     info = caffe_sub.add_parser("info", help="describe the Caffe in use")
     add_caffe_option(info)
+    add_variant_option(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_caffe_info)
 
@@ -369,6 +404,41 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--examples", type=int, default=None, help="override the profile's count")
     rp.add_argument("--out", default="crossval-report", help="directory for the files")
     rp.set_defaults(func=_report)
+
+    cb = sub.add_parser(
+        "check-build",
+        help="regression-check Caffe builds: golden vectors, the report matrix, side by side",
+    )
+    cb.add_argument(
+        "--caffe",
+        metavar="PATH",
+        action="append",
+        required=True,
+        help="a pycaffe to check (the directory holding the `caffe` package); give it again "
+        "for each further build, to compare them side by side",
+    )
+    cb.add_argument(
+        "--profile",
+        choices=["dev", "ci", "thorough"],
+        default="ci",
+        help="generated examples per property: dev 25, ci 200, thorough 5000",
+    )
+    cb.add_argument("--examples", type=int, default=None, help="override the profile's count")
+    cb.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
+    cb.add_argument(
+        "--out", default=None, metavar="DIR", help="keep each build's report files in DIR/build-N"
+    )
+    cb.add_argument(
+        "--golden", default=None, metavar="DIR", help="golden vectors (default: the package's)"
+    )
+    cb.set_defaults(func=_check_build)
+
+    gd = sub.add_parser(
+        "golden", help="write the golden vectors from the float64 reference (never edit them)"
+    )
+    gd.add_argument("--out", required=True, metavar="DIR")
+    gd.add_argument("--force", action="store_true", help="replace golden files already there")
+    gd.set_defaults(func=_golden)
 
     tr = sub.add_parser(
         "train",

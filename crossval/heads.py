@@ -205,8 +205,13 @@ class Head:
         fwd: dict[str, F64],
         e_loss_grad: F64,
     ) -> dict[str, F64]:
-        """Bounds on d loss / d (pool5, learnable params), keyed like `grads`."""
+        """Bounds on d loss / d (pool5, learnable params, and each blob the backward pass
+        goes through, by blob name), keyed like `grads`."""
         raise NotImplementedError
+
+    def gradient_keys(self, case: Case) -> tuple[str, ...]:
+        """The gradients every check compares: d loss / d pool5 and each learnable param."""
+        return ("pool5", *self.learnable(case))
 
     def learnable(self, case: Case) -> tuple[str, str]:
         attr = reference.param_name(self.ip_layer(case))
@@ -259,7 +264,14 @@ class SigmoidScale(Head):
         e_x, e_w, e_b = tol.inner_product_grads(
             ref["pool5"], ref["fc1.weight"], grads["fc1"], e_gfc1
         )
-        return {"pool5": e_x, "fc1.weight": e_w, "fc1.bias": e_b}
+        return {
+            "pool5": e_x,
+            "fc1.weight": e_w,
+            "fc1.bias": e_b,
+            "pred_age": e_loss_grad,
+            "pred01": e_g01,
+            "fc1": e_gfc1,
+        }
 
 
 @dataclass(frozen=True)
@@ -303,14 +315,16 @@ class Expectation(Head):
         e_loss_grad: F64,
     ) -> dict[str, F64]:
         ip = self.ip_layer(case)
+        blob_bounds: dict[str, F64] = {}
         if self.consumed(case) == ip:
             e_gz = e_loss_grad
         else:
             k = self.fixed_value(case).astype(np.float64)
             e_gp = tol.dot_fixed_grad(grads["pred_age"], k, e_loss_grad)
             e_gz = tol.softmax_grad(grads["prob"], ref["prob"], e_gp, fwd["prob"])
+            blob_bounds = {"pred_age": e_loss_grad, "prob": e_gp}
         e_x, e_w, e_b = tol.inner_product_grads(ref["pool5"], ref[f"{ip}.weight"], grads[ip], e_gz)
-        return {"pool5": e_x, f"{ip}.weight": e_w, f"{ip}.bias": e_b}
+        return {"pool5": e_x, f"{ip}.weight": e_w, f"{ip}.bias": e_b, **blob_bounds, ip: e_gz}
 
 
 HEADS: dict[str, Head] = {

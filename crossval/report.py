@@ -80,12 +80,13 @@ class Row:
 
 
 class Progress:
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, name: str = "crossval report") -> None:
         self.stream = stream
+        self.name = name
         self.t0 = time.monotonic()
 
     def __call__(self, text: str) -> None:
-        self.stream.write(f"[crossval report] {time.monotonic() - self.t0:6.1f}s {text}\n")
+        self.stream.write(f"[{self.name}] {time.monotonic() - self.t0:6.1f}s {text}\n")
         self.stream.flush()
 
 

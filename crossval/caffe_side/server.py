@@ -145,6 +145,16 @@ class Ops:
             "force_backward": bool(spec.force_backward),
         }
 
+    def op_layer_types(self, prototxt: str) -> list[str]:
+        """The `type` of each layer in `prototxt`, parsed only (no net is made, so a type the
+        build lacks cannot abort here)."""
+        from caffe.proto import caffe_pb2
+        from google.protobuf import text_format
+
+        spec = caffe_pb2.NetParameter()
+        text_format.Merge(prototxt, spec)
+        return [str(lp.type) for lp in spec.layer]
+
     def op_ping(self) -> dict[str, Any]:
         return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
 
@@ -174,8 +184,10 @@ class Ops:
         weights: str = "",
         surgery: str = "",
         return_params: bool = True,
+        all_diffs: bool = False,
     ) -> dict[str, Any]:
-        """Set params and inputs, forward (and backward), and return every blob and diff."""
+        """Set params and inputs, forward (and backward), and return every blob, the inputs'
+        diffs (every blob's with `all_diffs`) and the param diffs."""
         net = self.net(prototxt, phase, weights, surgery)
         reshaped = False
         for name, value in inputs.items():
@@ -211,7 +223,8 @@ class Ops:
                 for b in blobs:
                     b.diff[...] = 0
             net.backward()
-            out["diffs"] = {name: net.blobs[name].diff.copy() for name in inputs}
+            wanted = net.blobs if all_diffs else inputs
+            out["diffs"] = {name: net.blobs[name].diff.copy() for name in wanted}
             out["param_diffs"] = {
                 name: [b.diff.copy() for b in bl] for name, bl in net.params.items()
             }

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CaffeNotAvailable, ProvisionError
-from . import build, cache, pins, source
+from . import build, cache, pins, source, variants
 from .progress import Progress
 
 ENV_CAFFE = "CROSSVAL_CAFFE"
@@ -32,6 +32,7 @@ class CaffeInstall:
     python_path: Path
     origin: str  # "cache" or "external"
     key: str = ""
+    variant: str = ""  # the build variant of a cached entry
     manifest: dict[str, Any] = field(default_factory=dict)
     cached: bool = False  # served from the cache without building
 
@@ -98,28 +99,38 @@ def _use_external(path: Path) -> CaffeInstall:
     return CaffeInstall(python_path=path, origin="external")
 
 
-def _cached(layout: cache.Layout, key: str) -> CaffeInstall | None:
+def _cached(layout: cache.Layout, key: str, variant: str) -> CaffeInstall | None:
     entry = layout.entry(key)
     try:
         manifest = cache.read_entry(entry, key)
     except cache.InvalidEntry:
         return None
-    return CaffeInstall(python_path=entry, origin="cache", key=key, manifest=manifest, cached=True)
+    return CaffeInstall(
+        python_path=entry,
+        origin="cache",
+        key=key,
+        variant=variant,
+        manifest=manifest,
+        cached=True,
+    )
 
 
-def locate(caffe: str | os.PathLike[str] | None = None) -> CaffeInstall:
+def locate(
+    caffe: str | os.PathLike[str] | None = None, variant: str = variants.DEFAULT
+) -> CaffeInstall:
     """The pycaffe to use, without building anything; CaffeNotAvailable if there is none."""
     ext = external_path(caffe)
     if ext is not None:
         return _use_external(ext)
     interp = build.current_interpreter()
-    key = cache.cache_key(build.key_inputs(interp))
-    found = _cached(cache.Layout(cache.cache_root()), key)
+    key = cache.cache_key(build.key_inputs(interp, variants.get(variant)))
+    found = _cached(cache.Layout(cache.cache_root()), key, variant)
     if found is None:
+        how = "" if variant == variants.DEFAULT else f" --variant {variant}"
         raise CaffeNotAvailable(
-            f"no Caffe is provisioned for {interp.executable} (numpy {interp.numpy_version}); "
-            "run `crossval caffe ensure`, or select a build with --caffe PATH / "
-            f"{ENV_CAFFE}=PATH"
+            f"no Caffe{how and ' (' + variant + ')'} is provisioned for {interp.executable} "
+            f"(numpy {interp.numpy_version}); run `crossval caffe ensure{how}`, or select a "
+            f"build with --caffe PATH / {ENV_CAFFE}=PATH"
         )
     return found
 
@@ -130,8 +141,13 @@ def ensure(
     progress: Progress | None = None,
     jobs: int | None = None,
     install_runtime: bool = True,
+    variant: str = variants.DEFAULT,
 ) -> CaffeInstall:
-    """Return a working pycaffe, building and caching it for this interpreter if needed."""
+    """Return a working pycaffe, building and caching it for this interpreter if needed.
+
+    `variant` names a build of the same source from ``variants.VARIANTS``.
+    """
+    chosen = variants.get(variant)
     progress = progress or Progress(quiet=quiet)
     if install_runtime:
         install_runtime_depends(progress)
@@ -140,19 +156,24 @@ def ensure(
         progress.stage("check", f"external pycaffe at {ext}")
         return _use_external(ext)
     interp = build.current_interpreter()
-    key = cache.cache_key(build.key_inputs(interp))
+    key = cache.cache_key(build.key_inputs(interp, chosen))
     layout = cache.Layout(cache.cache_root())
-    found = _cached(layout, key)
+    found = _cached(layout, key, variant)
     if found is None:
         with cache.locked(layout.lock(key), progress):
-            found = _cached(layout, key)  # another process may have built it meanwhile
+            found = _cached(layout, key, variant)  # another process may have built it meanwhile
             if found is None:
-                found = _build(layout, key, interp, progress, jobs)
+                found = _build(layout, key, interp, progress, jobs, chosen)
     return found
 
 
 def _build(
-    layout: cache.Layout, key: str, interp: build.Interpreter, progress: Progress, jobs: int | None
+    layout: cache.Layout,
+    key: str,
+    interp: build.Interpreter,
+    progress: Progress,
+    jobs: int | None,
+    variant: variants.Variant,
 ) -> CaffeInstall:
     entry = layout.entry(key)
     reason = "not built yet"
@@ -161,27 +182,32 @@ def _build(
             cache.read_entry(entry, key)
         except cache.InvalidEntry as exc:
             reason = f"cache entry rejected: {exc}"
-    progress.stage("provision", f"building pycaffe for {interp.executable} (key {key}; {reason})")
+    progress.stage(
+        "provision",
+        f"building pycaffe ({variant.name}) for {interp.executable} (key {key}; {reason})",
+    )
     cache.remove_leftovers(entry.parent, key)
-    build.install_build_depends(progress)
+    build.install_build_depends(progress, variant.build_depends)
     downloads = source.fetch(layout.downloads, layout.apt, progress)
     source.verify(downloads)
     work = layout.build(key)
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()  # CMake must see the same paths every time, or it rebuilds all
-    src = source.unpack(downloads, work / "src", progress)
-    build.configure(src, work / "build", interp, progress, key)
+    src = source.unpack(downloads, work / "src", progress, variant.edits)
+    build.configure(src, work / "build", interp, progress, key, variant)
     build.compile_caffe(work / "build", progress, jobs)
     progress.stage("assemble", f"{entry}")
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{key}.partial-"))
     try:
-        facts = build.assemble(src, work / "build", staging)
+        facts = build.assemble(src, work / "build", staging, variant.bundled_paths())
         progress.stage("check", "importing the new pycaffe in a child process")
         info = probe(staging)
         meta = {
             "key": key,
-            "key_inputs": build.key_inputs(interp),
+            "key_inputs": build.key_inputs(interp, variant),
+            "variant": variant.name,
+            "variant_purpose": variant.purpose,
             "source_package": f"{pins.SOURCE_PACKAGE} {pins.SOURCE_VERSION}",
             "upstream_revision": pins.UPSTREAM_REVISION,
             "interpreter": interp.as_dict(),
@@ -194,7 +220,9 @@ def _build(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress.finish(f"built and cached pycaffe at {entry}")
-    return CaffeInstall(python_path=entry, origin="cache", key=key, manifest=manifest)
+    return CaffeInstall(
+        python_path=entry, origin="cache", key=key, variant=variant.name, manifest=manifest
+    )
 
 
 def install_runtime_depends(progress: Progress) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import NeedsRoot, ProvisionError
 from . import pins
 from .progress import Progress
+from .variants import DEFAULT, VARIANTS, Variant
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ def current_interpreter() -> Interpreter:
     )
 
 
-def key_inputs(interp: Interpreter) -> dict[str, Any]:
+def key_inputs(interp: Interpreter, variant: Variant = VARIANTS[DEFAULT]) -> dict[str, Any]:
     """Everything that decides the bytes of a build: the cache key is the hash of this."""
-    return {
+    inputs = {
         "source": pins.SOURCE_FILES,
         "compat": [list(p) for p in pins.COMPAT_PATCHES],
         "python_abi": interp.soabi,
@@ -79,12 +80,16 @@ def key_inputs(interp: Interpreter) -> dict[str, Any]:
         "cmake_flags": list(pins.CMAKE_FLAGS),
         "recipe": pins.RECIPE_VERSION,
     }
+    if variant.name != DEFAULT:  # the default's key predates variants and stays as it was
+        inputs["variant"] = variant.key_inputs()
+    return inputs
 
 
 # ---- build dependencies -------------------------------------------------------------------
 
 
 def missing_build_depends(packages: tuple[str, ...] = pins.BUILD_DEPENDS) -> list[str]:
+    """The Debian packages among `packages` that are not installed."""
     if shutil.which("dpkg-query") is None:
         raise ProvisionError("dpkg-query not found: building Caffe needs a Debian system")
     proc = subprocess.run(
@@ -104,8 +109,9 @@ def apt_install_command(packages: list[str]) -> str:
     return "apt-get update && apt-get install -y --no-install-recommends " + " ".join(packages)
 
 
-def install_build_depends(progress: Progress) -> None:
-    missing = missing_build_depends()
+def install_build_depends(progress: Progress, extra: tuple[str, ...] = ()) -> None:
+    packages = pins.BUILD_DEPENDS + extra
+    missing = missing_build_depends(packages)
     if not missing:
         return
     if os.geteuid() != 0:
@@ -126,7 +132,7 @@ def install_build_depends(progress: Progress) -> None:
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise ProvisionError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{tail}")
-    still = missing_build_depends()
+    still = missing_build_depends(packages)
     if still:
         raise ProvisionError("apt-get finished but these are still missing: " + " ".join(still))
 
@@ -134,12 +140,14 @@ def install_build_depends(progress: Progress) -> None:
 # ---- CMake and make -----------------------------------------------------------------------
 
 
-def cmake_command(src: Path, interp: Interpreter) -> list[str]:
+def cmake_command(
+    src: Path, interp: Interpreter, variant: Variant = VARIANTS[DEFAULT]
+) -> list[str]:
     ver = ".".join(interp.version.split(".")[:2])
     return [
         "cmake",
         str(src),
-        *pins.CMAKE_FLAGS,
+        *variant.cmake_flags(pins.CMAKE_FLAGS),
         f"-Dpython_version={ver}",
         f"-DPYTHON_EXECUTABLE={interp.executable}",
         f"-DPYTHON_INCLUDE_DIR={interp.include_dir}",
@@ -173,7 +181,14 @@ def _run_logged(
         raise ProvisionError(f"{what} failed (exit {rc}); full log: {log}\n" + "\n".join(errors))
 
 
-def configure(src: Path, build: Path, interp: Interpreter, progress: Progress, key: str) -> None:
+def configure(
+    src: Path,
+    build: Path,
+    interp: Interpreter,
+    progress: Progress,
+    key: str,
+    variant: Variant = VARIANTS[DEFAULT],
+) -> None:
     """Run CMake unless this build tree is already configured for cache key `key`.
 
     Interpreters with the same key (same ABI, same numpy major) build interchangeable
@@ -183,10 +198,10 @@ def configure(src: Path, build: Path, interp: Interpreter, progress: Progress, k
     stamp = build / "crossval-configured"
     if (build / "CMakeCache.txt").is_file() and stamp.is_file() and stamp.read_text() == key:
         return
-    progress.stage("configure", "cmake, CPU only, OpenBLAS, Python layer on")
+    progress.stage("configure", f"cmake, variant {variant.name}: {variant.purpose}")
     build.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    _run_logged(cmake_command(src, interp), build, build / "cmake.log", "cmake")
+    _run_logged(cmake_command(src, interp, variant), build, build / "cmake.log", "cmake")
     stamp.write_text(key)
 
 
@@ -213,8 +228,13 @@ def _cmake_cache(build: Path) -> dict[str, str]:
     return out
 
 
-def assemble(src: Path, build: Path, staging: Path) -> dict[str, Any]:
+def assemble(
+    src: Path, build: Path, staging: Path, bundle: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Copy pycaffe into `staging`/caffe with libcaffe beside _caffe.so (RUNPATH $ORIGIN).
+
+    Libraries in `bundle` are copied there too, under their file names, so the dynamic
+    loader takes them before the system's.
 
     Returns build facts for the manifest.
     """
@@ -243,6 +263,10 @@ def assemble(src: Path, build: Path, staging: Path) -> dict[str, Any]:
     shutil.copy2(pycaffe.resolve(), pkg / "_caffe.so")
     for path in libcaffe:
         shutil.copy2(path, pkg / path.name)
+    for lib_path in bundle:
+        if not os.path.isfile(lib_path):
+            raise ProvisionError(f"library to bundle not found: {lib_path}")
+        shutil.copy2(os.path.realpath(lib_path), pkg / os.path.basename(lib_path))
     # The build tree's RUNPATH names the build directory; the entry must not depend on it.
     for path in [pkg / "_caffe.so", *(pkg / p.name for p in libcaffe)]:
         proc = subprocess.run(
@@ -269,6 +293,7 @@ def assemble(src: Path, build: Path, staging: Path) -> dict[str, Any]:
                 "OpenBLAS_LIB",
             )
         },
+        "bundled": [os.path.basename(p) for p in bundle],
         "compiler": compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "libprotobuf": debian_package_version("libprotobuf-dev"),
         "libopenblas": debian_package_version("libopenblas-dev"),

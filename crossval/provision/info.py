@@ -64,6 +64,7 @@ def collect(install: CaffeInstall) -> dict[str, Any]:
         m = install.manifest
         info.update(
             cache_key=install.key,
+            variant=m.get("variant", "default"),
             source_package=m.get("source_package", ""),
             source_revision=m.get("upstream_revision", ""),
             compiler=m.get("build", {}).get("compiler", ""),

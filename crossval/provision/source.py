@@ -190,9 +190,15 @@ def fetch(
     return downloads
 
 
-def unpack(downloads: Path, dest: Path, progress: Progress) -> Path:
+def unpack(
+    downloads: Path,
+    dest: Path,
+    progress: Progress,
+    edits: tuple[tuple[str, str, str], ...] = (),
+) -> Path:
     """Unpack with Debian's patch series (dpkg-source -x) plus our compat patches.
 
+    `edits` are a build variant's source changes, applied after those.
     Unpacks beside `dest` and renames into place, so `dest` is either complete or absent.
     Returns the source tree.
     """
@@ -217,6 +223,7 @@ def unpack(downloads: Path, dest: Path, progress: Progress) -> Path:
             "dpkg-source -x",
         )
         apply_compat_patches(tmp / pins.UNPACKED_DIR)
+        apply_edits(tmp / pins.UNPACKED_DIR, edits)
         (tmp / ".complete").write_text(pins.SOURCE_VERSION + "\n")
         os.replace(tmp, dest)
     except BaseException:
@@ -226,13 +233,20 @@ def unpack(downloads: Path, dest: Path, progress: Progress) -> Path:
 
 
 def apply_compat_patches(tree: Path) -> None:
-    for rel, old, new in pins.COMPAT_PATCHES:
+    apply_edits(tree, pins.COMPAT_PATCHES, "compat patch")
+
+
+def apply_edits(tree: Path, edits: tuple[tuple[str, str, str], ...], what: str = "edit") -> None:
+    """Replace each exact `old` text by `new`; the old text must occur exactly once."""
+    for rel, old, new in edits:
         path = tree / rel
         text = path.read_text()
-        if old in text:
+        if text.count(old) == 1:
             path.write_text(text.replace(old, new))
         elif new not in text:
-            raise ProvisionError(f"compat patch does not apply to {rel}: expected line not found")
+            raise ProvisionError(
+                f"{what} does not apply to {rel}: expected text found {text.count(old)} times"
+            )
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
