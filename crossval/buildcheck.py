@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +309,7 @@ def check_build(
     refs: list[golden.Reference],
     examples: int,
     profile: str,
-    out: Path,
+    out: Path | None,
     say: Progress,
 ) -> BuildResult:
     result = BuildResult(label, path)
@@ -346,7 +345,13 @@ def check_build(
             from . import report
 
             _, result.rows = report.run(
-                worker, profile, out, stream=say.stream, examples=examples, caffe_info=result.info
+                worker,
+                profile,
+                out or Path("."),
+                stream=say.stream,
+                examples=examples,
+                caffe_info=result.info,
+                files=out is not None,
             )
             stage = "localizing the matrix's failures"
             for combo in COMBINATIONS:
@@ -486,12 +491,11 @@ def run(
     n = examples or PROFILES[profile]
     say = Progress(stream, "crossval check-build")
     results = []
-    with tempfile.TemporaryDirectory(prefix="crossval-check-build-") as tmp:
-        base = out if out is not None else Path(tmp)
-        for i, path in enumerate(paths, 1):
-            label = f"[{i}]"
-            say(f"{label} {path}")
-            results.append(check_build(label, path, refs, n, profile, base / f"build-{i}", say))
+    for i, path in enumerate(paths, 1):
+        label = f"[{i}]"
+        say(f"{label} {path}")
+        where = out / f"build-{i}" if out is not None else None
+        results.append(check_build(label, path, refs, n, profile, where, say))
     pairs = compare_builds(results)
     lines = [
         f"crossval check-build: {len(paths)} build(s), {len(refs)} golden cases, {n} "

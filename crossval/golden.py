@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ def load_file(path: Path) -> Reference:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CrossvalError(f"{path} is not a crossval golden file: {exc}") from None
     if meta.get("format") != FORMAT:
         raise CrossvalError(f"{path}: golden format {meta.get('format')}, expected {FORMAT}")

@@ -101,7 +101,8 @@ TABLE: dict[str, Rule] = {
         Rule(
             "euclidean_loss_grad",
             "g = (a - b) / N",
-            "(e_a + u |d|) / N + u |g|",
+            "(e_a + u |d|) / N + 2 u |g|: Caffe scales by alpha = 1 / N, itself rounded to "
+            "float32 (1/60 is not exact), then rounds the product",
         ),
         Rule(
             "smooth_l1_loss_grad",
@@ -112,7 +113,8 @@ TABLE: dict[str, Rule] = {
         Rule(
             "softmax_with_loss_grad",
             "g = (p - onehot(y)) / normalizer (Caffe ignores the clamp)",
-            "(e_p + u |p - onehot|) / normalizer + u |g|",
+            "(e_p + u |p - onehot|) / normalizer + 2 u |g|: Caffe scales by "
+            "loss_weight / normalizer, rounded to float32, then rounds the product",
         ),
         Rule("scale_grad", "g_x = s g_y", "|s| e_gy + u |g_x|"),
         Rule(
@@ -263,7 +265,7 @@ def euclidean_loss_grad(a: F64, b: F64, e_a: F64 | float) -> F64:
     """Bound for g = (a - b) / N: see TABLE['euclidean_loss_grad']."""
     d = a - b.reshape(a.shape)
     n = a.shape[0]
-    out: F64 = (e_a + U32 * np.abs(d)) / n + U32 * np.abs(d) / n + ETA32
+    out: F64 = (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(d) / n + ETA32
     return out
 
 
@@ -284,7 +286,9 @@ def softmax_with_loss_grad(
     rows = np.arange(p.shape[0])
     onehot[rows, np.where(valid, labels, 0)] = 1.0
     g = np.abs(p - onehot) / normalizer
-    out: F64 = ((e_p + U32 * np.abs(p - onehot)) / normalizer + U32 * g + ETA32) * valid[:, None]
+    out: F64 = ((e_p + U32 * np.abs(p - onehot)) / normalizer + 2 * U32 * g + ETA32) * valid[
+        :, None
+    ]
     return out
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,11 +83,18 @@ def probe(python_path: Path, timeout: float = 120.0) -> dict[str, Any]:
         ) from None
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        how = (
-            f"killed by signal {-proc.returncode}"
-            if proc.returncode < 0
-            else f"exit {proc.returncode}"
-        )
+        if lines and lines[-1].startswith("loading ") and proc.returncode < 0:
+            lines[-1] = "crashed while " + lines[-1]
+        else:
+            lines = [ln for ln in lines if not ln.startswith("loading ")]
+            if not lines:
+                lines = ["no output: it died while importing caffe"]
+        how = f"exit {proc.returncode}"
+        if proc.returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-proc.returncode}"
         raise CaffeNotAvailable(
             f"pycaffe at {python_path} does not work ({how}):\n  " + "\n  ".join(lines[-6:])
         )

@@ -293,12 +293,24 @@ def assemble(
                 "OpenBLAS_LIB",
             )
         },
-        "bundled": [os.path.basename(p) for p in bundle],
+        "bundled": {os.path.basename(p): _debian_package_of(p) for p in bundle},
         "compiler": compiler_version(cache.get("CMAKE_CXX_COMPILER", "c++")),
         "libprotobuf": debian_package_version("libprotobuf-dev"),
         "libopenblas": debian_package_version("libopenblas-dev"),
         "boost": debian_package_version("libboost-python-dev"),
     }
+
+
+def _debian_package_of(path: str) -> str:
+    """'<package> <version>' of the Debian package that installed `path` (or its target)."""
+    if shutil.which("dpkg-query") is None:
+        return ""
+    for candidate in (path, os.path.realpath(path)):
+        proc = subprocess.run(["dpkg-query", "-S", candidate], capture_output=True, text=True)
+        if proc.returncode == 0:
+            pkg = proc.stdout.split(":")[0].strip()
+            return f"{pkg} {debian_package_version(pkg)}".strip()
+    return ""
 
 
 def compiler_version(compiler: str) -> str:

@@ -65,6 +65,7 @@ def collect(install: CaffeInstall) -> dict[str, Any]:
         info.update(
             cache_key=install.key,
             variant=m.get("variant", "default"),
+            bundled=m.get("build", {}).get("bundled", {}),
             source_package=m.get("source_package", ""),
             source_revision=m.get("upstream_revision", ""),
             compiler=m.get("build", {}).get("compiler", ""),
@@ -100,6 +101,7 @@ def format_text(info: dict[str, Any]) -> str:
         "source_package",
         "source_revision",
         "cache_key",
+        "variant",
         "python",
         "python_executable",
         "numpy",
@@ -108,6 +110,7 @@ def format_text(info: dict[str, Any]) -> str:
         "libprotobuf",
         "blas",
         "blas_library",
+        "bundled",
         "compiler",
         "layer_types",
         "build_flags",

@@ -47,8 +47,21 @@ def _openblas_config(path: str) -> str:
         return ""
 
 
+def _load_libraries(directory: str) -> None:
+    """dlopen the package's own shared libraries one by one, saying which on stderr first, so
+    a crash while loading one (SIGBUS on a truncated file) leaves its name behind."""
+    pkg = os.path.join(directory, "caffe")
+    names = sorted(n for n in os.listdir(pkg) if n.startswith("lib") and ".so" in n)
+    for name in [*names, "_caffe.so"]:
+        path = os.path.join(pkg, name)
+        if os.path.isfile(path):
+            print(f"loading {path}", file=sys.stderr, flush=True)
+            ctypes.CDLL(path)
+
+
 def main(directory: str) -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
+    _load_libraries(directory)
     sys.path.insert(0, directory)
     import caffe  # after the sys.path change above
     import numpy

@@ -75,6 +75,23 @@ VARIANTS: dict[str, Variant] = {
             bundle=(_NETLIB,),
         ),
         Variant(
+            "no-python-layer",
+            "without Caffe's Python layer (BUILD_python_layer=OFF, as some packaged builds are): "
+            "the SmoothL1 loss cannot run on it",
+            cmake=(("BUILD_python_layer", "OFF"),),
+            # Upstream links Boost.Python into libcaffe only for the Python layer, and never
+            # into _caffe.so: without this edit the module fails to import (undefined
+            # boost::python symbols).
+            edits=(
+                (
+                    "python/CMakeLists.txt",
+                    "target_link_libraries(pycaffe PUBLIC ${Caffe_LINK} ${PYTHON_LIBRARIES})",
+                    "target_link_libraries(pycaffe PUBLIC ${Caffe_LINK} ${PYTHON_LIBRARIES} "
+                    "${Boost_LIBRARIES})",
+                ),
+            ),
+        ),
+        Variant(
             "softmax-backward-regression",
             "DELIBERATELY WRONG, for testing check-build: Softmax's backward leaves the last "
             "class out of dot(top_diff, top_data)",

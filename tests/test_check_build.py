@@ -1,0 +1,171 @@
+"""`crossval check-build` against real builds of the pinned source: the default, the reference
+BLAS, one with a deliberate regression in Softmax's backward, one without the Python layer,
+and a build that does not import. The variants are built once and cached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+from crossval import golden, provision
+from crossval.buildcheck import BuildChecker, Layer, Value, localize
+from crossval.heads import Case
+from crossval.provision.progress import Progress
+from crossval.strategies import cases
+from crossval.worker import CaffeWorker
+
+
+def _variant(name: str) -> provision.CaffeInstall:
+    """Build (first time only; several minutes) and return a variant of the pinned Caffe."""
+    return provision.ensure(variant=name, progress=Progress(quiet=True), install_runtime=False)
+
+
+@pytest.fixture(scope="module")
+def regression_build() -> provision.CaffeInstall:
+    return _variant("softmax-backward-regression")
+
+
+@pytest.fixture(scope="module")
+def reference_blas_build() -> provision.CaffeInstall:
+    return _variant("reference-blas")
+
+
+def check_build(*paths: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, dict]:
+    args = [sys.executable, "-m", "crossval", "check-build"]
+    for p in paths:
+        args += ["--caffe", str(p)]
+    json_out = out / "check.json"
+    args += ["--profile", "dev", "--examples", "8", "--json", str(json_out), *extra]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    data = json.loads(json_out.read_text()) if json_out.exists() else {}
+    return proc.returncode, proc.stdout + proc.stderr, data
+
+
+@pytest.mark.slow
+def test_builds_side_by_side_and_the_regression_named(
+    tmp_path: Path,
+    caffe_install: provision.CaffeInstall,
+    reference_blas_build: provision.CaffeInstall,
+    regression_build: provision.CaffeInstall,
+) -> None:
+    builds = (caffe_install, reference_blas_build, regression_build)
+    rc, text, data = check_build(*(b.python_path for b in builds), out=tmp_path)
+    assert rc == 1, text
+    default, netlib, broken = data["builds"]
+    assert default["status"] == "clean", text
+    assert netlib["status"] == "clean", text
+    # The reference build really runs the Netlib BLAS bundled in its entry, not OpenBLAS.
+    assert "openblas" in default["caffe"]["blas_library"]
+    assert netlib["caffe"]["blas_library"].startswith(str(reference_blas_build.python_path))
+    assert "libblas.so" in netlib["caffe"]["blas_library"]
+
+    assert broken["status"] == "regression"
+    assert list(broken["regressed_layers"]) == ["backward of layer prob (Softmax)"], text
+    assert "REGRESSED: backward of layer prob (Softmax)" in text
+    # Its forward passes; the gradient rows and Caffe's own gradient checker fail.
+    failing = set(broken["failing_checks"])
+    assert "expectation+euclidean gradient" in failing
+    assert "expectation+euclidean caffe gradient checker" in failing
+    assert not any(c.endswith(" forward") or c.startswith("sigmoid_scale") for c in failing)
+    assert broken["golden"]["failing_cases"], broken["golden"]
+
+    pairs = {(p["a"], p["b"]): p for p in data["pairs"]}
+    assert pairs[("[1]", "[2]")]["differing_layers"] == {}
+    assert pairs[("[1]", "[3]")]["differing_layers"].keys() == {"backward of layer prob (Softmax)"}
+    assert pairs[("[1]", "[3]")]["bit_identical"] < pairs[("[1]", "[3]")]["values"]
+    assert "[1] vs [3]" in text and "DIFFER at backward of layer prob (Softmax)" in text
+
+
+@pytest.mark.slow
+def test_a_build_without_the_python_layer_is_unusable(tmp_path: Path) -> None:
+    build = _variant("no-python-layer")
+    rc, text, data = check_build(build.python_path, out=tmp_path)
+    assert rc == 2, text
+    assert data["builds"][0]["reason"] == "layer types missing: Python", text
+
+
+def test_a_build_that_does_not_import_is_unusable(
+    tmp_path: Path, caffe_install: provision.CaffeInstall
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(caffe_install.python_path / "caffe", broken / "caffe")
+    so = broken / "caffe" / "_caffe.so"
+    so.write_bytes(so.read_bytes()[:4096])  # a truncated copy, as a failed install leaves
+    rc, text, data = check_build(broken, caffe_install.python_path, out=tmp_path)
+    assert rc == 2, text
+    first, second = data["builds"]
+    assert first["status"] == "unusable" and first["reason"].startswith("import fails"), text
+    assert "_caffe.so" in first["reason"]
+    assert second["status"] == "clean"  # the other build is still checked
+    assert data["pairs"] == []
+
+
+def test_check_build_needs_a_caffe_argument() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "crossval", "check-build"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "--caffe" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def checker(caffe_install: provision.CaffeInstall) -> BuildChecker:
+    return BuildChecker(CaffeWorker(caffe_install))
+
+
+@given(case=cases())
+def test_blob_by_blob_check_passes_on_the_default_build(checker: BuildChecker, case: Case) -> None:
+    """No false alarms: every blob, the loss, and every diff (intermediate blobs' included)
+    of the provisioned build within its bound, on the whole generated space."""
+    got = checker.check(golden.live(case))
+    assert not got.culprit, got.evidence or got.culprit
+
+
+def test_the_golden_vectors_pass_on_the_default_build(checker: BuildChecker) -> None:
+    for ref in golden.load():
+        got = checker.check(ref)
+        assert not got.failures, f"{ref.name}: {got.failures[0]}"
+
+
+# ---- localization, on the heads' own layer structure ---------------------------------------
+
+LAYERS = [
+    Layer("input", "Input", (), ("pool5", "true_age"), ()),
+    Layer("fc100", "InnerProduct", ("pool5",), ("fc100",), ("fc100.weight", "fc100.bias")),
+    Layer("prob", "Softmax", ("fc100",), ("prob",), ()),
+    Layer("pred_age", "Convolution", ("prob",), ("pred_age",), ("pred_age.weight",)),
+    Layer("loss", "EuclideanLoss", ("pred_age", "true_age"), ("loss",), ()),
+]
+
+
+def _bad(kind: str, key: str) -> Value:
+    z = np.zeros(1)
+    return Value(kind, key, z, z, z, "")
+
+
+def test_localize_blames_the_first_wrong_forward_then_the_first_wrong_backward() -> None:
+    assert localize(LAYERS, []) == ("", set())
+    # A wrong prob makes pred_age, the loss and every diff wrong: prob's forward is to blame.
+    every = [_bad("forward", b) for b in ("prob", "pred_age", "loss")]
+    every += [_bad("backward", k) for k in ("fc100", "pool5", "fc100.weight")]
+    assert localize(LAYERS, every)[0] == "forward of layer prob (Softmax)"
+    # Right forward; fc100's diff wrong while prob's is right: Softmax's backward.
+    grads = [_bad("backward", k) for k in ("fc100", "pool5", "fc100.weight", "fc100.bias")]
+    assert localize(LAYERS, grads) == ("backward of layer prob (Softmax)", {"fc100"})
+    # Only the weight gradient wrong: InnerProduct's backward (its param diff).
+    assert localize(LAYERS, [_bad("backward", "fc100.weight")])[0] == (
+        "backward of layer fc100 (InnerProduct)"
+    )
+    # The loss's own gradient wrong: the loss layer.
+    assert localize(LAYERS, [_bad("backward", "pred_age"), *grads])[0] == (
+        "backward of layer loss (EuclideanLoss)"
+    )
+    assert localize(LAYERS, [_bad("fixed", "pred_age.weight")])[0] == (
+        "fixed param of layer pred_age (Convolution)"
+    )
