@@ -79,6 +79,26 @@ def examples_per_second(
     return count / (time.perf_counter() - t0)
 
 
+def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> float:
+    """Examples/s of a property whose body does nothing: hypothesis's own cost per example."""
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(value=strategy)
+    def prop(value: object) -> None:
+        pass
+
+    prop()  # warm up (strategy compilation)
+    t0 = time.perf_counter()
+    prop()
+    return examples / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=300)
@@ -106,6 +126,15 @@ def main() -> None:
                 f"| {'+'.join(combo)} | {rate:.0f} | {per * 1e3:.2f} | {caffe * 1e6:.0f} us "
                 f"| {pt * 1e6:.0f} us | {per / (caffe + pt):.1f} |"
             )
+        combo = ("expectation", "euclidean")
+        strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
+        floors = [
+            ("st.integers()", hypothesis_floor(st.integers(), 1000)),
+            ("the heads' case strategy", hypothesis_floor(strategy, 1000)),
+        ]
+        print("\nhypothesis alone (a property with an empty body, 1000 examples):")
+        for name, rate in floors:
+            print(f"- {name}: {rate:.0f} examples/s ({1e3 / rate:.2f} ms/example)")
 
 
 if __name__ == "__main__":
