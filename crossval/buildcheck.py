@@ -331,8 +331,8 @@ def check_build(
                 result.reason = "layer types missing: " + ", ".join(sorted(missing))
                 return result
             checker = BuildChecker(worker)
-            stage = "the golden vectors"
             for ref in refs:
+                stage = f"golden case {ref.name}"
                 got = checker.check(ref)
                 result.golden.append(got)
                 result.layers[ref.name] = checker.layers(HEADS[ref.case.head], ref.case)

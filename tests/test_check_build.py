@@ -4,6 +4,7 @@ and a build that does not import. The variants are built once and cached."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -105,6 +106,25 @@ def test_a_build_that_does_not_import_is_unusable(
     assert "_caffe.so" in first["reason"]
     assert second["status"] == "clean"  # the other build is still checked
     assert data["pairs"] == []
+
+
+def test_a_caffe_abort_is_reported_with_its_log_line(
+    tmp_path: Path, caffe_install: provision.CaffeInstall
+) -> None:
+    """A case Caffe aborts on (targets of another width than pred_age: EuclideanLoss's CHECK)
+    makes the build unusable, with Caffe's own message; the command itself survives."""
+    ref = golden.load_file(golden.GOLDEN_DIR / "sigmoid-euclidean.npz")
+    wide = np.repeat(ref.case.target, 2, axis=1)
+    ref.case = dataclasses.replace(ref.case, target=wide)
+    bad = tmp_path / "golden"
+    bad.mkdir()
+    np.savez(bad / "sigmoid-euclidean.npz", **golden.encode(ref))
+    extra = ("--golden", str(bad))
+    rc, text, data = check_build(caffe_install.python_path, out=tmp_path, extra=extra)
+    assert rc == 2, text
+    reason = data["builds"][0]["reason"]
+    assert reason.startswith("Caffe aborted during golden case sigmoid-euclidean"), reason
+    assert "Check failed: bottom[0]->count(1) == bottom[1]->count(1)" in reason
 
 
 def test_check_build_needs_a_caffe_argument() -> None:
