@@ -13,11 +13,12 @@ import argparse
 import time
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from crossval.checks import Harness
 from crossval.heads import COMBINATIONS, HEADS, LOSSES
+from crossval.report import fixed_settings
 from crossval.strategies import build_case, cases
 from crossval.transfer import state_dict_to_caffe
 from crossval.worker import CaffeWorker
@@ -61,13 +62,7 @@ def examples_per_second(
     strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
     count = 0
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=strategy)
     def prop(case: object) -> None:
         nonlocal count
@@ -82,13 +77,7 @@ def examples_per_second(
 def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> float:
     """Examples/s of a property whose body does nothing: hypothesis's own cost per example."""
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(value=strategy)
     def prop(value: object) -> None:
         pass

@@ -32,11 +32,11 @@ import numpy as np
 
 from . import golden, provision
 from . import tolerances as tol
-from .checks import Harness, rule_of
+from .checks import Harness
 from .compare import Comparison, exact
 from .errors import CaffeNotAvailable, CrossvalError
-from .heads import COMBINATIONS, HEADS, LOSSES, Case, Head
-from .report import PROFILES, Progress, Row, _settings
+from .heads import COMBINATIONS, HEADS, Case, Head
+from .report import PROFILES, Progress, Row, fixed_settings
 from .transfer import state_dict_key
 from .worker import CaffeCrash, CaffeError, CaffeWorker
 
@@ -175,8 +175,7 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
             "bit-exact (net surgery / filler)",
         )
     ]
-    refv = head.reference_values(case, ref.blobs)
-    fwd = head.forward_bounds(refv, case)
+    b = head.bounds(case, ref.blobs, ref.grads)
     for blob in head.blobs(case):
         values.append(
             Value(
@@ -184,44 +183,30 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
                 blob,
                 caffe["blobs"][blob],
                 ref.blobs[blob],
-                fwd[blob],
-                "tolerances." + rule_of(head, blob, case),
+                b.forward[blob],
+                b.forward_rules[blob],
             )
         )
-    row = LOSSES[case.loss]
-    consumed = head.consumed(case)
-    target = case.target.astype(np.float64)
-    prob = refv.get("prob")
-    e_loss = row.value_bound(refv[consumed], target, case, fwd[consumed], prob)
-    e_lg = row.grad_bound(refv[consumed], target, case, fwd[consumed], prob)
-    loss_rule = "softmax_with_loss" if case.loss == "softmax_with_loss" else case.loss + "_loss"
+    loss = np.array(caffe["blobs"]["loss"]).reshape(())
     values.append(
         Value(
             "forward",
             "loss",
-            np.array(caffe["blobs"]["loss"]).reshape(()),
+            loss,
             np.array(ref.loss),
-            np.array(e_loss),
-            "tolerances." + loss_rule,
+            np.array(b.loss),
+            "tolerances." + b.loss_rule,
         )
     )
     learnable = head.learnable(case)
     ip = head.ip_layer(case)
-    for key, bound in head.backward_bounds(refv, ref.grads, case, fwd, e_lg).items():
+    for key, bound in b.backward.items():
         if key in learnable:
             actual = caffe["param_diffs"][ip][learnable.index(key)]
         else:
             actual = caffe["diffs"][key]
-        values.append(
-            Value(
-                "backward",
-                key,
-                actual,
-                ref.grads[key],
-                bound,
-                f"tolerances.{loss_rule}_grad -> backward chain",
-            )
-        )
+        rule = f"tolerances.{b.loss_rule}_grad -> backward chain"
+        values.append(Value("backward", key, actual, ref.grads[key], bound, rule))
     return values
 
 
@@ -378,7 +363,7 @@ def _localize_generated(
 
     found: list[CaseCheck] = []
 
-    @_settings(examples)  # type: ignore[untyped-decorator]
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=cases(combos=(combo,)))
     def prop(case: Case) -> None:
         got = checker.check(golden.live(case))

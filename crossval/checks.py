@@ -224,8 +224,7 @@ class Harness:
         if key in t32.state:
             add(exact("fixed torch", key, t32.state[key].astype(np.float32), want, desc))
 
-        ref = head.reference_values(case, t64.blobs)
-        fwd = head.forward_bounds(ref, case)
+        b = head.bounds(case, t64.blobs, t64.grads)
 
         def triple(
             kind: str, name: str, c_val: Any, t_val: Any, r_val: Any, bound: Any, rule: str
@@ -240,55 +239,34 @@ class Harness:
                 blob,
                 caffe["blobs"][blob],
                 t32.blobs[blob],
-                ref[blob],
-                fwd[blob],
-                "tolerances." + rule_of(head, blob, case),
+                b.ref[blob],
+                b.forward[blob],
+                b.forward_rules[blob],
             )
-
-        loss_row = LOSSES[case.loss]
-        consumed = head.consumed(case)
-        target = case.target.astype(np.float64)
-        prob = ref.get("prob")
-        e_loss = loss_row.value_bound(ref[consumed], target, case, fwd[consumed], prob)
-        rule = "softmax_with_loss" if case.loss == "softmax_with_loss" else case.loss + "_loss"
         triple(
             "loss",
             "loss",
             np.array(caffe["blobs"]["loss"]).reshape(()),
             np.array(t32.loss),
             np.array(t64.loss),
-            np.array(e_loss),
-            "tolerances." + rule,
+            np.array(b.loss),
+            "tolerances." + b.loss_rule,
         )
-
-        e_lg = loss_row.grad_bound(ref[consumed], target, case, fwd[consumed], prob)
-        bwd = head.backward_bounds(ref, t64.grads, case, fwd, e_lg)
         caffe_grads = {"pool5": caffe["diffs"]["pool5"]}
         ip = head.ip_layer(case)
         for i, k in enumerate(head.learnable(case)):
             caffe_grads[k] = caffe["param_diffs"][ip][i]
         for name in head.gradient_keys(case):
-            bound = bwd[name]
             triple(
                 "gradient",
                 f"d loss/d {name}",
                 caffe_grads[name],
                 t32.grads[name],
                 t64.grads[name],
-                bound,
-                f"tolerances.{rule}_grad -> backward chain",
+                b.backward[name],
+                f"tolerances.{b.loss_rule}_grad -> backward chain",
             )
         return out
-
-
-def rule_of(head: Head, blob: str, case: Case) -> str:
-    if blob == head.ip_layer(case):
-        return "inner_product"
-    if blob == "pred01":
-        return "sigmoid"
-    if blob == "prob":
-        return "softmax"
-    return "scale" if head.name == "sigmoid_scale" else "dot_fixed"
 
 
 # ---- finite differences ---------------------------------------------------------------------

@@ -152,6 +152,19 @@ def label_blob(case: Case) -> str:
 
 
 @dataclass(frozen=True)
+class CaseBounds:
+    """Every bound for one case, from the float64 reference's values (see `Head.bounds`)."""
+
+    ref: dict[str, F64]  # what the bound functions read: blobs, pool5, learnable weights
+    forward: dict[str, F64]  # by blob
+    loss: float
+    loss_grad: F64  # on d loss / d (the consumed blob)
+    backward: dict[str, F64]  # by gradient key: pool5, params, and blobs on the way
+    forward_rules: dict[str, str]  # the tolerance table's rule, by blob
+    loss_rule: str
+
+
+@dataclass(frozen=True)
 class Head:
     """A head row. Subclasses fill in the parts that differ between the two heads."""
 
@@ -209,6 +222,38 @@ class Head:
         goes through, by blob name), keyed like `grads`."""
         raise NotImplementedError
 
+    def forward_rule(self, blob: str, case: Case) -> str:
+        """The tolerance table's rule for forward blob `blob`."""
+        raise NotImplementedError
+
+    def bounds(
+        self,
+        case: Case,
+        blobs: dict[str, Any],
+        grads: dict[str, Any],
+        weights: dict[str, Any] | None = None,
+    ) -> CaseBounds:
+        """All bounds for `case` from the float64 reference's `blobs` and `grads` (at the
+        case's weights, or `weights`)."""
+        ref = self.reference_values(case, blobs, weights)
+        fwd = self.forward_bounds(ref, case)
+        row = LOSSES[case.loss]
+        consumed = self.consumed(case)
+        target = case.target.astype(np.float64)
+        prob = ref.get("prob")
+        e_loss = row.value_bound(ref[consumed], target, case, fwd[consumed], prob)
+        e_lg = row.grad_bound(ref[consumed], target, case, fwd[consumed], prob)
+        g64 = {k: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
+        return CaseBounds(
+            ref,
+            fwd,
+            e_loss,
+            e_lg,
+            self.backward_bounds(ref, g64, case, fwd, e_lg),
+            {blob: "tolerances." + self.forward_rule(blob, case) for blob in self.blobs(case)},
+            "softmax_with_loss" if case.loss == "softmax_with_loss" else case.loss + "_loss",
+        )
+
     def gradient_keys(self, case: Case) -> tuple[str, ...]:
         """The gradients every check compares: d loss / d pool5 and each learnable param."""
         return ("pool5", *self.learnable(case))
@@ -231,6 +276,9 @@ class SigmoidScale(Head):
 
     def ip_layer(self, case: Case) -> str:
         return "fc1"
+
+    def forward_rule(self, blob: str, case: Case) -> str:
+        return {"fc1": "inner_product", "pred01": "sigmoid", "pred_age": "scale"}[blob]
 
     def reference(self, case: Case, dtype: torch.dtype = torch.float32) -> nn.Module:
         return self.load(reference.SigmoidScaleHead(case.features, case.scale), case, dtype)
@@ -280,6 +328,16 @@ class Expectation(Head):
 
     def ip_layer(self, case: Case) -> str:
         return f"fc{case.bins}"
+
+    def forward_rule(self, blob: str, case: Case) -> str:
+        return (
+            "inner_product"
+            if blob == self.ip_layer(case)
+            else {
+                "prob": "softmax",
+                "pred_age": "dot_fixed",
+            }[blob]
+        )
 
     def reference(self, case: Case, dtype: torch.dtype = torch.float32) -> nn.Module:
         return self.load(reference.ExpectationHead(case.features, case.bins), case, dtype)

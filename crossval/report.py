@@ -90,7 +90,8 @@ class Progress:
         self.stream.flush()
 
 
-def _settings(n: int) -> Any:  # a hypothesis settings decorator
+def fixed_settings(n: int) -> Any:
+    """Hypothesis settings for `n` derandomized examples, no deadline, no database."""
     return settings(
         max_examples=n,
         deadline=None,
@@ -104,7 +105,7 @@ def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict
     name = "+".join(combo)
     by_kind: dict[str, Row] = {}
 
-    @_settings(examples)  # type: ignore[untyped-decorator]
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=cases(combos=(combo,)))
     def prop(case: Any) -> None:
         result = harness.run_case(case)
@@ -142,7 +143,7 @@ def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row
         combos=(combo,), small=SMALL_SCALES, sigmas=MODERATE_SIGMAS, near_prediction=True
     )
 
-    @_settings(examples)  # type: ignore[untyped-decorator]
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=strategy, seed=st.integers(0, 2**16))
     def prop(case: Any, seed: int) -> None:
         row.examples += 1

@@ -266,19 +266,13 @@ def _step_gradient_bounds(
     gradient)."""
     keys = head.learnable(case)
     named = dict(module.named_parameters())
-    ref = head.reference_values(
+    b = head.bounds(
         case,
         {k: v.detach().numpy() for k, v in blobs.items()},
+        {k: v.grad.numpy() for k, v in blobs.items() if v.grad is not None},
         {k: named[k].detach().numpy() for k in keys},
     )
-    g = {k: v.grad.numpy() for k, v in blobs.items() if v.grad is not None}
-    row = LOSSES[case.loss]
-    consumed = head.consumed(case)
-    fwd = head.forward_bounds(ref, case)
-    target = case.target.astype(np.float64)
-    e_loss = row.value_bound(ref[consumed], target, case, fwd[consumed], ref.get("prob"))
-    e_lg = row.grad_bound(ref[consumed], target, case, fwd[consumed], ref.get("prob"))
-    e_g = head.backward_bounds(ref, g, case, fwd, e_lg)
+    e_loss, e_g = b.loss, b.backward
     # Feedback of earlier steps' error through the params: d grad = H e_w, d loss = g e_w.
     e_loss += sum(float((np.abs(grads[k].numpy()) * e_w[k]).sum()) for k in keys)
     if any(e.any() for e in e_w.values()):
