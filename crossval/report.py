@@ -55,10 +55,10 @@ class Row:
         ratio = c.ratio
         if math.isfinite(c.max_abs):
             self.max_abs = max(self.max_abs, c.max_abs)
-        # ulps at the blob's scale (the spacing of its largest |value|): per-element ulps
-        # near an exact 0 count denormal steps and say nothing.
-        finite = c.desired[np.isfinite(c.desired)]
-        scale = float(np.abs(finite).max(initial=0.0))
+        # ulps at the blob's scale (the spacing of its largest |value|, either side's):
+        # per-element ulps near an exact 0 count denormal steps and say nothing.
+        both = np.concatenate([np.ravel(c.desired), np.ravel(c.actual)])
+        scale = float(np.abs(both[np.isfinite(both)]).max(initial=0.0))
         if scale > 0 and math.isfinite(c.max_abs):
             ulps = c.max_abs / float(np.spacing(np.float32(scale)))
             self.max_ulp = max(self.max_ulp, ulps)
