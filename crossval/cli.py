@@ -222,10 +222,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_build(args: argparse.Namespace) -> int:
-    from . import buildcheck, golden
+    from . import buildcheck, golden, provision
 
+    paths = [str(provision.locate(variant=v).python_path) for v in args.variant or ()]
+    paths += args.caffe or []
+    if not paths:
+        raise CrossvalError("check-build needs at least one --caffe PATH or --variant NAME")
     return buildcheck.run(
-        args.caffe,
+        paths,
         profile=args.profile,
         examples=args.examples,
         json_out=Path(args.json) if args.json else None,
@@ -405,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="crossval-report", help="directory for the files")
     rp.set_defaults(func=_report)
 
+    from .provision.variants import VARIANTS
+
     cb = sub.add_parser(
         "check-build",
         help="regression-check Caffe builds: golden vectors, the report matrix, side by side",
@@ -413,9 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--caffe",
         metavar="PATH",
         action="append",
-        required=True,
         help="a pycaffe to check (the directory holding the `caffe` package); give it again "
         "for each further build, to compare them side by side",
+    )
+    cb.add_argument(
+        "--variant",
+        metavar="NAME",
+        action="append",
+        choices=list(VARIANTS),
+        help="a cached build variant (crossval caffe ensure --variant NAME) to check; "
+        "these come first, then the --caffe builds",
     )
     cb.add_argument(
         "--profile",

@@ -87,8 +87,9 @@ def test_builds_side_by_side_and_the_regression_named(
 @pytest.mark.slow
 def test_a_build_without_the_python_layer_is_unusable(tmp_path: Path) -> None:
     build = _variant("no-python-layer")
-    rc, text, data = check_build(build.python_path, out=tmp_path)
+    rc, text, data = check_build(out=tmp_path, extra=("--variant", "no-python-layer"))
     assert rc == 2, text
+    assert data["builds"][0]["path"] == str(build.python_path)
     assert data["builds"][0]["reason"] == "layer types missing: Python", text
 
 
@@ -127,11 +128,11 @@ def test_a_caffe_abort_is_reported_with_its_log_line(
     assert "Check failed: bottom[0]->count(1) == bottom[1]->count(1)" in reason
 
 
-def test_check_build_needs_a_caffe_argument() -> None:
+def test_check_build_needs_a_build() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "crossval", "check-build"], capture_output=True, text=True
     )
-    assert proc.returncode == 2 and "--caffe" in proc.stderr
+    assert proc.returncode == 2 and "--caffe PATH or --variant NAME" in proc.stderr
 
 
 @pytest.fixture(scope="module")
