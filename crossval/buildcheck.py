@@ -519,6 +519,7 @@ def run(
             "builds": [r.as_dict() for r in results],
             "pairs": [p.as_dict() for p in pairs],
         }
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         tmp_json = json_out.with_name(json_out.name + ".partial")
         tmp_json.write_text(json.dumps(data, indent=2, default=str))
         tmp_json.replace(json_out)
