@@ -158,8 +158,7 @@ class BuildChecker:
         head = HEADS[case.head]
         caffe = self.harness.submit_caffe(head, case, all_diffs=True)()
         values = outputs(head, case, ref, caffe)
-        desc = f"{ref.name}: {case.describe()}" if ref.name != case.region else case.describe()
-        comparisons = [v.compare("caffe~ref64", v.desired, desc) for v in values]
+        comparisons = [v.compare("caffe~ref64", v.desired, case.describe()) for v in values]
         return _judge(ref.name, self.layers(head, case), values, comparisons)
 
 
@@ -300,7 +299,7 @@ def check_build(
     result = BuildResult(label, path)
     try:
         install = provision.locate(path)
-        result.info = provision.probe(install.python_path)
+        result.info = dict(install.describe())
     except CaffeNotAvailable as exc:
         result.status, result.reason = UNUSABLE, f"import fails: {exc}"
         return result

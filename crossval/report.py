@@ -182,16 +182,11 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
     for kind in SOLVER_TYPES:
         row = Row(f"training {kind}")
         for head in ("sigmoid_scale", "expectation"):
-            case = build_case(head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=1)
-            batches = tuple(
-                (c.x, c.target)
-                for c in (
-                    build_case(
-                        head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=100 + s
-                    )
-                    for s in range(steps)
-                )
-            )
+            made = [
+                build_case(head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=s)
+                for s in (1, *range(100, 100 + steps))
+            ]
+            case, batches = made[0], tuple((c.x, c.target) for c in made[1:])
             cfg = SolverConfig(
                 type=kind,
                 base_lr=1.0 if kind == "AdaDelta" else 0.01,

@@ -240,31 +240,23 @@ def train_cases(
         if loss == "softmax_with_loss"
         else None
     )
-    first = build_case(
-        head,
-        loss,
-        batch=n,
-        features=d,
-        bins=k,
-        spread=spread,
-        seed=seed,
-        sigma=sigma,
-        normalization=normalization,
-    )
-    batches = []
-    for s in range(steps):
-        c = build_case(
+
+    def make(case_seed: int) -> Case:
+        return build_case(
             head,
             loss,
             batch=n,
             features=d,
             bins=k,
             spread=spread,
-            seed=(seed + 7919 * (s + 1)) % 2**32,
+            seed=case_seed,
             sigma=sigma,
             normalization=normalization,
         )
-        batches.append((c.x, c.target))
+
+    first = make(seed)
+    later = (make((seed + 7919 * (s + 1)) % 2**32) for s in range(steps))
+    batches = tuple((c.x, c.target) for c in later)
     mults = draw(
         st.sampled_from(
             [((1.0, 1.0), (1.0, 1.0)), ((1.0, 1.0), (2.0, 0.0)), ((0.5, 2.0), (1.0, 1.0))]
@@ -272,4 +264,4 @@ def train_cases(
         label="lr/decay mults",
     )
     cfg = draw(solver_configs(steps, types), label="solver config")
-    return TrainCase(first, tuple(batches), cfg, mults)
+    return TrainCase(first, batches, cfg, mults)

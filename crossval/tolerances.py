@@ -148,6 +148,15 @@ TABLE: dict[str, Rule] = {
             "bound grows with the step count as errors accumulate",
         ),
         Rule(
+            "regenerated_f64",
+            "a float64 reference value computed again (golden vectors regenerated)",
+            "2^-40 |v| + 2^-1022: the same computation on the same BLAS repeats bit for bit; "
+            "float64 reassociation by another BLAS moves a value by under 513 * 2^-53 < 2^-43 "
+            "of its terms' magnitude, so this holds unless the value cancels by more than 2^-3 "
+            "of its terms, and 2^-40 is still 2^16 below float32's u, so the float32 bounds "
+            "these values feed cannot change",
+        ),
+        Rule(
             "deep_net",
             "any blob of a net of standard layers (validate-port)",
             "LAMBDA sqrt(A_b) u M_b, after the probabilistic model of Higham and Mary (2019): "
@@ -436,6 +445,13 @@ def deep_net(blob: F64, magnitude: F64, accumulation: float) -> F64:
     m = m.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else m.reshape(())
     rel = LAMBDA * np.sqrt(max(accumulation, 1.0)) * U32
     out: F64 = rel * np.broadcast_to(m, shape) + ETA32 * (accumulation + 1)
+    return out
+
+
+def regenerated_f64(stored: F64) -> F64:
+    """Bound between a stored float64 reference value and the same value computed again: see
+    TABLE['regenerated_f64']."""
+    out: F64 = 2.0**-40 * np.abs(np.asarray(stored, dtype=np.float64)) + 2.0**-1022
     return out
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from crossval_cli import run_crossval
 from hypothesis import given
 
 from crossval import golden, provision
@@ -39,12 +38,12 @@ def reference_blas_build() -> provision.CaffeInstall:
 
 
 def check_build(*paths: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, dict]:
-    args = [sys.executable, "-m", "crossval", "check-build"]
+    args = ["check-build"]
     for p in paths:
         args += ["--caffe", str(p)]
     json_out = out / "check.json"
     args += ["--profile", "dev", "--examples", "8", "--json", str(json_out), *extra]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    proc = run_crossval(*args, timeout=1800)
     data = json.loads(json_out.read_text()) if json_out.exists() else {}
     return proc.returncode, proc.stdout + proc.stderr, data
 
@@ -129,9 +128,7 @@ def test_a_caffe_abort_is_reported_with_its_log_line(
 
 
 def test_check_build_needs_a_build() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "crossval", "check-build"], capture_output=True, text=True
-    )
+    proc = run_crossval("check-build")
     assert proc.returncode == 2 and "--caffe PATH or --variant NAME" in proc.stderr
 
 

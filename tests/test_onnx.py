@@ -5,14 +5,13 @@ constants bit for bit; `crossval export-onnx` end to end; bad input."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from crossval_cli import run_crossval
 from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -297,20 +296,6 @@ def test_unconvertible_opset_is_refused() -> None:
 # ---- crossval export-onnx ---------------------------------------------------------------------
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = provision.locate().env()
-    env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "crossval", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def caffe_head(
     tmp_path_factory: pytest.TempPathFactory, harness: Harness
@@ -344,7 +329,7 @@ def caffe_head(
 
 def test_export_onnx_cli_end_to_end(caffe_head: tuple[Path, Path, Path], harness: Harness) -> None:
     where, proto, weights = caffe_head
-    done = run_cli("export-onnx", proto.name, weights.name, "-o", "age.onnx", cwd=where)
+    done = run_crossval("export-onnx", proto.name, weights.name, "-o", "age.onnx", cwd=where)
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "onnxruntime~caffe" in done.stdout
     model, spec = ox.load_model(where / "age.onnx")
@@ -361,7 +346,7 @@ def test_export_onnx_cli_end_to_end(caffe_head: tuple[Path, Path, Path], harness
         )
         assert all(c.passed for c in comparisons), [str(c) for c in comparisons if not c.passed]
     before = (where / "age.onnx").read_bytes()
-    again = run_cli("export-onnx", proto.name, weights.name, "-o", "age.onnx", cwd=where)
+    again = run_crossval("export-onnx", proto.name, weights.name, "-o", "age.onnx", cwd=where)
     assert again.returncode == 2 and "exists; not overwriting it (use --force)" in again.stderr
     assert (where / "age.onnx").read_bytes() == before
 

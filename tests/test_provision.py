@@ -14,23 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crossval_cli import run_crossval
 
 from crossval import provision
 from crossval.errors import CaffeNotAvailable, NeedsRoot, SourceHashMismatch
 from crossval.provision import build, cache, pins, source
 from crossval.provision.progress import Progress
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "crossval", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def seeded_cache(tmp_path: Path, install: provision.CaffeInstall) -> tuple[dict[str, str], Path]:
@@ -57,7 +46,7 @@ def cached_install(caffe_install: provision.CaffeInstall) -> provision.CaffeInst
 def test_second_ensure_is_served_from_cache(cached_install: provision.CaffeInstall) -> None:
     entry = cached_install.python_path
     before = {p: p.stat().st_mtime_ns for p in entry.rglob("*") if p.is_file()}
-    proc = run_cli("caffe", "ensure", "--quiet")
+    proc = run_crossval("caffe", "ensure", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert f"pycaffe (cached): {entry}" in proc.stdout
     assert "build" not in proc.stderr and "configure" not in proc.stderr, proc.stderr
@@ -95,7 +84,7 @@ def test_damaged_entry_is_detected_and_rebuilt(
         cache.read_entry(entry, cached_install.key)
     leftover = entry.with_name(f"{cached_install.key}.partial-interrupted")
     leftover.mkdir()
-    proc = run_cli("caffe", "ensure", "--quiet", env=env)
+    proc = run_crossval("caffe", "ensure", "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "cache entry rejected" in proc.stderr
     assert cache.read_entry(entry, cached_install.key)["key"] == cached_install.key
@@ -138,7 +127,7 @@ def test_wrong_pinned_hash_is_refused(
 
 
 def test_caffe_info_reports_real_values(cached_install: provision.CaffeInstall) -> None:
-    proc = run_cli("caffe", "info", "--json")
+    proc = run_crossval("caffe", "info", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["origin"] == "cache"
@@ -156,7 +145,7 @@ def test_caffe_info_reports_real_values(cached_install: provision.CaffeInstall) 
     assert info["build_flags"]["CPU_ONLY"] == "ON"
     assert info["build_flags"]["BLAS"] == "Open"
     assert info["layer_types"] > 40
-    text = run_cli("caffe", "info").stdout
+    text = run_crossval("caffe", "info").stdout
     assert "caffe_version" in text and "1.0.0" in text
 
 
@@ -164,19 +153,19 @@ def test_external_caffe_path_is_checked(
     tmp_path: Path, cached_install: provision.CaffeInstall
 ) -> None:
     env = dict(os.environ)
-    empty = run_cli("caffe", "ensure", "--caffe", str(tmp_path), env=env)
+    empty = run_crossval("caffe", "ensure", "--caffe", str(tmp_path), env=env)
     assert empty.returncode == 2
     assert f"{tmp_path} holds no `caffe` package" in empty.stderr
     aborting = tmp_path / "aborting"
     (aborting / "caffe").mkdir(parents=True)
     (aborting / "caffe" / "__init__.py").write_text("import os\nos.abort()\n")
-    proc = run_cli("caffe", "info", "--caffe", str(aborting), env=env)
+    proc = run_crossval("caffe", "info", "--caffe", str(aborting), env=env)
     assert proc.returncode == 2
     assert "does not work (killed by SIGABRT)" in proc.stderr
     assert "while importing caffe" in proc.stderr
     # The real build selected through the environment variable.
     env["CROSSVAL_CAFFE"] = str(cached_install.python_path / "caffe")
-    ok = run_cli("caffe", "info", "--json", env=env)
+    ok = run_crossval("caffe", "info", "--json", env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["origin"] == "external"
 

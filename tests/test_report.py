@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from crossval_cli import run_crossval
 
 from crossval import provision
 from crossval.compare import Comparison
@@ -18,23 +17,7 @@ def test_report_runs_the_matrix_and_writes_its_files(
     tmp_path: Path, caffe_install: provision.CaffeInstall
 ) -> None:
     out = tmp_path / "rep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "crossval",
-            "report",
-            "--profile",
-            "dev",
-            "--examples",
-            "10",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_crossval("report", "--profile", "dev", "--examples", "10", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every check passes" in proc.stdout
     assert "[crossval report]" in proc.stderr  # progress while it runs

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from crossval_cli import run_crossval
 
 from crossval import provision
 from crossval.worker import CaffeWorker
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = provision.locate().env()
-    env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "crossval", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +22,7 @@ def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
 @pytest.mark.parametrize("bins", [100, 101])
 def test_surgery_writes_arange_kernel(tmp_path: Path, worker: CaffeWorker, bins: int) -> None:
     assert (
-        cli(
+        run_crossval(
             "prototxt",
             "expectation",
             "--bins",
@@ -54,7 +39,9 @@ def test_surgery_writes_arange_kernel(tmp_path: Path, worker: CaffeWorker, bins:
     # The seed's layer, as written in the answer.
     assert 'name: "pred_age"\n  type: "Convolution"' in proto and "lr_mult: 0" in proto
     assert "bias_term: false" in proto and "kernel_size" not in proto
-    done = cli("surgery", "train_val.prototxt", "-o", "init_weights.caffemodel", cwd=tmp_path)
+    done = run_crossval(
+        "surgery", "train_val.prototxt", "-o", "init_weights.caffemodel", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert f"arange({bins})" in done.stdout
     # Fresh net: the kernel starts at zeros (filler constant 0): forgetting surgery is age 0.
@@ -69,17 +56,19 @@ def test_surgery_writes_arange_kernel(tmp_path: Path, worker: CaffeWorker, bins:
 
 
 def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
-    cli("prototxt", "expectation", "--features", "8", "-o", "net.prototxt", cwd=tmp_path)
+    run_crossval("prototxt", "expectation", "--features", "8", "-o", "net.prototxt", cwd=tmp_path)
     out = tmp_path / "init.caffemodel"
     out.write_bytes(b"user's file")
     net_text = (tmp_path / "net.prototxt").read_text()
-    refused = cli("surgery", "net.prototxt", "-o", "init.caffemodel", cwd=tmp_path)
+    refused = run_crossval("surgery", "net.prototxt", "-o", "init.caffemodel", cwd=tmp_path)
     assert refused.returncode == 2 and "use --force" in refused.stderr
     assert out.read_bytes() == b"user's file"
-    forced = cli("surgery", "net.prototxt", "-o", "init.caffemodel", "--force", cwd=tmp_path)
+    forced = run_crossval(
+        "surgery", "net.prototxt", "-o", "init.caffemodel", "--force", cwd=tmp_path
+    )
     assert forced.returncode == 0, forced.stderr
     assert out.read_bytes() != b"user's file"
-    same = cli("surgery", "net.prototxt", "-o", "net.prototxt", "--force", cwd=tmp_path)
+    same = run_crossval("surgery", "net.prototxt", "-o", "net.prototxt", "--force", cwd=tmp_path)
     assert same.returncode == 2 and "one of the inputs" in same.stderr
     assert (tmp_path / "net.prototxt").read_text() == net_text
 
@@ -105,12 +94,14 @@ def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
 def test_bad_nets_get_clear_errors(tmp_path: Path, setup: str, message: str) -> None:
     extra: list[str] = []
     if setup == "sigmoid":
-        cli("prototxt", "sigmoid_scale", "--features", "8", "-o", "net.prototxt", cwd=tmp_path)
+        run_crossval(
+            "prototxt", "sigmoid_scale", "--features", "8", "-o", "net.prototxt", cwd=tmp_path
+        )
     elif setup == "missing":
         pass
     else:
         deploy = ["--deploy"] if setup == "two-outputs" else []
-        cli(
+        run_crossval(
             "prototxt",
             "expectation",
             "--features",
@@ -131,14 +122,16 @@ def test_bad_nets_get_clear_errors(tmp_path: Path, setup: str, message: str) -> 
             text = 'layer {\n  name: "x"\n  tpye: "Input"\n}\n'
         elif setup == "truncated-weights":
             assert (
-                cli("surgery", "net.prototxt", "-o", "good.caffemodel", cwd=tmp_path).returncode
+                run_crossval(
+                    "surgery", "net.prototxt", "-o", "good.caffemodel", cwd=tmp_path
+                ).returncode
                 == 0
             )
             good = (tmp_path / "good.caffemodel").read_bytes()
             (tmp_path / "cut.caffemodel").write_bytes(good[: len(good) // 2])
             extra = ["--weights", "cut.caffemodel"]
         (tmp_path / "net.prototxt").write_text(text)
-    proc = cli("surgery", "net.prototxt", "-o", "out.caffemodel", *extra, cwd=tmp_path)
+    proc = run_crossval("surgery", "net.prototxt", "-o", "out.caffemodel", *extra, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
     assert not (tmp_path / "out.caffemodel").exists()

@@ -4,31 +4,13 @@ gradients, and a full-size DEX-style net."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from crossval_cli import run_crossval
 
 from crossval import provision
-
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-
-
-def cli(*args: str, cwd: Path = TESTS, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT}:{TESTS}:" + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "crossval", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +29,13 @@ def nets(
     out = {}
     for name, args in made.items():
         path = d / f"{name}.prototxt"
-        proc = cli("prototxt", *args, "-o", str(path))
+        proc = run_crossval("prototxt", *args, "-o", str(path))
         assert proc.returncode == 0, proc.stderr
         out[name] = path
     # The seed's workflow: the expectation head's kernel comes from net surgery.
     for name in ("expectation", "expectation_train"):
         init = d / f"{name}.caffemodel"
-        proc = cli("surgery", str(out[name]), "-o", str(init))
+        proc = run_crossval("surgery", str(out[name]), "-o", str(init))
         assert proc.returncode == 0, proc.stderr
         out[name + ".init"] = init
     return out
@@ -79,7 +61,7 @@ def first_divergence(stdout: str) -> str:
     ],
 )
 def test_correct_ports_match(nets: dict[str, Path], net: str, port: str) -> None:
-    proc = cli(
+    proc = run_crossval(
         "validate-port", str(nets[net]), "--port", port, "--examples", "60", *with_init(nets, net)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -99,7 +81,7 @@ def test_correct_ports_match(nets: dict[str, Path], net: str, port: str) -> None
 def test_buggy_ports_fail_at_the_right_blob(
     nets: dict[str, Path], net: str, port: str, blob: str
 ) -> None:
-    proc = cli(
+    proc = run_crossval(
         "validate-port", str(nets[net]), "--port", port, "--examples", "60", *with_init(nets, net)
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -107,7 +89,7 @@ def test_buggy_ports_fail_at_the_right_blob(
 
 
 def test_softmax_over_batch_needs_batch_above_one(nets: dict[str, Path]) -> None:
-    one = cli(
+    one = run_crossval(
         "validate-port",
         str(nets["tiny"]),
         "--port",
@@ -121,7 +103,7 @@ def test_softmax_over_batch_needs_batch_above_one(nets: dict[str, Path]) -> None
 
 
 def test_loss_and_gradients_are_checked(nets: dict[str, Path]) -> None:
-    ok = cli(
+    ok = run_crossval(
         "validate-port",
         str(nets["expectation_train"]),
         "--port",
@@ -132,7 +114,7 @@ def test_loss_and_gradients_are_checked(nets: dict[str, Path]) -> None:
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "gradient port~caffe" in ok.stdout or "loss" in ok.stdout
-    bad = cli(
+    bad = run_crossval(
         "validate-port",
         str(nets["expectation_train"]),
         "--port",
@@ -148,7 +130,7 @@ def test_loss_and_gradients_are_checked(nets: dict[str, Path]) -> None:
 
 def test_forgotten_surgery_is_reported(nets: dict[str, Path]) -> None:
     """The seed's net without its init weights: Caffe's kernel is the filler's zeros."""
-    proc = cli(
+    proc = run_crossval(
         "validate-port",
         str(nets["expectation"]),
         "--port",
@@ -162,7 +144,7 @@ def test_forgotten_surgery_is_reported(nets: dict[str, Path]) -> None:
 
 
 def test_port_training_a_constant_is_reported(nets: dict[str, Path]) -> None:
-    proc = cli(
+    proc = run_crossval(
         "validate-port",
         str(nets["expectation"]),
         "--port",
@@ -179,7 +161,7 @@ def test_port_training_a_constant_is_reported(nets: dict[str, Path]) -> None:
 
 
 def test_map_and_singleton_axes(nets: dict[str, Path], tmp_path: Path) -> None:
-    bare = cli("validate-port", str(nets["expectation"]), "--port", "ports.heads:renamed")
+    bare = run_crossval("validate-port", str(nets["expectation"]), "--port", "ports.heads:renamed")
     assert bare.returncode == 2
     assert "Caffe param fc100/0 (100, 16) has no port tensor 'fc100.weight'" in bare.stderr
     assert "port parameters no Caffe param maps to: logits_w (100, 16)" in bare.stderr
@@ -187,7 +169,7 @@ def test_map_and_singleton_axes(nets: dict[str, Path], tmp_path: Path) -> None:
     mapping.write_text(
         json.dumps({"fc100/0": "logits_w", "fc100/1": "logits_b", "pred_age/0": "ages"})
     )
-    ok = cli(
+    ok = run_crossval(
         "validate-port",
         str(nets["expectation"]),
         "--port",
@@ -202,7 +184,7 @@ def test_map_and_singleton_axes(nets: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_pool_floor_port_is_refused_naming_the_param(nets: dict[str, Path]) -> None:
-    proc = cli("validate-port", str(nets["tiny"]), "--port", "ports.tiny:make_pool_floor")
+    proc = run_crossval("validate-port", str(nets["tiny"]), "--port", "ports.tiny:make_pool_floor")
     assert proc.returncode == 2
     assert "Caffe param fc1/0 has shape (16, 100), port tensor 'fc1.weight' has (16, 64)" in (
         proc.stderr
@@ -234,14 +216,14 @@ def test_bad_input_exits_2(
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     filled = [a.replace("{tiny}", str(nets["tiny"])).replace("{bad}", str(bad)) for a in args]
-    proc = cli("validate-port", *filled)
+    proc = run_crossval("validate-port", *filled)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr, proc.stderr
 
 
 def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    proc = cli(
+    proc = run_crossval(
         "validate-port",
         str(nets["tiny"]),
         "--port",
@@ -258,9 +240,9 @@ def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -
     assert report["verdict"] == "mismatch" and report["first_divergence"]["blob"] == "prob"
     replay = report["replay"]
     assert replay.startswith("crossval validate-port ") and f"--replay {saved[0]}" in replay
-    again = cli(*replay.split()[1:])
+    again = run_crossval(*replay.split()[1:])
     assert again.returncode == 1 and first_divergence(again.stdout) == "prob"
-    fixed = cli(
+    fixed = run_crossval(
         "validate-port", str(nets["tiny"]), "--port", "ports.tiny:make", "--replay", str(saved[0])
     )
     assert fixed.returncode == 0, fixed.stdout  # the same example passes on a correct port
@@ -276,7 +258,7 @@ def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -
     ],
 )
 def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, blob: str) -> None:
-    proc = cli(
+    proc = run_crossval(
         "validate-port",
         str(nets["dex48"]),
         "--port",
@@ -295,7 +277,7 @@ def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, b
 @pytest.mark.slow
 def test_full_size_dex_with_expectation_head(nets: dict[str, Path]) -> None:
     """Input 1x3x224x224, VGG-16, fc8-101, Softmax, and the seed's pred_age on top."""
-    proc = cli(
+    proc = run_crossval(
         "validate-port",
         str(nets["dex224"]),
         "--port",

@@ -36,6 +36,13 @@ class CaffeInstall:
     variant: str = ""  # the build variant of a cached entry
     manifest: dict[str, Any] = field(default_factory=dict)
     cached: bool = False  # served from the cache without building
+    probed: dict[str, Any] = field(default_factory=dict)  # `probe`'s description, if taken
+
+    def describe(self) -> dict[str, Any]:
+        """`probe`'s description of this pycaffe (imported in a child process once)."""
+        if not self.probed:
+            self.probed = probe(self.python_path)
+        return self.probed
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for a child process that imports this pycaffe, with Caffe's log quiet."""
@@ -103,8 +110,7 @@ def probe(python_path: Path, timeout: float = 120.0) -> dict[str, Any]:
 
 
 def _use_external(path: Path) -> CaffeInstall:
-    probe(path)
-    return CaffeInstall(python_path=path, origin="external")
+    return CaffeInstall(python_path=path, origin="external", probed=probe(path))
 
 
 def _cached(layout: cache.Layout, key: str, variant: str) -> CaffeInstall | None:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import CaffeInstall, pins, probe
+from . import CaffeInstall, pins
 from .build import debian_package_version
 
 
@@ -44,7 +44,7 @@ def _package_of(path: str) -> str:
 
 def collect(install: CaffeInstall) -> dict[str, Any]:
     """Describe `install`: imports it in a child process; build facts from its manifest."""
-    live = probe(install.python_path)
+    live = install.describe()
     libs = live["libraries"]
     info: dict[str, Any] = {
         "origin": install.origin,
