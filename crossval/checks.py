@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import tolerances as tol
 from . import transfer
-from .compare import Comparison, exact
+from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .worker import CaffeWorker
 
@@ -229,9 +228,7 @@ class Harness:
         def triple(
             kind: str, name: str, c_val: Any, t_val: Any, r_val: Any, bound: Any, rule: str
         ) -> None:
-            add(Comparison(f"{kind} caffe~ref64", name, c_val, r_val, bound, rule, desc))
-            add(Comparison(f"{kind} torch~ref64", name, t_val, r_val, bound, rule, desc))
-            add(Comparison(f"{kind} torch~caffe", name, t_val, c_val, tol.cross(bound), rule, desc))
+            out.comparisons += three_way(kind, name, c_val, t_val, r_val, bound, rule, desc)
 
         for blob in head.blobs(case):
             triple(

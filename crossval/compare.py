@@ -118,6 +118,28 @@ class Comparison:
         )
 
 
+def three_way(
+    kind: str,
+    name: str,
+    caffe: ArrayLike,
+    torch: ArrayLike,
+    ref: ArrayLike,
+    bound: ArrayLike,
+    rule: str,
+    case: str = "",
+) -> list[Comparison]:
+    """Caffe and the float32 PyTorch side each against the float64 reference within `bound`,
+    and against each other within `cross(bound)`."""
+    from .tolerances import cross
+
+    c, t, r, b = (np.asarray(v, dtype=np.float64) for v in (caffe, torch, ref, bound))
+    return [
+        Comparison(f"{kind} caffe~ref64", name, c, r, b, rule, case),
+        Comparison(f"{kind} torch~ref64", name, t, r, b, rule, case),
+        Comparison(f"{kind} torch~caffe", name, t, c, cross(b), rule, case),
+    ]
+
+
 def exact(
     check: str, blob: str, actual: ArrayLike, desired: ArrayLike, case: str = ""
 ) -> Comparison:

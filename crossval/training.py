@@ -30,7 +30,7 @@ from reference.solvers import CaffeSolver, Param, SolverConfig
 from . import tolerances as tol
 from . import transfer
 from .checks import REFERENCE, Impl
-from .compare import Comparison, exact
+from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .worker import CaffeWorker
 
@@ -392,48 +392,25 @@ def compare_trajectories(
     for t in range(comparable_steps(t64)):
         rule = f"tolerances.solver_step after {t + 1} steps"
         for key, bound in t64.bounds[t].items():
-            name = f"{key} after step {t + 1}"
-            r = t64.params[t][key]
-            out.append(
-                Comparison("train caffe~ref64", name, caffe.params[t][key], r, bound, rule, desc)
-            )
-            out.append(
-                Comparison("train torch~ref64", name, t32.params[t][key], r, bound, rule, desc)
-            )
-            out.append(
-                Comparison(
-                    "train torch~caffe",
-                    name,
-                    t32.params[t][key],
-                    caffe.params[t][key],
-                    tol.cross(bound),
-                    rule,
-                    desc,
-                )
-            )
-        eb = np.array(t64.loss_bounds[t])
-        name = f"loss at step {t + 1}"
-        out.append(
-            Comparison(
-                "train caffe~ref64",
-                name,
-                np.array(caffe.losses[t]),
-                np.array(t64.losses[t]),
-                eb,
+            out += three_way(
+                "train",
+                f"{key} after step {t + 1}",
+                caffe.params[t][key],
+                t32.params[t][key],
+                t64.params[t][key],
+                bound,
                 rule,
                 desc,
             )
-        )
-        out.append(
-            Comparison(
-                "train torch~caffe",
-                name,
-                np.array(t32.losses[t]),
-                np.array(caffe.losses[t]),
-                tol.cross(eb),
-                rule,
-                desc,
-            )
+        out += three_way(
+            "train",
+            f"loss at step {t + 1}",
+            caffe.losses[t],
+            t32.losses[t],
+            t64.losses[t],
+            t64.loss_bounds[t],
+            rule,
+            desc,
         )
     return out
 

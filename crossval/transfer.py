@@ -8,7 +8,7 @@ Values are copied, never recomputed: a float32 round trip is bit-exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -76,12 +76,7 @@ def caffe_to_state_dict(
                 )
             out[key] = converted
             origin[key] = f"Caffe param {layer}/{i}"
-    extra = [k for k in state if k not in out]
-    if extra:
-        raise TransferError(
-            "state_dict entries with no Caffe param: "
-            + ", ".join(f"{k} {tuple(state[k].shape)}" for k in extra)
-        )
+    _refuse_unmapped(state, out)
     return out
 
 
@@ -133,10 +128,14 @@ def state_dict_to_caffe(
             blobs.append(value)
             used.add(key)
         out[layer] = blobs
-    extra = [k for k in state if k not in used]
+    _refuse_unmapped(state, used)
+    return out
+
+
+def _refuse_unmapped(state: Mapping[str, torch.Tensor], mapped: Collection[str]) -> None:
+    extra = [k for k in state if k not in mapped]
     if extra:
         raise TransferError(
             "state_dict entries with no Caffe param: "
             + ", ".join(f"{k} {tuple(state[k].shape)}" for k in extra)
         )
-    return out
