@@ -138,36 +138,23 @@ def _validate_port(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from reference.solvers import SolverConfig
 
-    from .strategies import build_case
+    from .strategies import build_batches, build_case
     from .training import TrainCase, train_report
     from .worker import CaffeWorker
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CrossvalError(f"{out} is not empty; not writing into it (use --force)")
-    case = build_case(
-        args.head,
-        args.loss,
+    shape = dict(
         batch=args.batch,
         features=args.features,
         bins=args.bins,
         spread=args.spread,
-        seed=args.seed,
         sigma=args.sigma,
     )
-    batches = []
-    for step in range(args.steps):
-        c = build_case(
-            args.head,
-            args.loss,
-            batch=args.batch,
-            features=args.features,
-            bins=args.bins,
-            spread=args.spread,
-            seed=args.seed + 1 + step,
-            sigma=args.sigma,
-        )
-        batches.append((c.x, c.target))
+    case = build_case(args.head, args.loss, seed=args.seed, **shape)
+    seeds = range(args.seed + 1, args.seed + 1 + args.steps)
+    batches = build_batches(args.head, args.loss, seeds, **shape)
     try:
         cfg = SolverConfig(
             type=args.solver,
@@ -183,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CrossvalError(str(exc)) from None
-    tc = TrainCase(case, tuple(batches), cfg)
+    tc = TrainCase(case, batches, cfg)
     with CaffeWorker() as worker:
         ok, text = train_report(worker, tc, out, args.snapshot)
     print(text)

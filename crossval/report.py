@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
-from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_case, cases
+from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_batches, build_case, cases
 from .worker import CaffeWorker
 
 PROFILES = {"dev": 25, "ci": 200, "thorough": 5000}
@@ -182,11 +182,9 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
     for kind in SOLVER_TYPES:
         row = Row(f"training {kind}")
         for head in ("sigmoid_scale", "expectation"):
-            made = [
-                build_case(head, "euclidean", batch=8, features=16, bins=101, spread=3.0, seed=s)
-                for s in (1, *range(100, 100 + steps))
-            ]
-            case, batches = made[0], tuple((c.x, c.target) for c in made[1:])
+            shape: dict[str, Any] = dict(batch=8, features=16, bins=101, spread=3.0)
+            case = build_case(head, "euclidean", seed=1, **shape)
+            batches = build_batches(head, "euclidean", range(100, 100 + steps), **shape)
             cfg = SolverConfig(
                 type=kind,
                 base_lr=1.0 if kind == "AdaDelta" else 0.01,

@@ -7,6 +7,7 @@ element costs milliseconds per example, this costs microseconds. Every draw is l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from reference.losses import NORMALIZATIONS
 
-from .heads import COMBINATIONS, HEADS, Case
+from .heads import COMBINATIONS, F32, HEADS, Case
 
 # The hard values each dimension must reach, mixed with the whole range.
 BATCHES = st.one_of(st.sampled_from([1, 2, 8, 64]), st.integers(1, 64))
@@ -125,6 +126,15 @@ def build_case(
         near = age + rng.normal(0.0, 0.3, size=age.shape)
         case = replace(case, target=near.astype(np.float32), region=region + " near")
     return case
+
+
+def build_batches(
+    head: str, loss: str, seeds: Iterable[int], **kwargs: Any
+) -> tuple[tuple[F32, F32], ...]:
+    """The inputs and targets of `build_case(head, loss, seed=s, **kwargs)` for each seed:
+    one training batch per step."""
+    made = (build_case(head, loss, seed=s, **kwargs) for s in seeds)
+    return tuple((c.x, c.target) for c in made)
 
 
 @st.composite
@@ -241,22 +251,12 @@ def train_cases(
         else None
     )
 
-    def make(case_seed: int) -> Case:
-        return build_case(
-            head,
-            loss,
-            batch=n,
-            features=d,
-            bins=k,
-            spread=spread,
-            seed=case_seed,
-            sigma=sigma,
-            normalization=normalization,
-        )
-
-    first = make(seed)
-    later = (make((seed + 7919 * (s + 1)) % 2**32) for s in range(steps))
-    batches = tuple((c.x, c.target) for c in later)
+    shape: dict[str, Any] = dict(
+        batch=n, features=d, bins=k, spread=spread, sigma=sigma, normalization=normalization
+    )
+    first = build_case(head, loss, seed=seed, **shape)
+    seeds = ((seed + 7919 * (s + 1)) % 2**32 for s in range(steps))
+    batches = build_batches(head, loss, seeds, **shape)
     mults = draw(
         st.sampled_from(
             [((1.0, 1.0), (1.0, 1.0)), ((1.0, 1.0), (2.0, 0.0)), ((0.5, 2.0), (1.0, 1.0))]

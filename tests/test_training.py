@@ -14,7 +14,7 @@ from hypothesis import example, given
 from crossval import provision
 from crossval.heads import HEADS, Case
 from crossval.mutants import TRAINING_MUTANTS
-from crossval.strategies import build_case, train_cases
+from crossval.strategies import build_batches, build_case, train_cases
 from crossval.training import (
     TrainCase,
     compare_trajectories,
@@ -33,19 +33,8 @@ def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
 
 
 def steps_of(case: Case, steps: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    out = []
-    for s in range(steps):
-        c = build_case(
-            case.head,
-            case.loss,
-            batch=case.batch,
-            features=case.features,
-            bins=case.bins,
-            spread=3.0,
-            seed=1000 + s,
-        )
-        out.append((c.x, c.target))
-    return tuple(out)
+    shape = dict(batch=case.batch, features=case.features, bins=case.bins, spread=3.0)
+    return build_batches(case.head, case.loss, range(1000, 1000 + steps), **shape)
 
 
 def solver_for(kind: str, policy: str, **kw: float) -> SolverConfig:
