@@ -39,6 +39,57 @@ def main() -> None:
             write_frame(replies, ("error", f"{type(exc).__name__}: {exc}"))
 
 
+def message_dict(msg: Any) -> dict[str, Any]:
+    """Every field of a protobuf message, unset ones at their declared defaults; enums by name."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        # protobuf 6+ drops FieldDescriptor.label for is_repeated
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+        if f.message_type is not None:
+            out[f.name] = [message_dict(v) for v in value] if repeated else message_dict(value)
+        elif f.enum_type is not None:
+            names = f.enum_type.values_by_number
+            out[f.name] = [names[v].name for v in value] if repeated else names[value].name
+        else:
+            out[f.name] = list(value) if repeated else value
+    return out
+
+
+# Layer types whose parameter message is not named after the type.
+_OWN_PARAMS = {
+    "Deconvolution": ("convolution_param",),
+    "SoftmaxWithLoss": ("softmax_param", "loss_param"),
+    "SigmoidCrossEntropyLoss": ("loss_param",),
+    "EuclideanLoss": ("loss_param",),
+}
+
+
+def layer_spec(lp: Any) -> dict[str, Any]:
+    """One LayerParameter as a plain dict (see `Ops.op_layer_specs`)."""
+    own = _OWN_PARAMS.get(lp.type, ())
+    squashed = lp.type.lower()
+    params: dict[str, Any] = {}
+    for f in lp.DESCRIPTOR.fields:
+        if not f.name.endswith("_param") or f.message_type is None:
+            continue
+        mine = f.name in own or f.name[: -len("_param")].replace("_", "") == squashed
+        if mine or lp.HasField(f.name):
+            params[f.name] = message_dict(getattr(lp, f.name))
+    return {
+        "name": lp.name,
+        "type": lp.type,
+        "bottoms": list(lp.bottom),
+        "tops": list(lp.top),
+        "loss_weight": list(lp.loss_weight),
+        "param": [{"lr_mult": p.lr_mult, "decay_mult": p.decay_mult} for p in lp.param],
+        "propagate_down": list(lp.propagate_down),
+        "include": [message_dict(r) for r in lp.include],
+        "exclude": [message_dict(r) for r in lp.exclude],
+        "params": params,
+    }
+
+
 class Ops:
     """The worker's operations; each `op_<name>` is callable as `worker.call("<name>", ...)`."""
 
@@ -145,6 +196,17 @@ class Ops:
             "force_backward": bool(spec.force_backward),
         }
 
+    def op_layer_specs(self, prototxt: str) -> list[dict[str, Any]]:
+        """Each layer as the reference layer library reads it: name, type, bottoms, tops,
+        phase rules, and its parameter messages (those set, and the one for its own type even
+        when unset) with every field filled in, Caffe's proto defaults included."""
+        from caffe.proto import caffe_pb2
+        from google.protobuf import text_format
+
+        spec = caffe_pb2.NetParameter()
+        text_format.Merge(prototxt, spec)
+        return [layer_spec(lp) for lp in spec.layer]
+
     def op_layer_types(self, prototxt: str) -> list[str]:
         """The `type` of each layer in `prototxt`, parsed only (no net is made, so a type the
         build lacks cannot abort here)."""
@@ -185,9 +247,12 @@ class Ops:
         surgery: str = "",
         return_params: bool = True,
         all_diffs: bool = False,
+        top_diffs: dict[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Set params and inputs, forward (and backward), and return every blob, the inputs'
-        diffs (every blob's with `all_diffs`) and the param diffs."""
+        diffs (every blob's with `all_diffs`) and the param diffs. `top_diffs` seeds the
+        backward pass: each named blob's diff is set to its value first (a net without a loss
+        needs `force_backward: true` for the diffs to reach its inputs)."""
         net = self.net(prototxt, phase, weights, surgery)
         reshaped = False
         for name, value in inputs.items():
@@ -222,6 +287,10 @@ class Ops:
             for blobs in net.params.values():
                 for b in blobs:
                     b.diff[...] = 0
+            for name, value in (top_diffs or {}).items():
+                if name not in net.blobs:
+                    raise KeyError(f"top diff for {name!r}: no such blob in the net")
+                net.blobs[name].diff[...] = value
             net.backward()
             wanted = net.blobs if all_diffs else inputs
             out["diffs"] = {name: net.blobs[name].diff.copy() for name in wanted}

@@ -458,3 +458,7 @@ def regenerated_f64(stored: F64) -> F64:
 def cross(bound: F64 | float) -> F64:
     """Bound between two float32 implementations, each within `bound` of exact math."""
     return np.asarray(2.0 * np.asarray(bound, dtype=np.float64))
+
+
+# Per-layer bounds (their rules join TABLE on import).
+from crossval.tolerances import layers as layers  # noqa: E402

@@ -1,0 +1,7 @@
+"""Layer cases for the normalization layers (see crossval.layercheck)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CASES: dict[str, Any] = {}

@@ -1,0 +1,202 @@
+"""One layer case: build the one-layer net, run Caffe and the reference, compare."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from reference import layers as ref
+from reference.layers import LayerSpec
+
+from ..compare import Comparison, three_way
+from ..tolerances.layers import LAYER_BOUNDS
+from ..worker import CaffeWorker
+
+F32 = NDArray[np.float32]
+LAYER = "layer"  # the name of the layer under test in every case's net
+
+
+@dataclass(eq=False)
+class LayerCase:
+    """One layer under test: its type, its parameter text (prototxt fields inside the layer,
+    e.g. ``pooling_param { pool: AVE kernel_size: 3 }``), float32 bottom values, how many
+    tops, and param values (None: drawn from `seed` at the shapes Caffe gives the layer)."""
+
+    type: str
+    bottoms: tuple[F32, ...]
+    params: str = ""
+    tops: int = 1
+    blobs: tuple[F32, ...] | None = None
+    seed: int = 0
+    weight_scale: float = 1.0
+    no_diff: tuple[int, ...] = ()  # bottoms Caffe computes no diff for (labels)
+    region: str = ""
+
+    def prototxt(self) -> str:
+        names = [f"b{i}" for i in range(len(self.bottoms))]
+        shapes = "".join(
+            " shape {" + "".join(f" dim: {d}" for d in b.shape) + " }" for b in self.bottoms
+        )
+        tops = "".join(f' top: "t{i}"' for i in range(self.tops))
+        return (
+            "force_backward: true\n"
+            'layer { name: "input" type: "Input"'
+            + "".join(f' top: "{n}"' for n in names)
+            + f" input_param {{{shapes} }} }}\n"
+            f'layer {{ name: "{LAYER}" type: "{self.type}"'
+            + "".join(f' bottom: "{n}"' for n in names)
+            + f"{tops} {self.params} }}\n"
+        )
+
+    def describe(self) -> str:
+        shapes = ", ".join("x".join(map(str, b.shape)) for b in self.bottoms)
+        text = f"{self.type} {{{self.params.strip()}}} on {shapes}, seed {self.seed}"
+        return text + (f" ({self.region})" if self.region else "")
+
+
+@dataclass
+class LayerResult:
+    case: LayerCase
+    comparisons: list[Comparison] = field(default_factory=list)
+    shape_errors: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.shape_errors and not self.failures and bool(self.comparisons)
+
+    @property
+    def ratio(self) -> float:
+        return max((c.ratio for c in self.comparisons), default=0.0)
+
+    def summary(self) -> str:
+        lines = [f"{self.case.describe()}: {len(self.comparisons)} comparisons"]
+        lines += self.shape_errors
+        lines += [str(c) for c in self.failures[:5]]
+        return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_spec(worker: CaffeWorker, text: str) -> dict[str, Any]:
+    specs = worker.call("layer_specs", prototxt=text)
+    return dict(next(s for s in specs if s["name"] == LAYER))
+
+
+@functools.lru_cache(maxsize=256)
+def _param_shapes(worker: CaffeWorker, text: str) -> tuple[tuple[int, ...], ...]:
+    params = worker.call("params", prototxt=text)["params"]
+    return tuple(tuple(p.shape) for p in params.get(LAYER, []))
+
+
+def spec_of(worker: CaffeWorker, case: LayerCase) -> LayerSpec:
+    """The layer's spec as Caffe parses the case's prototxt."""
+    return LayerSpec.from_dict(_layer_spec(worker, case.prototxt()))
+
+
+def _tensors(arrays: tuple[F32, ...] | list[F32], dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dtype) for a in arrays]
+
+
+def _np(t: torch.Tensor | None) -> NDArray[np.float64]:
+    if t is None:
+        raise ValueError("the float32 reference computed no diff where the float64 one did")
+    return t.detach().to(torch.float64).numpy()
+
+
+def run_case(worker: CaffeWorker, case: LayerCase) -> LayerResult:
+    """Caffe, the float32 reference and the float64 reference on one case; every top, bottom
+    diff and param diff compared three ways within the layer's bound."""
+    text = case.prototxt()
+    spec = spec_of(worker, case)
+    bound = LAYER_BOUNDS.get(case.type)
+    if bound is None:
+        raise ValueError(f"layer type {case.type!r} has no bound in crossval.tolerances.layers")
+    rng = np.random.default_rng(case.seed)
+    if case.blobs is None:
+        shapes = _param_shapes(worker, text)
+        blobs = tuple(
+            (rng.standard_normal(s) * case.weight_scale).astype(np.float32) for s in shapes
+        )
+    else:
+        blobs = case.blobs
+    b64, p64 = _tensors(case.bottoms, torch.float64), _tensors(blobs, torch.float64)
+    tops64 = ref.forward(spec, b64, p64)
+    diffs = [rng.standard_normal(tuple(t.shape)).astype(np.float32) for t in tops64]
+    caffe = worker.call(
+        "run",
+        prototxt=text,
+        inputs={f"b{i}": b for i, b in enumerate(case.bottoms)},
+        params={LAYER: list(blobs)} if blobs else None,
+        phase="TEST",
+        backward=True,
+        top_diffs={f"t{i}": g for i, g in enumerate(diffs)},
+        all_diffs=True,
+        return_params=False,
+    )
+    result = LayerResult(case)
+    for i, t in enumerate(tops64):
+        got = caffe["blobs"][f"t{i}"].shape
+        if tuple(got) != tuple(t.shape):
+            result.shape_errors.append(
+                f"forward: top {i} has shape {tuple(got)} in Caffe, {tuple(t.shape)} in the "
+                f"reference [{case.describe()}]"
+            )
+    if result.shape_errors:
+        return result
+    g64, g32 = _tensors(diffs, torch.float64), _tensors(diffs, torch.float32)
+    t64, gb64, gp64 = ref.vjp(spec, b64, p64, g64)
+    t32, gb32, gp32 = ref.vjp(
+        spec, _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32), g32
+    )
+    arrays = [b.numpy() for b in b64], [p.numpy() for p in p64]
+    tops_np = [t.numpy() for t in t64]
+    diffs_np = [g.numpy() for g in g64]
+    fb = bound.forward(spec, *arrays, tops_np)
+    bb, bp = bound.backward(spec, *arrays, tops_np, diffs_np)
+    where = case.describe()
+    for i, (t, b) in enumerate(zip(t64, fb, strict=True)):
+        result.comparisons += three_way(
+            "forward",
+            f"t{i}",
+            caffe["blobs"][f"t{i}"],
+            _np(t32[i]),
+            t.numpy(),
+            b,
+            f"tolerances.{bound.forward_rule}",
+            where,
+        )
+    for i, (g, gbound) in enumerate(zip(gb64, bb, strict=True)):
+        if g is None or gbound is None or i in case.no_diff:
+            continue
+        result.comparisons += three_way(
+            "backward",
+            f"d/d b{i}",
+            caffe["diffs"][f"b{i}"],
+            _np(gb32[i]),
+            g.numpy(),
+            gbound,
+            f"tolerances.{bound.backward_rule}",
+            where,
+        )
+    for i, (g, pbound) in enumerate(zip(gp64, bp, strict=True)):
+        if g is None or pbound is None:
+            continue
+        result.comparisons += three_way(
+            "backward",
+            f"d/d {LAYER}/{i}",
+            caffe["param_diffs"][LAYER][i],
+            _np(gp32[i]),
+            g.numpy(),
+            pbound,
+            f"tolerances.{bound.backward_rule}",
+            where,
+        )
+    return result

@@ -1,0 +1,159 @@
+"""Per-layer float32 error bounds for the reference layer library (reference.layers).
+
+A layer is checked on its own: Caffe's float32 top (or a port's) for given float32 bottoms
+and params, against the float64 reference on the same values. So these bounds carry no input
+error: each is the float32 rounding error of the layer's own computation, per element,
+evaluated at the actual inputs. Their rules are entries of the one table (``TABLE``).
+
+Linear layers (InnerProduct, Convolution, Deconvolution, Scale...) share one derivation:
+every output element is a sum of n products, so its error is at most gamma(n) times the same
+sum taken over absolute values; that sum is the layer itself applied to |bottoms| and
+|params|, and the backward magnitudes are its vector-Jacobian product at |top diffs|. The
+reference computes both, so no layer's index arithmetic is written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reference import layers as ref
+from reference.layers import LayerSpec
+
+from . import ETA32, F64, TABLE, U32, Rule, gamma
+
+Arrays = Sequence[F64]
+ForwardBound = Callable[[LayerSpec, Arrays, Arrays, Arrays], list[F64]]
+BackwardBound = Callable[
+    [LayerSpec, Arrays, Arrays, Arrays, Arrays], tuple[list[F64 | None], list[F64 | None]]
+]
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """The bounds of one layer type: forward (per top) and backward (per bottom and param
+    diff, None where the layer computes no diff), each citing its rule of the table."""
+
+    forward_rule: str
+    forward: ForwardBound
+    backward_rule: str
+    backward: BackwardBound
+
+
+LAYER_BOUNDS: dict[str, LayerBound] = {}
+
+RULES = (
+    Rule(
+        "layer_linear",
+        "a layer whose every output is a sum of n products of bottoms and params "
+        "(InnerProduct; any order of summation, BLAS or direct)",
+        "gamma(n) * f(|x|, |w|) + n ETA32, with f the layer itself on absolute values (which "
+        "is sum |w| |x| per output) and n the terms per output, bias included; the backward "
+        "diffs likewise with the vjp of f at |g| and n the terms each diff sums",
+    ),
+    Rule(
+        "layer_exact_or_one_rounding",
+        "a layer that selects, copies or multiplies by one constant (ReLU)",
+        "u |y| + ETA32: at most one rounding of the result (none when it only selects)",
+    ),
+)
+TABLE.update({r.name: r for r in RULES})
+
+
+def _t(a: F64) -> torch.Tensor:
+    return torch.from_numpy(np.abs(np.asarray(a, dtype=np.float64)))
+
+
+def magnitudes(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> list[F64]:
+    """The layer applied to |bottoms| and |params| in float64: each output's sum of |terms|."""
+    tops = ref.forward(spec, [_t(b) for b in bottoms], [_t(p) for p in blobs])
+    return [t.numpy() for t in tops]
+
+
+def diff_magnitudes(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, top_diffs: Arrays
+) -> tuple[list[F64 | None], list[F64 | None]]:
+    """The vjp of the layer on absolute values: each diff's sum of |terms|."""
+    _, gb, gp = ref.vjp(
+        spec, [_t(b) for b in bottoms], [_t(p) for p in blobs], [_t(g) for g in top_diffs]
+    )
+    return (
+        [None if g is None else g.numpy() for g in gb],
+        [None if g is None else g.numpy() for g in gp],
+    )
+
+
+def linear(
+    terms_forward: Callable[[LayerSpec, Arrays, Arrays], int],
+    terms_backward: Callable[[LayerSpec, Arrays, Arrays, Arrays], tuple[list[int], list[int]]],
+) -> LayerBound:
+    """A LayerBound for a linear layer, given how many terms each output and each diff sums:
+    see TABLE['layer_linear']."""
+
+    def fwd(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
+        n = terms_forward(spec, bottoms, blobs)
+        return [gamma(n) * m + n * ETA32 for m in magnitudes(spec, bottoms, blobs)]
+
+    def bwd(
+        spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
+    ) -> tuple[list[F64 | None], list[F64 | None]]:
+        nb, npar = terms_backward(spec, bottoms, blobs, top_diffs)
+        mb, mp = diff_magnitudes(spec, bottoms, blobs, top_diffs)
+        return (
+            [None if m is None else gamma(n) * m + n * ETA32 for m, n in zip(mb, nb, strict=True)],
+            [
+                None if m is None else gamma(n) * m + n * ETA32
+                for m, n in zip(mp, npar, strict=True)
+            ],
+        )
+
+    return LayerBound("layer_linear", fwd, "layer_linear", bwd)
+
+
+def _ip_axis(spec: LayerSpec, x: F64) -> int:
+    return int(spec.param("inner_product_param")["axis"]) % x.ndim
+
+
+def _ip_forward_terms(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> int:
+    x = bottoms[0]
+    k = int(np.prod(x.shape[_ip_axis(spec, x) :]))
+    return k + (1 if spec.param("inner_product_param")["bias_term"] else 0)
+
+
+def _ip_backward_terms(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, top_diffs: Arrays
+) -> tuple[list[int], list[int]]:
+    x = bottoms[0]
+    m = int(np.prod(x.shape[: _ip_axis(spec, x)]))
+    n = int(spec.param("inner_product_param")["num_output"])
+    return [n], [m] * len(blobs)
+
+
+LAYER_BOUNDS["InnerProduct"] = linear(_ip_forward_terms, _ip_backward_terms)
+
+
+def _one_rounding_forward(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays
+) -> list[F64]:
+    """See TABLE['layer_exact_or_one_rounding']."""
+    return [U32 * np.abs(t) + ETA32 for t in tops]
+
+
+def _relu_backward(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
+) -> tuple[list[F64 | None], list[F64 | None]]:
+    """g_x = g_y or slope * g_y: one rounding, see TABLE['layer_exact_or_one_rounding']."""
+    slope = abs(float(spec.param("relu_param")["negative_slope"]))
+    g = np.abs(top_diffs[0]) * np.where(bottoms[0] > 0, 1.0, slope)
+    return [U32 * g + ETA32], []
+
+
+LAYER_BOUNDS["ReLU"] = LayerBound(
+    "layer_exact_or_one_rounding",
+    _one_rounding_forward,
+    "layer_exact_or_one_rounding",
+    _relu_backward,
+)

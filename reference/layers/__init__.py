@@ -1,0 +1,165 @@
+"""Caffe layers with Caffe's semantics, as PyTorch functions in float64 or float32.
+
+Each layer type is one function ``f(spec, bottoms, blobs) -> tops`` registered under its
+Caffe type name; it reads the layer's parameters from ``spec`` exactly as the Caffe layer
+reads its LayerParameter (defaults are Caffe's own, filled in by the worker from caffe.proto,
+see ``crossval.caffe_side.server.layer_spec``). The function computes in the dtype of its
+inputs, so one implementation serves as the float64 reference and as a float32 port; where
+Caffe's backward is not the derivative of its forward (ties, kinks, clamps), the function
+uses a custom autograd rule that mirrors Caffe's backward, so ``vjp`` gives Caffe's diffs.
+
+The families live in their own modules (imported at the end of this file, which registers
+them); ``LAYERS`` maps each supported type to its implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LAYERS",
+    "LayerSpec",
+    "LayerType",
+    "UnsupportedLayer",
+    "forward",
+    "lookup",
+    "register",
+    "vjp",
+]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One Caffe layer as the reference reads it: its name, type, blob names, phase, and its
+    parameter messages by field name (``"convolution_param"``: {field: value, ...}) with
+    every field present at Caffe's default when the prototxt leaves it out."""
+
+    name: str
+    type: str
+    bottoms: tuple[str, ...] = ()
+    tops: tuple[str, ...] = ()
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    phase: str = "TEST"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], phase: str = "TEST") -> LayerSpec:
+        """From the worker's ``layer_specs`` reply (one entry)."""
+        return cls(
+            name=str(d["name"]),
+            type=str(d["type"]),
+            bottoms=tuple(d["bottoms"]),
+            tops=tuple(d["tops"]),
+            params=dict(d["params"]),
+            phase=phase,
+        )
+
+    def param(self, kind: str) -> Mapping[str, Any]:
+        """The ``<kind>`` parameter message (e.g. ``"pooling_param"``)."""
+        try:
+            return self.params[kind]
+        except KeyError:
+            raise ValueError(
+                f"layer {self.name!r} ({self.type}): no {kind} in its spec "
+                f"(has: {', '.join(self.params) or 'none'})"
+            ) from None
+
+
+LayerFn = Callable[[LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A supported Caffe layer type: its forward (autograd gives Caffe's backward)."""
+
+    type: str
+    forward: LayerFn
+    formula: str
+
+
+LAYERS: dict[str, LayerType] = {}
+
+
+def register(type_name: str) -> Callable[[LayerFn], LayerFn]:
+    """Register `f` as the reference of Caffe layer type `type_name` (its docstring's first
+    line is the formula shown in reports)."""
+
+    def deco(f: LayerFn) -> LayerFn:
+        if type_name in LAYERS:
+            raise ValueError(f"layer type {type_name!r} registered twice")
+        doc = (f.__doc__ or "").strip().splitlines()
+        LAYERS[type_name] = LayerType(type_name, f, doc[0] if doc else "")
+        return f
+
+    return deco
+
+
+class UnsupportedLayer(ValueError):
+    """A layer whose type the reference does not implement: never silently passed."""
+
+    def __init__(self, name: str, type_name: str) -> None:
+        self.layer = name
+        self.type = type_name
+        super().__init__(
+            f"layer {name!r} has type {type_name!r}, which the reference layer library does "
+            f"not implement (supported: {', '.join(sorted(LAYERS))})"
+        )
+
+
+def lookup(spec: LayerSpec) -> LayerType:
+    try:
+        return LAYERS[spec.type]
+    except KeyError:
+        raise UnsupportedLayer(spec.name, spec.type) from None
+
+
+def forward(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
+    """The layer's tops for `bottoms` and param `blobs`, in their dtype."""
+    return lookup(spec).forward(spec, bottoms, blobs)
+
+
+def vjp(
+    spec: LayerSpec,
+    bottoms: Sequence[Tensor],
+    blobs: Sequence[Tensor],
+    top_diffs: Sequence[Tensor],
+) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    """Tops, and Caffe's diffs of every floating bottom and param blob for the given top
+    diffs (None where the layer computes none: integer label bottoms)."""
+    bs = [b.detach().clone().requires_grad_(b.is_floating_point()) for b in bottoms]
+    ps = [p.detach().clone().requires_grad_(True) for p in blobs]
+    tops = forward(spec, bs, ps)
+    leaves = [*bs, *ps]
+    wanted = [t for t in leaves if t.requires_grad]
+    pairs = [(t, g) for t, g in zip(tops, top_diffs, strict=True) if t.requires_grad]
+    grads: Sequence[Tensor | None] = [None] * len(wanted)
+    if wanted and pairs:
+        grads = torch.autograd.grad(
+            [t for t, _ in pairs],
+            wanted,
+            [g.to(t.dtype) for t, g in pairs],
+            allow_unused=True,
+        )
+    by_leaf = {id(t): g for t, g in zip(wanted, grads, strict=True)}
+    full: list[Tensor | None] = []
+    for t in leaves:
+        g = by_leaf.get(id(t))
+        # A leaf the tops do not depend on gets Caffe's zero diff, not "no diff".
+        full.append(None if not t.requires_grad else g if g is not None else torch.zeros_like(t))
+    return [t.detach() for t in tops], full[: len(bs)], full[len(bs) :]
+
+
+# The families register themselves on import.
+from reference.layers import (  # noqa: E402
+    loss,
+    neuron,
+    normalization,
+    structure,
+    vision,
+)
+
+del loss, neuron, normalization, structure, vision

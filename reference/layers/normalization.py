@@ -1,0 +1,3 @@
+"""Normalization and affine layers: BatchNorm, Scale, Bias."""
+
+from __future__ import annotations
