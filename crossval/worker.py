@@ -4,23 +4,75 @@ pycaffe runs in a separate interpreter, so a Caffe CHECK failure, abort or segfa
 take the caller down: it becomes a ``CaffeCrash`` carrying Caffe's own log line, and the next
 request starts a fresh worker. Requests and replies are pickled over the child's stdin and a
 private copy of its stdout; Caffe's log (stderr) goes to a file read only after a crash.
+
+Process hygiene: the worker runs in its own session (its process group is killed as one),
+asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``, whatever killed the
+parent, SIGKILL included), and writes its temporary files and log only in a private
+directory that the parent removes on close, after a crash, and at exit. Every call has a
+time limit (``default_limit``, or the worker's ``timeout``); reaching it kills the worker and
+raises ``CaffeTimeout``, and the next call starts a fresh one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import re
+import select
+import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
+
+import numpy as np
 
 from . import provision
 from .errors import CrossvalError
 
 _HEADER = struct.Struct("<Q")
+DIR_PREFIX = "crossval-worker-"
+
+# Default time limit of one call: generous, so that only a hang reaches it. The base covers
+# importing pycaffe and building a net on a loaded 2-core machine (a few seconds when idle);
+# a net's cost grows with its definition (each KB of prototxt is a few large layers: VGG-16
+# is 7 KB) and with the arrays the request carries.
+BASE_LIMIT = 120.0
+LIMIT_PER_PROTOTXT_KB = 30.0
+LIMIT_PER_MILLION_ELEMENTS = 10.0
+# Calls that repeat the net's work, and how many times (in units of one run).
+_REPEATS: dict[str, Callable[[Mapping[str, Any]], float]] = {
+    "train": lambda kw: max(1.0, float(kw.get("steps", 1))),
+    "gradient_check": lambda kw: 1.0 + len(kw.get("targets", ())) / 10,
+    "time_raw": lambda kw: 1.0 + float(kw.get("repeat", 1000)) / 100,
+}
+
+
+def _elements(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.size)
+    if isinstance(value, Mapping):
+        return sum(_elements(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_elements(v) for v in value)
+    return 0
+
+
+def default_limit(op: str, kwargs: Mapping[str, Any]) -> float:
+    """Seconds allowed for one worker call: BASE_LIMIT, plus the net's size (prototxt text)
+    and the request's arrays, times the op's repetitions of the net's work."""
+    chars = sum(len(v) for k, v in kwargs.items() if "prototxt" in k and isinstance(v, str))
+    size = chars / 1024 * LIMIT_PER_PROTOTXT_KB
+    size += _elements(kwargs) / 1e6 * LIMIT_PER_MILLION_ELEMENTS
+    repeats = _REPEATS[op](kwargs) if op in _REPEATS else 1.0
+    return BASE_LIMIT + size * repeats + (repeats - 1) * BASE_LIMIT / 10
 
 
 class CaffeCrash(CrossvalError):
@@ -35,13 +87,33 @@ class CaffeCrash(CrossvalError):
         super().__init__(f"Caffe {how} during {op}: {shown}")
 
 
+class CaffeTimeout(CaffeCrash):
+    """A worker call reached its time limit; the worker was killed (the next call starts a
+    fresh one). `where` is the innermost Python frame the worker was in, when it had one
+    (a Python layer's forward, for example)."""
+
+    def __init__(self, op: str, limit: float, where: str, log_lines: list[str]) -> None:
+        self.limit = limit
+        self.where = where
+        CrossvalError.__init__(
+            self,
+            f"Caffe did not return within {limit:.0f} s during {op}"
+            + (f" (it was in {where})" if where else "")
+            + "; the worker was killed",
+        )
+        self.op, self.how, self.log_lines = op, f"timed out after {limit:.0f} s", log_lines
+
+
 class CaffeError(CrossvalError):
     """A request failed inside the worker with a Python exception (the worker lives on)."""
 
 
+class _Expired(Exception):
+    pass
+
+
 def write_frame(stream: IO[bytes], obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
+    stream.write(_frame(obj))
     stream.flush()
 
 
@@ -56,38 +128,159 @@ def read_frame(stream: IO[bytes]) -> Any:
     return pickle.loads(data)
 
 
-class CaffeWorker:
-    """A client for one pycaffe worker process; restarts it after a crash."""
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
 
-    def __init__(self, install: provision.CaffeInstall | None = None) -> None:
+
+def send_frame(fd: int, obj: Any, deadline: float) -> None:
+    """Write one frame to a non-blocking pipe `fd` by `deadline` (time.monotonic); raises
+    BrokenPipeError when the reader is gone."""
+    view = memoryview(_frame(obj))
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired
+        if not poller.poll(left * 1000):
+            continue
+        try:
+            n = os.write(fd, view[: 1 << 20])
+        except BlockingIOError:
+            continue
+        view = view[n:]
+
+
+def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
+    chunks, got = [], 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while got < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Expired
+            if not poller.poll(left * 1000):
+                continue
+        chunk = os.read(fd, min(size - got, 1 << 24))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(fd: int, deadline: float | None) -> Any:
+    """Read one frame from `fd` by `deadline` (None: no limit); EOFError at end of pipe."""
+    (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
+    return pickle.loads(_read_exact(fd, size, deadline))
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc`'s process group (it leads its own session) and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    proc.wait()
+
+
+def _reap(proc: subprocess.Popen[bytes], log: IO[bytes], directory: str) -> None:
+    kill_group(proc)
+    for stream in (proc.stdin, proc.stdout, log):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def private_dir(prefix: str = DIR_PREFIX) -> str:
+    """A new private temporary directory named after this process (`<prefix><pid>-...`);
+    first removes those of earlier processes that are gone (killed before they could)."""
+    sweep_stale(prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def sweep_stale(prefix: str = DIR_PREFIX) -> None:
+    """Remove this user's `<prefix><pid>-*` directories whose process no longer exists."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            m = re.fullmatch(re.escape(prefix) + r"(\d+)-\w+", entry.name)
+            if m is None or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
+class CaffeWorker:
+    """A client for one pycaffe worker process; restarts it after a crash or a timeout.
+
+    `timeout` (seconds) replaces `default_limit` for every call when given."""
+
+    def __init__(
+        self, install: provision.CaffeInstall | None = None, timeout: float | None = None
+    ) -> None:
         self.install = install or provision.locate()
+        self.timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._dir = ""
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._pending = False
         self.restarts = 0
 
+    @property
+    def directory(self) -> str:
+        """The running worker's private temporary directory ('' when none runs)."""
+        return self._dir
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def _start(self) -> subprocess.Popen[bytes]:
-        self._log = tempfile.NamedTemporaryFile(prefix="crossval-caffe-", suffix=".log")
+        self._dir = private_dir()
+        self._log = open(os.path.join(self._dir, "caffe.log"), "w+b")
         env = self.install.env()
         pkg_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = env["PYTHONPATH"] + ":" + pkg_root
         env["OMP_NUM_THREADS"] = env.get("CROSSVAL_CAFFE_THREADS", "1")
         env["OPENBLAS_NUM_THREADS"] = env.get("CROSSVAL_CAFFE_THREADS", "1")
-        self._proc = subprocess.Popen(
+        env["TMPDIR"] = self._dir
+        env["CROSSVAL_WORKER_PARENT"] = str(os.getpid())
+        proc = subprocess.Popen(
             [sys.executable, "-m", "crossval.caffe_side.server"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
+            bufsize=0,
+            start_new_session=True,
         )
-        return self._proc
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        self._proc = proc
+        self._finalizer = weakref.finalize(self, _reap, proc, self._log, self._dir)
+        return proc
 
     def _log_lines(self) -> list[str]:
         if self._log is None:
             return []
         self._log.flush()
-        with open(self._log.name, "rb") as f:
-            text = f.read().decode(errors="replace")
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
         return [ln for ln in text.splitlines() if ln.strip()]
+
+    def limit(self, op: str, kwargs: Mapping[str, Any]) -> float:
+        """Seconds allowed for `op` with `kwargs`."""
+        return self.timeout if self.timeout is not None else default_limit(op, kwargs)
 
     def call(self, op: str, **kwargs: Any) -> Any:
         """Run `op` in the worker and return its result."""
@@ -96,45 +289,86 @@ class CaffeWorker:
     def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
         """Send `op` to the worker and return a function that waits for its result, so the
         caller can work meanwhile (the worker runs on the other core). One request at a time:
-        collect the result before the next submit."""
+        collect the result before the next submit. The time limit runs from here."""
         proc = self._proc if self._proc and self._proc.poll() is None else self._start()
+        limit = self.limit(op, kwargs)
+        deadline = time.monotonic() + limit
+        assert proc.stdin is not None
+        self._pending = True
         try:
-            assert proc.stdin is not None
-            write_frame(proc.stdin, (op, kwargs))
-        except (BrokenPipeError, OSError):
-            return lambda: self._collect(proc, op, failed=True)
-        return lambda: self._collect(proc, op)
+            send_frame(proc.stdin.fileno(), (op, kwargs), deadline)
+        except _Expired:
+            return lambda: self._timed_out(proc, op, limit)
+        except OSError:
+            return lambda: self._collect(proc, op, deadline, limit, failed=True)
+        return lambda: self._collect(proc, op, deadline, limit)
 
-    def _collect(self, proc: subprocess.Popen[bytes], op: str, failed: bool = False) -> Any:
+    def _collect(
+        self,
+        proc: subprocess.Popen[bytes],
+        op: str,
+        deadline: float,
+        limit: float,
+        failed: bool = False,
+    ) -> Any:
         assert proc.stdout is not None
         try:
             if failed:
                 raise EOFError
-            status, payload = read_frame(proc.stdout)
-        except (EOFError, BrokenPipeError, OSError):
+            status, payload = recv_frame(proc.stdout.fileno(), deadline)
+        except _Expired:
+            self._timed_out(proc, op, limit)
+        except (EOFError, OSError, pickle.UnpicklingError):
             rc = proc.wait()
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
             lines = self._log_lines()
-            self._proc = None
-            self.restarts += 1
+            self._retire()
             raise CaffeCrash(op, how, lines[-20:]) from None
+        finally:
+            self._pending = False
         if status == "ok":
             return payload
         raise CaffeError(f"{op} failed in the Caffe worker: {payload}")
 
+    def _timed_out(self, proc: subprocess.Popen[bytes], op: str, limit: float) -> NoReturn:
+        self._pending = False
+        where = ""
+        if proc.poll() is None and self._log is not None:
+            # The worker's faulthandler dumps its Python stack on SIGUSR1 (see server.main).
+            size = os.fstat(self._log.fileno()).st_size
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end and os.fstat(self._log.fileno()).st_size == size:
+                time.sleep(0.02)
+            time.sleep(0.05)
+            where = innermost_frame(self._log_lines())
+        kill_group(proc)
+        lines = self._log_lines()
+        self._retire()
+        raise CaffeTimeout(op, limit, where, lines[-20:])
+
+    def _retire(self) -> None:
+        """Forget the dead worker and remove its directory."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._finalizer = None
+        self._proc, self._log, self._dir = None, None, ""
+        self.restarts += 1
+
     def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        proc = self._proc
+        if proc is not None and proc.poll() is None and not self._pending:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # an idle worker exits at the end of its requests
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        if self._finalizer is not None:
+            self._finalizer()  # kills what is left (a busy worker) and removes the directory
+        self._finalizer = None
+        self._proc, self._log, self._dir = None, None, ""
+        self._pending = False
 
     def __enter__(self) -> CaffeWorker:
         return self
@@ -142,22 +376,25 @@ class CaffeWorker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def innermost_frame(log_lines: list[str]) -> str:
+    """The innermost frame of the last Python stack dump (faulthandler's format) in the log:
+    `function (file:line)`, '' when there is none."""
+    for i in range(len(log_lines) - 1, -1, -1):
+        if "most recent call first" in log_lines[i]:
+            for line in log_lines[i + 1 :]:
+                m = re.match(r'\s*File "([^"]+)", line (\d+) in (\S+)', line)
+                if m:
+                    return f"{m.group(3)} ({Path(m.group(1)).name}:{m.group(2)})"
+            return ""
+    return ""
 
 
-_shared: CaffeWorker | None = None
-
-
-def shared_worker() -> CaffeWorker:
-    """One worker per process, started on first use."""
-    global _shared
-    if _shared is None:
-        _shared = CaffeWorker()
-    return _shared
-
-
-__all__ = ["CaffeCrash", "CaffeError", "CaffeWorker", "shared_worker"]
+__all__ = [
+    "CaffeCrash",
+    "CaffeError",
+    "CaffeTimeout",
+    "CaffeWorker",
+    "default_limit",
+    "innermost_frame",
+]

@@ -1,12 +1,27 @@
-"""Caffe runs in a worker process: its aborts and crashes never kill the caller."""
+"""Caffe runs in a worker process: its aborts, crashes and hangs never kill or block the
+caller, it dies with its parent, and it leaves no temporary files."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from crossval import provision
-from crossval.worker import CaffeCrash, CaffeError, CaffeWorker
+from crossval.worker import (
+    BASE_LIMIT,
+    CaffeCrash,
+    CaffeError,
+    CaffeTimeout,
+    CaffeWorker,
+    default_limit,
+)
 
 
 def test_check_failure_is_reported_with_caffes_log_line(
@@ -71,3 +86,158 @@ def test_nets_are_reused_across_batch_sizes(caffe_install: provision.CaffeInstal
                 out["params"]["pred_age"][0].tobytes()
                 == np.arange(7, dtype=np.float32)[None].tobytes()
             )
+
+
+# ---- process hygiene and time limits ---------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an unreaped child of init counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$TMPDIR of this test alone, so leftovers are this test's own."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("crossval"))
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_worker_dies_when_its_parent_is_sigkilled(
+    caffe_install: provision.CaffeInstall, private_tmp: Path, busy: bool
+) -> None:
+    # The parent starts a worker, reports its pid, and (busy) leaves it hanging in a call.
+    script = (
+        "import sys, time\n"
+        "from crossval.worker import CaffeWorker\n"
+        "w = CaffeWorker()\n"
+        "print(w.call('ping')['pid'], w.directory, flush=True)\n"
+        + ("w.submit('crash', how='hang')\n" if busy else "")
+        + "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
+    try:
+        assert parent.stdout is not None
+        pid_text, directory = parent.stdout.readline().split()
+        worker_pid = int(pid_text)
+        assert _alive(worker_pid) and Path(directory).is_dir()
+        time.sleep(0.3)  # the busy request reaches the worker
+        parent.kill()
+        parent.wait()
+        assert _wait_gone(worker_pid, 5.0), f"worker {worker_pid} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    # A SIGKILLed parent cannot clean up: the next worker started anywhere removes its directory.
+    assert Path(directory).exists()
+    with CaffeWorker(caffe_install) as worker:
+        worker.call("ping")
+        assert not Path(directory).exists()
+
+
+def test_no_temporary_files_after_an_abort_and_after_close(
+    caffe_install: provision.CaffeInstall, private_tmp: Path
+) -> None:
+    with CaffeWorker(caffe_install) as worker:
+        proto = worker.call("prototxt", head="sigmoid_scale", features=4, batch=2, loss="euclidean")
+        first = Path(worker.directory)
+        assert first.parent == private_tmp and (first / "caffe.log").is_file()
+        # Caffe aborts while building the net, with its temporary prototxt written.
+        with pytest.raises(CaffeCrash, match="Check failed"):
+            worker.call(
+                "run",
+                prototxt=proto,
+                inputs={
+                    "pool5": np.zeros((2, 4), np.float32),
+                    "true_age": np.zeros((2, 2), np.float32),
+                },
+            )
+        assert _leftovers(private_tmp) == []
+        worker.call("ping")
+        assert _leftovers(private_tmp) == [Path(worker.directory).name]
+    assert _leftovers(private_tmp) == []
+
+
+HANGING_LAYER = """
+import time
+
+import caffe
+
+
+class Hang(caffe.Layer):
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        while True:
+            time.sleep(3600)
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+"""
+
+HANGING_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "stuck" type: "Python" bottom: "data" top: "out"
+        python_param { module: "hanging_layer" layer: "Hang" } }
+"""
+
+
+def test_a_call_over_its_limit_is_killed_and_the_next_call_works(
+    caffe_install: provision.CaffeInstall,
+    private_tmp: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "hanging_layer.py").write_text(HANGING_LAYER)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    with CaffeWorker(caffe_install, timeout=3.0) as worker:
+        pid = worker.call("ping")["pid"]
+        start = time.monotonic()
+        with pytest.raises(CaffeTimeout) as info:
+            worker.call("run", prototxt=HANGING_NET, inputs={"data": np.ones((2, 3), np.float32)})
+        took = time.monotonic() - start
+        assert 3.0 <= took < 6.0, took
+        message = str(info.value)
+        assert "did not return within 3 s during run" in message
+        assert "forward (hanging_layer.py:" in message
+        assert not _alive(pid) and _leftovers(private_tmp) == []
+        assert worker.call("ping")["pid"] != pid and worker.restarts == 1
+        # The built-in hang (no Python layer) is stopped the same way.
+        with pytest.raises(CaffeTimeout, match="during crash"):
+            worker.call("crash", how="hang")
+        assert worker.call("layer_types", prototxt=HANGING_NET) == ["Input", "Python"]
+
+
+def test_default_limits_grow_with_the_net_and_its_work() -> None:
+    small = default_limit("run", {"prototxt": "x" * 1000})
+    big = default_limit("run", {"prototxt": "x" * 8000, "inputs": {"a": np.zeros((10, 10**5))}})
+    train = default_limit("train", {"solver_prototxt": "x" * 1000, "steps": 50})
+    assert BASE_LIMIT < small < big and small < train

@@ -7,7 +7,9 @@ across requests (only the batch axis is reshaped), never rebuilt per example.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from collections import OrderedDict
 from typing import Any
@@ -17,7 +19,25 @@ import numpy as np
 from crossval.worker import read_frame, write_frame
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (whatever killed it), and
+    exit now if the parent died before that request was made."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    parent = int(os.environ.get("CROSSVAL_WORKER_PARENT", "0"))
+    if parent and os.getppid() != parent:
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_parent()
+    # On SIGUSR1 (sent when a call reaches its time limit) the Python stack goes to the log,
+    # so the error can say where the worker was (a Python layer's forward, say).
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything Caffe or a layer prints goes to the log, not the protocol
     requests = sys.stdin.buffer
@@ -518,13 +538,19 @@ class Ops:
         return {"bins": k, "kernel": kernel.copy(), "bottom": bottom}
 
     def op_crash(self, how: str) -> None:
-        """For tests of crash isolation: die the way Caffe can."""
+        """For tests of crash isolation and time limits: die (abort, segfault) or hang the
+        way Caffe can."""
         if how == "abort":
             os.abort()
         if how == "segfault":
             import ctypes
 
             ctypes.string_at(0)
+        if how == "hang":
+            import time
+
+            while True:
+                time.sleep(3600)
         raise ValueError(f"unknown crash {how!r}")
 
 
