@@ -23,7 +23,7 @@ import torch
 from reference import layers as ref
 from reference.layers import LayerSpec
 
-from . import ETA32, F64, TABLE, U32, Rule, gamma
+from . import ETA32, F64, TABLE, Rule, gamma
 
 Arrays = Sequence[F64]
 ForwardBound = Callable[[LayerSpec, Arrays, Arrays, Arrays], list[F64]]
@@ -53,11 +53,6 @@ RULES = (
         "gamma(n) * f(|x|, |w|) + n ETA32, with f the layer itself on absolute values (which "
         "is sum |w| |x| per output) and n the terms per output, bias included; the backward "
         "diffs likewise with the vjp of f at |g| and n the terms each diff sums",
-    ),
-    Rule(
-        "layer_exact_or_one_rounding",
-        "a layer that selects, copies or multiplies by one constant (ReLU)",
-        "u |y| + ETA32: at most one rounding of the result (none when it only selects)",
     ),
 )
 TABLE.update({r.name: r for r in RULES})
@@ -113,47 +108,13 @@ def linear(
     return LayerBound("layer_linear", fwd, "layer_linear", bwd)
 
 
-def _ip_axis(spec: LayerSpec, x: F64) -> int:
-    return int(spec.param("inner_product_param")["axis"]) % x.ndim
-
-
-def _ip_forward_terms(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> int:
-    x = bottoms[0]
-    k = int(np.prod(x.shape[_ip_axis(spec, x) :]))
-    return k + (1 if spec.param("inner_product_param")["bias_term"] else 0)
-
-
-def _ip_backward_terms(
-    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, top_diffs: Arrays
-) -> tuple[list[int], list[int]]:
-    x = bottoms[0]
-    m = int(np.prod(x.shape[: _ip_axis(spec, x)]))
-    n = int(spec.param("inner_product_param")["num_output"])
-    return [n], [m] * len(blobs)
-
-
-LAYER_BOUNDS["InnerProduct"] = linear(_ip_forward_terms, _ip_backward_terms)
-
-
-def _one_rounding_forward(
-    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays
-) -> list[F64]:
-    """See TABLE['layer_exact_or_one_rounding']."""
-    return [U32 * np.abs(t) + ETA32 for t in tops]
-
-
-def _relu_backward(
-    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
-) -> tuple[list[F64 | None], list[F64 | None]]:
-    """g_x = g_y or slope * g_y: one rounding, see TABLE['layer_exact_or_one_rounding']."""
-    slope = abs(float(spec.param("relu_param")["negative_slope"]))
-    g = np.abs(top_diffs[0]) * np.where(bottoms[0] > 0, 1.0, slope)
-    return [U32 * g + ETA32], []
-
-
-LAYER_BOUNDS["ReLU"] = LayerBound(
-    "layer_exact_or_one_rounding",
-    _one_rounding_forward,
-    "layer_exact_or_one_rounding",
-    _relu_backward,
+# The families register their bounds (and rules) on import.
+from crossval.tolerances import (  # noqa: E402
+    loss,
+    neuron,
+    normalization,
+    structure,
+    vision,
 )
+
+del loss, neuron, normalization, structure, vision
