@@ -16,25 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from crossval.worker import read_frame, write_frame
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (whatever killed it), and
-    exit now if the parent died before that request was made."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    parent = int(os.environ.get("CROSSVAL_WORKER_PARENT", "0"))
-    if parent and os.getppid() != parent:
-        os._exit(1)
+from crossval.worker import die_with_parent, read_frame, write_frame
 
 
 def main() -> None:
-    die_with_parent()
+    die_with_parent(int(os.environ.get("CROSSVAL_WORKER_PARENT", "0")))
     # On SIGUSR1 (sent when a call reaches its time limit) the Python stack goes to the log,
     # so the error can say where the worker was (a Python layer's forward, say).
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
@@ -107,6 +93,11 @@ def layer_spec(lp: Any) -> dict[str, Any]:
         "include": [message_dict(r) for r in lp.include],
         "exclude": [message_dict(r) for r in lp.exclude],
         "params": params,
+        # proto2 presence, which the defaults above hide: Caffe branches on has_ignore_label,
+        # has_normalization, has_concat_dim, has_use_global_stats...
+        "set_fields": {
+            name: [fd.name for fd, _ in getattr(lp, name).ListFields()] for name in params
+        },
     }
 
 

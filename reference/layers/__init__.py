@@ -45,6 +45,7 @@ class LayerSpec:
     tops: tuple[str, ...] = ()
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     phase: str = "TEST"
+    set_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], phase: str = "TEST") -> LayerSpec:
@@ -56,7 +57,12 @@ class LayerSpec:
             tops=tuple(d["tops"]),
             params=dict(d["params"]),
             phase=phase,
+            set_fields={k: frozenset(v) for k, v in d.get("set_fields", {}).items()},
         )
+
+    def has(self, kind: str, name: str) -> bool:
+        """Whether the prototxt sets field `name` of `kind` (Caffe's ``has_<name>()``)."""
+        return name in self.set_fields.get(kind, frozenset())
 
     def param(self, kind: str) -> Mapping[str, Any]:
         """The ``<kind>`` parameter message (e.g. ``"pooling_param"``)."""
