@@ -32,6 +32,9 @@ from reference.solvers import CaffeSolver
 from .checks import REFERENCE, Harness
 from .compare import Comparison
 from .heads import HEADS
+from .layercheck import CASES as LAYER_CASES
+from .layercheck import run_case as run_layer_case
+from .layercheck.mutants import LAYER_MUTANTS
 from .mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
 from .strategies import SOLVER_TYPES, cases, train_cases
 from .training import (
@@ -160,7 +163,10 @@ def _kill(
     if example is None:
         return Kill(name, mistake, shows, kind, False, tried)
     first = fails[0]
-    if isinstance(first, str):  # "fixed parameter moved: <who> at step <t>, ..."
+    if isinstance(first, str) and kind == "layer":  # "forward: top 0 has shape ..."
+        check, _, blob = first.partition(": ")
+        check, blob = check + " shape", blob.partition(" has")[0]
+    elif isinstance(first, str):  # "fixed parameter moved: <who> at step <t>, ..."
         moved = first.partition(": ")[2]
         check, blob = "train fixed moved", moved.partition(", ")[0]
     else:
@@ -252,6 +258,21 @@ def kill_table(
         )
         note(("train", sm.head, sm.loss + "/" + ",".join(sm.types)), tried)
 
+    def layer_failures(case: Any, port: Any = None) -> list[Comparison | str]:
+        result = run_layer_case(worker, case, port)
+        return [*result.shape_errors, *result.failures]
+
+    for name, lm in LAYER_MUTANTS.items():
+        if not want(name):
+            continue
+
+        def layer_port(case: Any, port: Any = lm.port) -> list[Comparison | str]:
+            return layer_failures(case, port)
+
+        tried, ex, fails = _search(LAYER_CASES[lm.type](), layer_port, budget)
+        rows.append(_kill(name, lm.mistake, lm.shows, "layer", tried, ex, fails))
+        note(("layer", lm.type, ""), tried)
+
     # The reference on the same example sequences (same strategy, same derandomized seed).
     false_alarms: list[str] = []
     ran: dict[str, int] = {}
@@ -267,10 +288,12 @@ def kill_table(
         combo = ((head, base),)
         if kind == "case":
             tried, ex, fails = _search(cases(combos=combo), ref_case, n)
+        elif kind == "layer":
+            tried, ex, fails = _search(LAYER_CASES[head](), layer_failures, n)
         else:
             tc_strategy = train_cases(combos=combo, types=tuple(types.split(",")))
             tried, ex, fails = _search(tc_strategy, ref_train, n)
-        ran[f"{kind} {head}+{loss}"] = tried
+        ran[f"{kind} {head}+{loss}" if loss else f"{kind} {head}"] = tried
         if ex is not None:
             false_alarms.append(f"{ex.describe()}: {fails[0]}")
 

@@ -9,6 +9,7 @@ from hypothesis import settings
 
 from crossval import provision
 from crossval.killtable import KillTable, kill_table
+from crossval.layercheck.mutants import LAYER_MUTANTS
 from crossval.mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
 from crossval.worker import CaffeWorker
 
@@ -33,7 +34,7 @@ def table(caffe_install: provision.CaffeInstall) -> Iterator[KillTable]:
 
 
 def test_catalogue_size_and_rows() -> None:
-    names = [*CATALOGUE, *TRAINING_MUTANTS, *SOLVER_MUTANTS]
+    names = [*CATALOGUE, *TRAINING_MUTANTS, *SOLVER_MUTANTS, *LAYER_MUTANTS]
     assert len(names) == len(set(names)) >= MIN_MUTANTS
     assert not set(EQUIVALENT) & set(names), "equivalent mutants are kept out of the count"
     for m in CATALOGUE.values():
@@ -45,7 +46,12 @@ def test_catalogue_size_and_rows() -> None:
 def test_every_mutant_is_caught(table: KillTable) -> None:
     survivors = [(r.name, r.examples) for r in table.survivors]
     assert not survivors, f"mutants survived:\n{table.markdown()}"
-    assert {r.name for r in table.rows} == {*CATALOGUE, *TRAINING_MUTANTS, *SOLVER_MUTANTS}
+    assert {r.name for r in table.rows} == {
+        *CATALOGUE,
+        *TRAINING_MUTANTS,
+        *SOLVER_MUTANTS,
+        *LAYER_MUTANTS,
+    }
     for r in table.rows:
         assert r.check and r.blob and r.case and r.examples >= 1, r
 
@@ -72,3 +78,6 @@ def test_kill_table_names_the_catching_check(table: KillTable) -> None:
             assert kinds[name] == "gradient", (name, kinds[name])
     for name in (*TRAINING_MUTANTS, *SOLVER_MUTANTS):
         assert kinds[name] == "train", (name, kinds[name])
+    for name, lm in LAYER_MUTANTS.items():
+        assert kinds[name] in ("forward", "backward"), (name, kinds[name])
+        assert lm.type in next(r.case for r in table.rows if r.name == name)

@@ -111,9 +111,10 @@ def _np(t: torch.Tensor | None) -> NDArray[np.float64]:
     return t.detach().to(torch.float64).numpy()
 
 
-def run_case(worker: CaffeWorker, case: LayerCase) -> LayerResult:
-    """Caffe, the float32 reference and the float64 reference on one case; every top, bottom
-    diff and param diff compared three ways within the layer's bound."""
+def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = None) -> LayerResult:
+    """Caffe, the float32 reference (or `port`, an implementation of the layer under test)
+    and the float64 reference on one case; every top, bottom diff and param diff compared
+    three ways within the layer's bound."""
     text = case.prototxt()
     spec = spec_of(worker, case)
     bound = LAYER_BOUNDS.get(case.type)
@@ -154,8 +155,16 @@ def run_case(worker: CaffeWorker, case: LayerCase) -> LayerResult:
     g64, g32 = _tensors(diffs, torch.float64), _tensors(diffs, torch.float32)
     t64, gb64, gp64 = ref.vjp(spec, b64, p64, g64)
     t32, gb32, gp32 = ref.vjp(
-        spec, _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32), g32
+        spec, _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32), g32, port
     )
+    for i, (t, p) in enumerate(zip(t64, t32, strict=True)):
+        if tuple(p.shape) != tuple(t.shape):
+            result.shape_errors.append(
+                f"forward: top {i} has shape {tuple(p.shape)} in the float32 side, "
+                f"{tuple(t.shape)} in the reference [{case.describe()}]"
+            )
+    if result.shape_errors:
+        return result
     arrays = [b.numpy() for b in b64], [p.numpy() for p in p64]
     tops_np = [t.numpy() for t in t64]
     diffs_np = [g.numpy() for g in g64]

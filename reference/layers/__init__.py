@@ -133,12 +133,14 @@ def vjp(
     bottoms: Sequence[Tensor],
     blobs: Sequence[Tensor],
     top_diffs: Sequence[Tensor],
+    fn: LayerFn | None = None,
 ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
     """Tops, and Caffe's diffs of every floating bottom and param blob for the given top
-    diffs (None where the layer computes none: integer label bottoms)."""
+    diffs (None where the layer computes none: integer label bottoms). `fn` replaces the
+    reference (a port of the layer, or a deliberately wrong one)."""
     bs = [b.detach().clone().requires_grad_(b.is_floating_point()) for b in bottoms]
     ps = [p.detach().clone().requires_grad_(True) for p in blobs]
-    tops = forward(spec, bs, ps)
+    tops = (fn or lookup(spec).forward)(spec, bs, ps)
     leaves = [*bs, *ps]
     wanted = [t for t in leaves if t.requires_grad]
     pairs = [(t, g) for t, g in zip(tops, top_diffs, strict=True) if t.requires_grad]
