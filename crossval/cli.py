@@ -38,7 +38,7 @@ def _surgery(args: argparse.Namespace) -> int:
     from .surgery import surgery
     from .worker import CaffeWorker
 
-    with CaffeWorker() as worker:
+    with CaffeWorker(timeout=args.timeout) as worker:
         result = surgery(
             worker,
             Path(args.prototxt),
@@ -67,7 +67,7 @@ def _prototxt(args: argparse.Namespace) -> int:
         opts["loss"] = args.loss
         if args.loss == "smooth_l1":
             opts["sigma"] = args.sigma
-    with CaffeWorker() as worker:
+    with CaffeWorker(timeout=args.timeout) as worker:
         text = worker.call("prototxt", head=args.head, **opts)
     if args.output:
         out = Path(args.output)
@@ -83,7 +83,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_caffe_head
     from .worker import CaffeWorker
 
-    with CaffeWorker() as worker:
+    with CaffeWorker(timeout=args.timeout) as worker:
         report = export_caffe_head(
             worker,
             Path(args.prototxt),
@@ -100,7 +100,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _validate_port(args: argparse.Namespace) -> int:
     from . import validate as v
-    from .worker import CaffeWorker
+    from .isolation import validate_isolated
 
     mapping: dict[str, str] = {}
     if args.map:
@@ -112,23 +112,23 @@ def _validate_port(args: argparse.Namespace) -> int:
             isinstance(k, str) and isinstance(x, str) for k, x in mapping.items()
         ):
             raise v.UsageError(f'--map {args.map}: expected {{"layer/index": "state_dict key"}}')
-    with CaffeWorker() as worker:
-        report = v.validate(
-            worker,
-            Path(args.net),
-            args.port,
-            weights=Path(args.weights) if args.weights else None,
-            mapping=mapping,
-            head=args.head,
-            bins=args.bins,
-            examples_n=args.examples,
-            seed=args.seed,
-            batch=args.batch,
-            save_failure=Path(args.save_failure) if args.save_failure else None,
-            replay=Path(args.replay) if args.replay else None,
-            argv=sys.argv[1:],
-            generate=args.generate,
-        )
+    # The port runs in a child process: its crash, exit or hang is a finding, not ours.
+    report = validate_isolated(
+        Path(args.net),
+        args.port,
+        timeout=args.timeout,
+        weights=Path(args.weights) if args.weights else None,
+        mapping=mapping,
+        head=args.head,
+        bins=args.bins,
+        examples_n=args.examples,
+        seed=args.seed,
+        batch=args.batch,
+        save_failure=Path(args.save_failure) if args.save_failure else None,
+        replay=Path(args.replay) if args.replay else None,
+        argv=sys.argv[1:],
+        generate=args.generate,
+    )
     print(report.text())
     if args.json:
         v.write_json(report, Path(args.json))
@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CrossvalError(str(exc)) from None
     tc = TrainCase(case, batches, cfg)
-    with CaffeWorker() as worker:
+    with CaffeWorker(timeout=args.timeout) as worker:
         ok, text = train_report(worker, tc, out, args.snapshot)
     print(text)
     return 0 if ok else 1
@@ -184,7 +184,7 @@ def _mutants(args: argparse.Namespace) -> int:
     from .worker import CaffeWorker
 
     start = time.monotonic()
-    with CaffeWorker() as worker:
+    with CaffeWorker(timeout=args.timeout) as worker:
         table = kill_table(worker, max_examples=args.max_examples)
     print(table.markdown())
     print(f"\n({args.max_examples} examples at most per mutant; {time.monotonic() - start:.1f} s)")
@@ -199,7 +199,7 @@ def _report(args: argparse.Namespace) -> int:
 
     install = provision.locate(args.caffe)
     described = info.collect(install)
-    with CaffeWorker(install) as worker:
+    with CaffeWorker(install, timeout=args.timeout) as worker:
         ok, rows = run(
             worker, args.profile, Path(args.out), examples=args.examples, caffe_info=described
         )
@@ -263,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
             + "; ".join(f"{v.name}: {v.purpose}" for v in VARIANTS.values()),
         )
 
+    def add_timeout_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="time limit of each Caffe call (and of each call into a port); reaching it "
+            "stops the call and names it (default: 120 s and more, scaled by the net's size)",
+        )
+
     ensure = caffe_sub.add_parser(
         "ensure", help="build (once, cached) and check pycaffe for this interpreter"
     )
@@ -304,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
     proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
     proto.add_argument("--force", action="store_true", help="overwrite --output")
+    add_timeout_option(proto)
     proto.set_defaults(func=_prototxt)
 
     surg = sub.add_parser(
@@ -314,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     surg.add_argument("--layer", default="pred_age", help="the fixed Convolution (pred_age)")
     surg.add_argument("--weights", default=None, help="start from these weights")
     surg.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_timeout_option(surg)
     surg.set_defaults(func=_surgery)
 
     onnx_cmd = sub.add_parser(
@@ -334,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--opset", type=int, default=None, help="ONNX opset (default: the exporter's)"
     )
     onnx_cmd.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_timeout_option(onnx_cmd)
     onnx_cmd.set_defaults(func=_export_onnx)
 
     vp = sub.add_parser(
@@ -375,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument(
         "--replay", default=None, metavar="FILE.npz", help="run only the example saved in FILE.npz"
     )
+    add_timeout_option(vp)
     vp.set_defaults(func=_validate_port)
 
     rp = sub.add_parser(
@@ -394,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--examples", type=int, default=None, help="override the profile's count")
     rp.add_argument("--out", default="crossval-report", help="directory for the files")
+    add_timeout_option(rp)
     rp.set_defaults(func=_report)
 
     from .provision.variants import VARIANTS
@@ -475,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    add_timeout_option(tr)
     tr.set_defaults(func=_train)
 
     mut = sub.add_parser(
@@ -487,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="examples per mutant before it counts as surviving (200, the ci profile)",
     )
+    add_timeout_option(mut)
     mut.set_defaults(func=_mutants)
     return parser
 

@@ -16,6 +16,7 @@ within tolerance, is where the port first goes wrong.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -24,7 +25,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
 from .transfer import state_dict_key
-from .worker import CaffeError, CaffeWorker
+from .worker import CaffeCrash, CaffeError, CaffeWorker
 
 SHRINK_BELOW = 0.5  # seconds per example
 # Gradients are compared only where the forward pass is not dominated by cancellation or
@@ -66,6 +67,58 @@ LOSS_LAYERS = {
 
 class UsageError(CrossvalError):
     """Bad input to validate-port: the message names the file, blob, layer or key at fault."""
+
+
+class PortFailure(CrossvalError):
+    """The port raised, crashed, exited or hung in its own code: a finding about the port."""
+
+    exit_code = 1
+
+
+class _SearchStopped(BaseException):
+    """Ends the hypothesis search at once: hypothesis shrinks a failure (an Exception) by
+    rerunning it, which for a crash means a fresh Caffe worker or port per step; it lets a
+    BaseException through untouched."""
+
+    def __init__(self, error: CrossvalError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class PortGuard:
+    """Runs the port's own code (import, factory, forward, backward): an exception there
+    becomes a PortFailure naming the call and the example. The isolated run
+    (crossval.isolation) extends it to tell its supervisor before each call."""
+
+    def __init__(self) -> None:
+        self.index = 0  # the example running, from 1 (0: none yet)
+        self.desc = ""
+
+    def begin_example(
+        self,
+        index: int,
+        desc: str,
+        ex: Example | None,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+    ) -> None:
+        self.index, self.desc = index, desc
+
+    def where(self, what: str) -> str:
+        if self.index == 0:
+            return what
+        return f"{what} while running example {self.index} ({self.desc})"
+
+    @contextlib.contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except CrossvalError:
+            raise
+        except Exception as exc:
+            raise PortFailure(
+                f"the port raised {type(exc).__name__}: {exc} in {self.where(what)}"
+            ) from None
 
 
 # ---- the net --------------------------------------------------------------------------
@@ -242,11 +295,13 @@ def append_expectation_head(prototxt: str, info: NetInfo, bins: int) -> str:
 # ---- the port -------------------------------------------------------------------------
 
 
-def load_port(spec: str | Callable[[], nn.Module]) -> nn.Module:
+def load_port(spec: str | Callable[[], nn.Module], guard: PortGuard | None = None) -> nn.Module:
     """Import `module:callable` (from the current directory or PYTHONPATH) and call it; a
     callable (from the pytest plugin) is called directly."""
+    guard = guard or PortGuard()
     if callable(spec):
-        made = spec()
+        with guard.call("its factory"):
+            made = spec()
         if not isinstance(made, nn.Module):
             raise UsageError(
                 f"the port factory returned {type(made).__name__}, not a torch.nn.Module"
@@ -257,14 +312,16 @@ def load_port(spec: str | Callable[[], nn.Module]) -> nn.Module:
     mod_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UsageError(f"--port {spec!r}: cannot import {mod_name!r}: {exc}") from None
+    with guard.call(f"its module {mod_name!r} (import)"):
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise UsageError(f"--port {spec!r}: cannot import {mod_name!r}: {exc}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--port {spec!r}: {mod_name} has no callable {attr!r}")
-    port = factory()
+    with guard.call(f"its factory {attr!r}"):
+        port = factory()
     if not isinstance(port, nn.Module):
         raise UsageError(f"--port {spec!r} returned {type(port).__name__}, not a torch.nn.Module")
     return port
@@ -424,12 +481,16 @@ class Validator:
         generate: bool,
         surgery: str,
         weights: str = "",
+        guard: PortGuard | None = None,
     ) -> None:
         self.worker, self.info, self.port = worker, info, port
         self.bindings, self.base, self.batch = bindings, base, batch
         self.generate, self.surgery, self.weights = generate, surgery, weights
         self.accum = info.accumulation()
         self.has_loss = bool(info.losses)
+        self.guard = guard or PortGuard()
+        self.index = 0  # examples started
+        self.current: ExampleResult | None = None  # the example running (or last run)
 
     def run(
         self,
@@ -442,6 +503,9 @@ class Validator:
             inputs, params = make_arrays(self.info, ex, self.batch, self.base, self.generate)
         desc = self.describe(ex)
         result = ExampleResult(ex, inputs=inputs, params=params)
+        self.index += 1
+        self.current = result
+        self.guard.begin_example(self.index, desc, ex, inputs, params)
         if ex is not None:
             # Caffe makes the same example itself (no 550 MB of weights through a pipe) and
             # proves by digest that its weights are these.
@@ -485,7 +549,7 @@ class Validator:
         for p in self.port.parameters():
             p.grad = None
         xs = {k: torch.from_numpy(v).requires_grad_(self.has_loss) for k, v in inputs.items()}
-        with torch.set_grad_enabled(self.has_loss):
+        with torch.set_grad_enabled(self.has_loss), self.guard.call("its forward"):
             out = self.port(**xs)
         if not isinstance(out, Mapping):
             raise UsageError(
@@ -560,7 +624,8 @@ class Validator:
         kappa: float = 1.0,
     ) -> None:
         total = sum((out[b].sum() for b in loss_blobs), torch.zeros(()))
-        total.backward()  # type: ignore[no-untyped-call]
+        with self.guard.call("its backward"):
+            total.backward()  # type: ignore[no-untyped-call]
         acc = 2 * max(self.accum.get(b, 1) for b in loss_blobs)
         labels = {
             self.info.source(lay.bottoms[1]) for lay in self.info.losses if len(lay.bottoms) > 1
@@ -578,7 +643,8 @@ class Validator:
             pairs.append(
                 (f"d loss/d {b.key}", grad if grad is not None else torch.zeros(b.port_shape), want)
             )
-        spread = self._perturbation_spread(xs, loss_blobs, [p[0] for p in pairs], acc)
+        with self.guard.call("its forward and backward on perturbed copies"):
+            spread = self._perturbation_spread(xs, loss_blobs, [p[0] for p in pairs], acc)
         for label, grad, want in pairs:
             got = grad.detach().to(torch.float64).numpy().reshape(want.shape)
             w64 = np.asarray(want, dtype=np.float64)
@@ -693,8 +759,21 @@ class Report:
     replay: str = ""
     shrink_runs: int = 0
     gradients_skipped: int = 0
+    crash: str = ""  # verdict "crash": how the port failed, and on which example
 
     def text(self) -> str:
+        if self.verdict == "crash":
+            lines = [
+                f"validate-port {self.port} against {self.net}: stopped at example "
+                f"{self.examples_run}",
+                "PORT FAILURE: " + self.crash,
+            ]
+            if self.saved:
+                lines.append(f"the example it was running is saved to {self.saved}; replay with:")
+                lines.append("  " + self.replay)
+            elif self.examples_run:
+                lines.append("(give --save-failure DIR to keep that example for --replay)")
+            return "\n".join(lines)
         ran = f"{self.examples_run} examples"
         if self.shrink_runs:
             ran += f" (failed at example {self.examples_run}; {self.shrink_runs} more to shrink it)"
@@ -757,8 +836,12 @@ def validate(
     replay: Path | None = None,
     argv: list[str] | None = None,
     generate: bool = False,
+    guard: PortGuard | None = None,
 ) -> Report:
-    """Run the validation; returns the report (verdict "match" or "mismatch")."""
+    """Run the validation; returns the report (verdict "match", "mismatch", or "crash" when
+    the port raised in its own code). A Caffe crash or timeout on an example is raised with
+    that example named (and saved with `save_failure`)."""
+    guard = guard or PortGuard()
     if not net.is_file():
         raise UsageError(f"no prototxt at {net}")
     if weights is not None and not weights.is_file():
@@ -776,7 +859,11 @@ def validate(
     if phase == "TRAIN" and "force_backward" not in text.split("layer", 1)[0]:
         text = "force_backward: true\n" + text
     info = describe(worker, text, phase)
-    port = load_port(port_spec)
+    name = port_spec if isinstance(port_spec, str) else getattr(port_spec, "__name__", "port")
+    try:
+        port = load_port(port_spec, guard)
+    except PortFailure as exc:
+        return Report(str(net), name, verdict="crash", crash=str(exc))
     bindings = bind(info, port, mapping or {}, optional)
     try:
         base = worker.call(
@@ -790,7 +877,6 @@ def validate(
         raise UsageError(str(exc).replace("params failed in the Caffe worker: ", "")) from None
     first_input = next(iter(info.inputs.values()), (1,))
     n = batch or max(first_input[0], 2)  # batch > 1: bugs along the batch axis show
-    name = port_spec if isinstance(port_spec, str) else getattr(port_spec, "__name__", "port")
     report = Report(str(net), name)
     port_state = port.state_dict()
     for b in bindings:
@@ -820,19 +906,28 @@ def validate(
         weights is None or generate,
         surgery,
         str(weights) if weights else "",
+        guard,
     )
-    if replay is not None:
-        data = np.load(replay)
-        inputs = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
-        params: dict[str, list[np.ndarray]] = {}
-        for k in sorted(data.files):
-            if k.startswith("param/"):
-                layer, i = k[len("param/") :].rsplit("/", 1)
-                params.setdefault(layer, []).insert(int(i), data[k])
-        validator.batch = next(iter(inputs.values())).shape[0]
-        results = [validator.run(None, inputs, params)]
-    else:
-        results = _search(validator, examples_n, seed)
+    try:
+        results = _run_examples(validator, replay, examples_n, seed)
+    except (PortFailure, CaffeCrash) as exc:
+        kept = ""
+        if validator.current is not None and save_failure is not None:
+            report.saved, report.replay = _save(validator.current, save_failure, argv or [])
+            kept = f"; the example is saved to {report.saved}; replay with: {report.replay}"
+        elif replay is not None:
+            report.saved = str(replay)
+            report.replay = "crossval " + " ".join(shlex.quote(a) for a in argv or [])
+            kept = f"; the example is {replay}"
+        if isinstance(exc, PortFailure):
+            report.verdict, report.crash = "crash", str(exc)
+            report.examples_run = validator.index
+            return report
+        failed = CrossvalError(
+            f"{exc} while running example {validator.index} ({guard.desc}){kept}"
+        )
+        failed.exit_code = exc.exit_code
+        raise failed from None
     first_bad = next((i for i, r in enumerate(results) if r.failures), None)
     report.examples_run = len(results) if first_bad is None else first_bad + 1
 
@@ -864,6 +959,23 @@ def validate(
     return report
 
 
+def _run_examples(
+    validator: Validator, replay: Path | None, n: int, seed: int
+) -> list[ExampleResult]:
+    """The example saved in `replay`, or the search."""
+    if replay is not None:
+        data = np.load(replay)
+        inputs = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
+        params: dict[str, list[np.ndarray]] = {}
+        for k in sorted(data.files):
+            if k.startswith("param/"):
+                layer, i = k[len("param/") :].rsplit("/", 1)
+                params.setdefault(layer, []).insert(int(i), data[k])
+        validator.batch = next(iter(inputs.values())).shape[0]
+        return [validator.run(None, inputs, params)]
+    return _search(validator, n, seed)
+
+
 def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
     """Hypothesis search; shrinking only where an example is cheap (under SHRINK_BELOW
     seconds), so a full-size net reports its first failure instead of minutes of shrinking."""
@@ -887,7 +999,10 @@ def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
     )
     @given(ex=examples())
     def prop(ex: Example) -> None:
-        r = validator.run(ex)
+        try:
+            r = validator.run(ex)
+        except (PortFailure, CaffeCrash) as exc:
+            raise _SearchStopped(exc) from None
         results.append(r)
         assert not r.failures
 
@@ -897,6 +1012,8 @@ def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
         hseed(seed)(prop)()
     except AssertionError:
         pass
+    except _SearchStopped as stop:
+        raise stop.error from None
     return results
 
 

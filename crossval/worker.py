@@ -196,6 +196,20 @@ def _reap(proc: subprocess.Popen[bytes], log: IO[bytes], directory: str) -> None
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def die_with_parent(parent: int) -> None:
+    """In a child process: ask the kernel to SIGKILL this process when its parent dies
+    (whatever killed it, SIGKILL included), and exit now if the parent `parent` (a pid; 0:
+    not checked) died before the request was made."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent and os.getppid() != parent:
+        os._exit(1)
+
+
 def private_dir(prefix: str = DIR_PREFIX) -> str:
     """A new private temporary directory named after this process (`<prefix><pid>-...`);
     first removes those of earlier processes that are gone (killed before they could)."""

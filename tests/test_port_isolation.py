@@ -1,0 +1,206 @@
+"""`crossval validate-port` runs the port where it cannot take crossval down: a port that
+segfaults, exits, hangs or raises is a finding (exit 1) naming the example it was running,
+which is saved and replays; Caffe crashing or hanging on a generated example stops the
+search at once, naming and saving that example. No process or temporary file is left."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from crossval_cli import run_crossval
+
+from crossval import provision
+
+PORT = '''
+import ctypes
+import os
+import time
+
+import reference
+
+
+class Port(reference.SigmoidScaleHead):
+    """Correct, except on inputs above 100 (generated at input scale 1e3)."""
+
+    def forward(self, pool5):
+        if float(pool5.abs().max()) > 100:
+            {fault}
+        return super().forward(pool5=pool5)
+
+
+def make():
+    return Port(16)
+'''
+
+FAULTS = {
+    "segfault": ("ctypes.string_at(0)", "crashed (SIGSEGV)"),
+    "exit": ("os._exit(0)", "exited with status 0"),
+    "hang": ("time.sleep(3600)", "did not return within 3 s"),
+    "raise": ('raise ZeroDivisionError("no bins")', "raised ZeroDivisionError: no bins"),
+}
+
+GUARD_LAYER = '''
+import os
+import time
+
+import caffe
+
+
+class Guard(caffe.Layer):
+    """Passes its input through; on inputs above 100 it {what}."""
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        if abs(bottom[0].data).max() > 100:
+            {fault}
+        top[0].data[...] = bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+'''
+
+
+@pytest.fixture(scope="module")
+def sigmoid_net(
+    tmp_path_factory: pytest.TempPathFactory, caffe_install: provision.CaffeInstall
+) -> Path:
+    path = tmp_path_factory.mktemp("nets") / "sigmoid.prototxt"
+    proc = run_crossval(
+        "prototxt", "sigmoid_scale", "--features", "16", "--deploy", "-o", str(path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def _ours(tag: str) -> list[int]:
+    """Processes whose environment holds `tag` (this test's private TMPDIR)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if tag.encode() in environ and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[int, str, str, float]:
+    """validate-port ARGS with this test's modules on PYTHONPATH and its own TMPDIR; checks
+    that no process or temporary file of the run is left behind."""
+    private = tmp_path / "tmp"
+    private.mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(private))
+    env["PYTHONPATH"] = ":".join(filter(None, [str(tmp_path), env.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    proc = run_crossval("validate-port", *args, env=env, timeout=120)
+    took = time.monotonic() - start
+    end = time.monotonic() + 3
+    while _ours(str(private)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _ours(str(private)) == [], "processes of the run are left"
+    assert list(private.iterdir()) == [], "temporary files of the run are left"
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    return proc.returncode, proc.stdout, proc.stderr, took
+
+
+@pytest.mark.parametrize("how", list(FAULTS))
+def test_a_failing_port_is_a_finding_naming_the_example(
+    sigmoid_net: Path, tmp_path: Path, how: str
+) -> None:
+    fault, said = FAULTS[how]
+    (tmp_path / f"port_{how}.py").write_text(PORT.replace("{fault}", fault))
+    limit = ["--timeout", "3"] if how == "hang" else []
+    args = [str(sigmoid_net), "--port", f"port_{how}:make", *limit]
+    saved_dir = tmp_path / "failures"
+    rc, out, err, _ = _run(tmp_path, *args, "--save-failure", str(saved_dir))
+    assert rc == 1, out + err
+    m = re.search(
+        rf"PORT FAILURE: the port {re.escape(said)} in its forward while running "
+        r"example (\d+) \(batch 2, seed \d+, input scale ([\d.e+]+)",
+        out,
+    )
+    assert m, out
+    assert float(m.group(2)) > 100 / 3  # the example with large inputs (see Port)
+    (saved,) = saved_dir.glob("*.npz")
+    replay = re.search(r"replay with:\n  crossval (.*)", out)
+    assert replay and f"--replay {saved}" in replay.group(1)
+    # The saved example fails the same way on its own.
+    rc2, out2, err2, _ = _run(tmp_path, *replay.group(1).split()[1:])
+    assert rc2 == 1, out2 + err2
+    assert f"the port {said} in its forward while running example 1 (replayed" in out2, out2
+
+
+def test_a_port_that_crashes_on_import_is_a_finding(sigmoid_net: Path, tmp_path: Path) -> None:
+    (tmp_path / "port_import.py").write_text("import ctypes\nctypes.string_at(0)\n")
+    rc, out, err, _ = _run(tmp_path, str(sigmoid_net), "--port", "port_import:make")
+    assert rc == 1, out + err
+    assert "the port crashed (SIGSEGV) in its module 'port_import' (import)" in out, out
+
+
+def _guarded_net(net: Path, tmp_path: Path, fault: str) -> Path:
+    """The sigmoid head behind a Python layer that fails on large inputs."""
+    what = "aborts" if "abort" in fault else "hangs"
+    (tmp_path / "guard_layer.py").write_text(
+        GUARD_LAYER.replace("{fault}", fault).replace("{what}", what)
+    )
+    text = net.read_text().replace('bottom: "pool5"', 'bottom: "guarded"')
+    layer = (
+        'layer {\n  name: "guard"\n  type: "Python"\n  bottom: "pool5"\n  top: "guarded"\n'
+        '  python_param { module: "guard_layer" layer: "Guard" }\n}\n'
+    )
+    at = text.index('layer {\n  name: "fc1"')
+    out = tmp_path / "guarded.prototxt"
+    out.write_text(text[:at] + layer + text[at:])
+    return out
+
+
+def test_a_caffe_abort_in_the_search_is_reported_at_once(sigmoid_net: Path, tmp_path: Path) -> None:
+    net = _guarded_net(sigmoid_net, tmp_path, "os.abort()")
+    saved_dir = tmp_path / "failures"
+    rc, out, err, took = _run(
+        tmp_path,
+        str(net),
+        "--port",
+        "ports.heads:sigmoid",
+        "--examples",
+        "12",
+        "--save-failure",
+        str(saved_dir),
+    )
+    assert rc != 0 and rc != 1, out + err  # Caffe's crash is not a verdict on the port
+    m = re.search(
+        r"Caffe killed by signal 6 during run_generated.* while running example (\d+) "
+        r"\(batch 2, seed \d+, input scale ([\d.e+]+).*the example is saved to (\S+);",
+        err,
+    )
+    assert m and float(m.group(2)) > 100 / 3, err
+    assert Path(m.group(3)).is_file()
+    # No shrinking through a fresh worker per step (it took 67 s for 12 examples).
+    assert took < 30, took
+
+
+def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
+    sigmoid_net: Path, tmp_path: Path
+) -> None:
+    net = _guarded_net(sigmoid_net, tmp_path, "time.sleep(3600)")
+    rc, out, err, took = _run(tmp_path, str(net), "--port", "ports.heads:sigmoid", "--timeout", "3")
+    assert rc != 0 and rc != 1, out + err
+    assert re.search(
+        r"Caffe did not return within 3 s during run_generated \(it was in forward "
+        r"\(guard_layer.py:\d+\)\); the worker was killed while running example \d+ ",
+        err,
+    ), err
+    assert took < 30, took
