@@ -91,7 +91,7 @@ def _layer_spec(worker: CaffeWorker, text: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def _param_shapes(worker: CaffeWorker, text: str) -> tuple[tuple[int, ...], ...]:
+def param_shapes(worker: CaffeWorker, text: str) -> tuple[tuple[int, ...], ...]:
     params = worker.call("params", prototxt=text)["params"]
     return tuple(tuple(p.shape) for p in params.get(LAYER, []))
 
@@ -122,7 +122,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
         raise ValueError(f"layer type {case.type!r} has no bound in crossval.tolerances.layers")
     rng = np.random.default_rng(case.seed)
     if case.blobs is None:
-        shapes = _param_shapes(worker, text)
+        shapes = param_shapes(worker, text)
         blobs = tuple(
             (rng.standard_normal(s) * case.weight_scale).astype(np.float32) for s in shapes
         )
