@@ -36,6 +36,8 @@ from .checks import Harness
 from .compare import Comparison, exact
 from .errors import CaffeNotAvailable, CrossvalError
 from .heads import COMBINATIONS, HEADS, Case, Head
+from .layercheck import golden as layer_golden
+from .layercheck.run import LAYER
 from .report import PROFILES, Progress, Row, fixed_settings
 from .transfer import state_dict_key
 from .worker import CaffeCrash, CaffeError, CaffeWorker
@@ -209,6 +211,24 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
     return values
 
 
+def check_layer_golden(worker: CaffeWorker, g: layer_golden.LayerGolden) -> tuple[CaseCheck, Layer]:
+    """A layer golden case on the build behind `worker`; a failure is pinned to the layer
+    type's forward or backward."""
+    values = [
+        Value(v.kind, v.key, v.actual, v.desired, v.bound, v.rule)
+        for v in layer_golden.caffe_values(worker, g)
+    ]
+    comparisons = [v.compare("caffe~ref64", v.desired, g.name) for v in values]
+    layer = Layer(
+        g.name,
+        g.type,
+        tuple(f"b{i}" for i in range(len(g.bottoms))),
+        tuple(f"t{i}" for i in range(len(g.tops))),
+        tuple(f"{LAYER}/{i}" for i in range(len(g.blobs))),
+    )
+    return _judge(g.name, [layer], values, comparisons), layer
+
+
 def compare_pair(a: CaseCheck, b: CaseCheck, layers: list[Layer], case: str) -> CaseCheck:
     """Build A's outputs against build B's on the same case, within twice the bound."""
     pairs = zip(a.values, b.values, strict=True)
@@ -230,6 +250,7 @@ class BuildResult:
     generated: list[CaseCheck] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     layers: dict[str, list[Layer]] = field(default_factory=dict)  # by golden case
+    skipped_layer_golden: list[str] = field(default_factory=list)  # types the build lacks
 
     def regressed_layers(self) -> Counter[str]:
         return Counter(c.culprit for c in self.golden + self.generated if c.culprit)
@@ -255,6 +276,7 @@ class BuildResult:
             "status": self.status,
             "reason": self.reason,
             "caffe": self.info,
+            "layer_golden_not_run": self.skipped_layer_golden,
             "regressed_layers": {
                 k: {"cases": n, "first": self.evidence(k)}
                 for k, n in self.regressed_layers().items()
@@ -295,6 +317,7 @@ def check_build(
     profile: str,
     out: Path | None,
     say: Progress,
+    layer_refs: tuple[layer_golden.LayerGolden, ...] = (),
 ) -> BuildResult:
     result = BuildResult(label, path)
     try:
@@ -320,6 +343,14 @@ def check_build(
                 got = checker.check(ref)
                 result.golden.append(got)
                 result.layers[ref.name] = checker.layers(HEADS[ref.case.head], ref.case)
+            for lg in layer_refs:
+                if lg.type not in types:
+                    result.skipped_layer_golden.append(f"{lg.name} ({lg.type} not registered)")
+                    continue
+                stage = f"layer golden case {lg.name}"
+                got, layer = check_layer_golden(worker, lg)
+                result.golden.append(got)
+                result.layers[lg.name] = [layer]
             bad = [g for g in result.golden if g.culprit]
             say(
                 f"{label}: golden vectors, {len(refs)} cases: "
@@ -435,6 +466,11 @@ def describe_build(r: BuildResult) -> list[str]:
     comps = [c for g in r.golden for c in g.comparisons]
     worst = max((c.ratio for c in comps if np.isfinite(c.ratio)), default=0.0)
     failing = [g for g in r.golden if g.failures]
+    if r.skipped_layer_golden:
+        lines.append(
+            "    layer golden cases not run (type not in this build): "
+            + ", ".join(r.skipped_layer_golden)
+        )
     lines.append(
         f"    golden vectors: {len(r.golden)} cases, {len(comps)} comparisons, largest "
         f"err/bound {worst:.3g}: " + ("pass" if not failing else f"{len(failing)} cases FAIL")
@@ -472,6 +508,7 @@ def run(
     if not paths:
         raise CrossvalError("check-build needs at least one --caffe PATH")
     refs = golden.load(golden_dir)
+    layer_refs = tuple(layer_golden.load(golden_dir))
     n = examples or PROFILES[profile]
     say = Progress(stream, "crossval check-build")
     results = []
@@ -479,10 +516,11 @@ def run(
         label = f"[{i}]"
         say(f"{label} {path}")
         where = out / f"build-{i}" if out is not None else None
-        results.append(check_build(label, path, refs, n, profile, where, say))
+        results.append(check_build(label, path, refs, n, profile, where, say, layer_refs))
     pairs = compare_builds(results)
     lines = [
-        f"crossval check-build: {len(paths)} build(s), {len(refs)} golden cases, {n} "
+        f"crossval check-build: {len(paths)} build(s), {len(refs)} golden cases of the heads "
+        f"and {len(layer_refs)} of single layers, {n} "
         f"generated examples per property ({profile})",
         "",
     ]
