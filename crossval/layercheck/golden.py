@@ -12,6 +12,7 @@ inputs ``b<i>`` (bottoms), ``p<i>`` (params), ``g<i>`` (top diffs), and float64 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
@@ -169,6 +170,22 @@ def cases_to_write(worker: CaffeWorker) -> dict[str, LayerGolden]:
     return out
 
 
+def write(worker: CaffeWorker, out: Path, force: bool = False) -> list[Path]:
+    """Compute every layer golden case and write one .npz each into `out` (checked first:
+    files already there are replaced only with `force`)."""
+    from .. import outputs
+
+    cases = cases_to_write(worker)
+    where = outputs.directory(out, "golden --out", force=force, names=[f"{n}.npz" for n in cases])
+    where.make()
+    written = []
+    for name, g in cases.items():
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **encode(g))  # type: ignore[arg-type]
+        written.append(outputs.write_bytes(where.file(f"{name}.npz"), buf.getvalue()))
+    return written
+
+
 def _slug(type_name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z][a-z])", "-", type_name).lower()
 
@@ -274,4 +291,5 @@ __all__ = [
     "load",
     "load_file",
     "reference_values",
+    "write",
 ]
