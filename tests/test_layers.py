@@ -8,16 +8,19 @@ must each be within the layer's bound of the float64 reference, forward and back
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from crossval import layercheck, provision
+from crossval import golden, layercheck, provision
+from crossval import tolerances as tol
+from crossval.compare import Comparison
 from crossval.layercheck import LayerCase, run_case
+from crossval.layercheck import golden as layer_golden
 from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.worker import CaffeWorker
 from reference import layers as ref
@@ -70,3 +73,36 @@ def test_a_wrong_reference_fails(worker: CaffeWorker, monkeypatch: pytest.Monkey
     result = run_case(worker, case)
     assert not result.passed
     assert "forward caffe~ref64: t0" in result.summary()
+
+
+# -- golden vectors of single layers (crossval/golden/layers) -------------------------------
+
+
+def _layer_goldens() -> list[layer_golden.LayerGolden]:
+    return layer_golden.load(golden.GOLDEN_DIR)
+
+
+def test_every_layer_type_has_golden_cases() -> None:
+    counts = Counter(g.type for g in _layer_goldens())
+    assert {t: counts[t] for t in ref.LAYERS} == dict.fromkeys(ref.LAYERS, layer_golden.PER_TYPE)
+
+
+def test_layer_golden_values_regenerate() -> None:
+    """The stored float64 values are what the reference computes on the stored inputs."""
+    for g in _layer_goldens():
+        no_diff = tuple(i for i in range(len(g.bottoms)) if i not in g.bottom_diffs)
+        tops, db, dp = layer_golden.reference_values(
+            g.layer_spec, g.bottoms, g.blobs, g.top_diffs, no_diff
+        )
+        stored = [*g.tops, *g.bottom_diffs.values(), *g.param_diffs.values()]
+        fresh = [*tops, *(db[i] for i in g.bottom_diffs), *(dp[i] for i in g.param_diffs)]
+        for a, b in zip(fresh, stored, strict=True):
+            c = Comparison("regenerated", g.name, a, b, tol.regenerated_f64(b), "regenerated_f64")
+            assert c.passed, str(c)
+
+
+def test_layer_golden_cases_pass_on_the_default_build(worker: CaffeWorker) -> None:
+    for g in _layer_goldens():
+        for v in layer_golden.caffe_values(worker, g):
+            c = Comparison(f"{v.kind} caffe~ref64", v.key, v.actual, v.desired, v.bound, v.rule)
+            assert c.passed, f"{g.name}: {c}"
