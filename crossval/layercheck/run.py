@@ -154,10 +154,10 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
         return result
     g64, g32 = _tensors(diffs, torch.float64), _tensors(diffs, torch.float32)
     t64, gb64, gp64 = ref.vjp(spec, b64, p64, g64)
-    t32, gb32, gp32 = ref.vjp(
-        spec, _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32), g32, port
-    )
-    for i, (t, p) in enumerate(zip(t64, t32, strict=True)):
+    b32, p32 = _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32)
+    with torch.no_grad():  # shapes first: a port's wrong shape is a finding, not a crash
+        f32 = (port or ref.lookup(spec).forward)(spec, b32, p32)
+    for i, (t, p) in enumerate(zip(t64, f32, strict=True)):
         if tuple(p.shape) != tuple(t.shape):
             result.shape_errors.append(
                 f"forward: top {i} has shape {tuple(p.shape)} in the float32 side, "
@@ -165,6 +165,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
             )
     if result.shape_errors:
         return result
+    t32, gb32, gp32 = ref.vjp(spec, b32, p32, g32, port)
     arrays = [b.numpy() for b in b64], [p.numpy() for p in p64]
     tops_np = [t.numpy() for t in t64]
     diffs_np = [g.numpy() for g in g64]
