@@ -59,7 +59,7 @@ TABLE.update({r.name: r for r in RULES})
 
 
 def _t(a: F64) -> torch.Tensor:
-    return torch.from_numpy(np.abs(np.asarray(a, dtype=np.float64)))
+    return torch.from_numpy(np.asarray(np.abs(np.asarray(a, dtype=np.float64))))
 
 
 def magnitudes(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> list[F64]:
