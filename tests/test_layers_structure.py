@@ -361,3 +361,14 @@ def test_smooth_l1_layer_is_the_one_loss_implementation() -> None:
     )
     (top,) = ref.forward(spec, [a, b], [])
     assert top.shape == (1,) and float(top[0]) == float(losses.smooth_l1_loss(a, b, 2.0))
+
+
+def test_softmax_loss_second_top_is_refused() -> None:
+    spec = LayerSpec(
+        "l",
+        "SoftmaxWithLoss",
+        tops=("loss", "prob"),
+        params={"softmax_param": {"axis": 1}, "loss_param": {}},
+    )
+    with pytest.raises(ValueError, match=r"'l' \(SoftmaxWithLoss\): a second top"):
+        ref.forward(spec, [torch.zeros(2, 3), torch.zeros(2)], [])

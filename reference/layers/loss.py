@@ -77,7 +77,9 @@ def softmax_with_loss(
     """L = -sum_valid log(max(softmax(z)[label], FLT_MIN)) / normalizer; labels get no diff."""
     z, labels = _two_bottoms(spec, bottoms)
     if len(spec.tops) > 1:
-        raise _bad(spec, "the second top (the probabilities) is not supported")
+        # This Caffe aborts on it: the inner Softmax copies the layer's loss weights (one per
+        # top) but has one top.
+        raise _bad(spec, "a second top (the probabilities) is not supported")
     axis = canonical_axis(int(spec.param("softmax_param")["axis"]), z.dim(), spec)
     squeezed = (*z.shape[:axis], *z.shape[axis + 1 :])
     if labels.numel() != math.prod(squeezed):
