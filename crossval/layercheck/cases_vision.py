@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -205,12 +206,14 @@ def lrn(draw: st.DrawFn) -> LayerCase:
     )
     scales = tuple(s for s in SCALES if alpha * s * s <= 1e3)
     text = f"local_size: {size} alpha: {alpha!r} beta: {beta!r} k: {k!r} norm_region: {region}"
-    return LayerCase(
-        "LRN",
-        (draw(arrays(shape, scales=scales), label="bottom"),),
-        f"lrn_param {{ {text} }}",
-        region=region,
-    )
+    x = draw(arrays(shape, scales=scales), label="bottom")
+    # Large squares first, then small ones (or the reverse): where Caffe's running sum along
+    # the channels carries the large squares' rounding into the small windows' scale.
+    profile = draw(st.sampled_from(("flat", "flat", "falling", "rising")), label="profile")
+    if profile != "flat":
+        decades = np.linspace(0.0, -4.0, shape[1]).reshape(1, -1, 1, 1)
+        x = (x * 10.0 ** (decades if profile == "falling" else decades[:, ::-1])).astype(np.float32)
+    return LayerCase("LRN", (x,), f"lrn_param {{ {text} }}", region=f"{region}, {profile} channels")
 
 
 CASES: dict[str, Any] = {
