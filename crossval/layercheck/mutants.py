@@ -64,9 +64,10 @@ def _ave_pool_exclude_pad(
 ) -> list[Tensor]:
     """The reference, except AVE pooling divides by the cells inside the image only."""
     p = spec.param("pooling_param")
-    (top,) = ref.forward(spec, bottoms, blobs)
+    tops = ref.forward(spec, bottoms, blobs)
     if p["pool"] != "AVE":
-        return [top]
+        return tops  # MAX, with its mask top when it has one
+    (top,) = tops
     ones = torch.ones_like(bottoms[0][:1, :1])
     counted = ref.forward(spec, [ones], blobs)[0]  # Caffe's AVE of ones: in-image share
     return [top / counted.clamp_min(torch.finfo(top.dtype).tiny)]

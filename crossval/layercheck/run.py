@@ -157,6 +157,12 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
     b32, p32 = _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32)
     with torch.no_grad():  # shapes first: a port's wrong shape is a finding, not a crash
         f32 = (port or ref.lookup(spec).forward)(spec, b32, p32)
+    if len(f32) != len(t64):
+        result.shape_errors.append(
+            f"forward: {len(f32)} tops in the float32 side, {len(t64)} in the reference "
+            f"[{case.describe()}]"
+        )
+        return result
     for i, (t, p) in enumerate(zip(t64, f32, strict=True)):
         if tuple(p.shape) != tuple(t.shape):
             result.shape_errors.append(
