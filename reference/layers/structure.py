@@ -227,8 +227,8 @@ def crop(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) ->
     offsets = [int(o) for o in p["offset"]]
     if len(offsets) > 1 and start + len(offsets) != ndim:
         raise _bad(spec, f"{len(offsets)} offsets for the {ndim - start} axes from {start}")
-    if like.dim() != ndim:
-        raise _bad(spec, f"bottom 1 has {like.dim()} axes, bottom 0 {ndim}")
+    if like.dim() < ndim:
+        raise _bad(spec, f"bottom 1 has {like.dim()} axes, fewer than bottom 0's {ndim}")
     index: list[slice] = []
     for a in range(ndim):
         if a < start:
