@@ -298,8 +298,11 @@ def pool_windows(g: PoolGeometry, h: int, w: int) -> tuple[Tensor, Tensor, Tenso
 
 @register("Pooling")
 def pooling(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
-    """MAX: y = x[first argmax of the window in scan order]; AVE: y = sum(window) / size of
-    the window clipped to the padded border."""
+    """MAX: y = x[first argmax in scan order]; AVE: y = sum(window) / (window to the padded border).
+
+    Windows start at stride * p - pad; their number rounds up (CEIL) or down (FLOOR), less
+    one when the last would start past the input and its left padding.
+    """
     (x,) = bottoms
     g = pool_geometry(spec, x.shape)
     n, c, h, w = x.shape
@@ -365,8 +368,11 @@ def lrn_window_sum(q: LRNParams, v: Tensor) -> Tensor:
 
 @register("LRN")
 def lrn(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
-    """y = x (k + alpha / n * sum_window x^2)^-beta, n = local_size (ACROSS_CHANNELS) or
-    local_size^2 with k = 1 (WITHIN_CHANNEL)."""
+    """y = x (k + alpha / n sum_window x^2)^-beta; n = local_size, or local_size^2 and k = 1.
+
+    ACROSS_CHANNELS sums over local_size channels; WITHIN_CHANNEL over a local_size square
+    (zero padded), with Caffe's Power shift 1 in place of k.
+    """
     (x,) = bottoms
     q = lrn_params(spec, x.shape)
     if q.across:
