@@ -191,7 +191,8 @@ def test_flipped_kernel_is_caught(worker: CaffeWorker) -> None:
     case = LayerCase(
         "Convolution",
         (_x((1, 2, 5, 6)),),
-        "convolution_param { num_output: 3 kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 dilation: 2 }",
+        "convolution_param { num_output: 3 kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 "
+        "dilation: 2 }",
         seed=6,
     )
 
@@ -321,3 +322,84 @@ def test_lrn_running_sum_error_is_allowed(worker: CaffeWorker) -> None:
     rel_port = port.err / np.maximum(np.abs(port.desired), 1e-30)
     assert rel_caffe.max() > direct, rel_caffe.max()
     assert rel_port.max() <= direct
+
+
+# -- parameters Caffe rejects --------------------------------------------------------------
+
+
+def _spec(
+    worker: CaffeWorker, type_name: str, params: str, shape: tuple[int, ...]
+) -> ref.LayerSpec:
+    from crossval.layercheck.run import spec_of
+
+    return spec_of(worker, LayerCase(type_name, (np.zeros(shape, np.float32),), params))
+
+
+@pytest.mark.parametrize(
+    ("type_name", "params", "shape", "message"),
+    [
+        (
+            "Convolution",
+            "convolution_param { num_output: 4 group: 3 kernel_size: 1 }",
+            (1, 6, 2, 2),
+            "group 3 must divide",
+        ),
+        (
+            "Convolution",
+            "convolution_param { num_output: 2 kernel_h: 2 kernel_w: 1 }",
+            (1, 1, 2, 2, 2),
+            "kernel_h & kernel_w can only",
+        ),
+        (
+            "Convolution",
+            "convolution_param { num_output: 2 kernel_size: 3 kernel_h: 2 kernel_w: 2 }",
+            (1, 1, 4, 4),
+            "not both",
+        ),
+        (
+            "Convolution",
+            "convolution_param { num_output: 2 kernel_size: 1 stride_w: 2 }",
+            (1, 1, 4, 4),
+            "stride dimensions must be nonzero",
+        ),
+        (
+            "Convolution",
+            "convolution_param { num_output: 1 kernel_size: 5 }",
+            (1, 1, 3, 3),
+            "exceeds the padded input",
+        ),
+        (
+            "Pooling",
+            "pooling_param { kernel_size: 2 pad: 2 }",
+            (1, 1, 4, 4),
+            "must be smaller than the kernel",
+        ),
+        (
+            "Pooling",
+            "pooling_param { global_pooling: true kernel_size: 2 }",
+            (1, 1, 4, 4),
+            "cannot be specified",
+        ),
+        (
+            "Pooling",
+            "pooling_param { kernel_size: 1 stride: 3 }",
+            (1, 1, 5, 5),
+            "starts at 6, past the input",
+        ),
+        (
+            "Pooling",
+            "pooling_param { pool: STOCHASTIC kernel_size: 2 }",
+            (1, 1, 4, 4),
+            "not implemented",
+        ),
+        ("LRN", "lrn_param { local_size: 4 }", (1, 3, 2, 2), "odd values for local_size"),
+    ],
+)
+def test_parameters_caffe_rejects_are_named(
+    worker: CaffeWorker, type_name: str, params: str, shape: tuple[int, ...], message: str
+) -> None:
+    """Each raises a ValueError naming the layer (Caffe aborts on a CHECK, divides by zero, or
+    in the empty-window pooling scatters a diff through index -1)."""
+    spec = _spec(worker, type_name, params, shape)
+    with pytest.raises(ValueError, match=rf"layer 'layer' \({type_name}\): .*{message}"):
+        ref.forward(spec, [torch.zeros(shape, dtype=torch.float64)], [torch.zeros(1)] * 2)
