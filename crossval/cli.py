@@ -99,7 +99,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _validate_port(args: argparse.Namespace) -> int:
-    from . import validate as v
+    # crossval.validate (torch) is imported by validate_isolated while its child starts.
     from .isolation import validate_isolated
 
     mapping: dict[str, str] = {}
@@ -107,11 +107,11 @@ def _validate_port(args: argparse.Namespace) -> int:
         try:
             mapping = json.loads(Path(args.map).read_text())
         except (OSError, ValueError) as exc:
-            raise v.UsageError(f"--map {args.map}: {exc}") from None
+            raise CrossvalError(f"--map {args.map}: {exc}") from None
         if not isinstance(mapping, dict) or not all(
             isinstance(k, str) and isinstance(x, str) for k, x in mapping.items()
         ):
-            raise v.UsageError(f'--map {args.map}: expected {{"layer/index": "state_dict key"}}')
+            raise CrossvalError(f'--map {args.map}: expected {{"layer/index": "state_dict key"}}')
     # The port runs in a child process: its crash, exit or hang is a finding, not ours.
     report = validate_isolated(
         Path(args.net),
@@ -131,6 +131,8 @@ def _validate_port(args: argparse.Namespace) -> int:
     )
     print(report.text())
     if args.json:
+        from . import validate as v
+
         v.write_json(report, Path(args.json))
     return 0 if report.verdict == "match" else 1
 

@@ -116,6 +116,8 @@ def validate_isolated(
         )
         os.close(write_end)
         write_end = -1
+        from . import validate  # noqa: F401  (torch: while the child starts; the result needs it)
+
         report = _supervise(proc, read_end, directory, net, port, options)
         finished = True
         return report
