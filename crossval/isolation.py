@@ -74,6 +74,8 @@ def _how(rc: int) -> str:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
+        if -rc == signal.SIGKILL:  # not sent by crossval: the OOM killer's signal
+            name += ", killed from outside; out of memory?"
         return f"crashed ({name})"
     return f"exited with status {rc}"
 

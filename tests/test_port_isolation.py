@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from crossval_cli import run_crossval
+from crossval_cli import ROOT, run_crossval
 
 from crossval import provision
 
@@ -204,3 +206,41 @@ def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
         err,
     ), err
     assert took < 30, took
+
+
+def test_sigterm_to_crossval_leaves_nothing_behind(sigmoid_net: Path, tmp_path: Path) -> None:
+    (tmp_path / "port_hang.py").write_text(PORT.replace("{fault}", FAULTS["hang"][0]))
+    private = tmp_path / "tmp"
+    private.mkdir()
+    env = dict(os.environ, TMPDIR=str(private), GLOG_minloglevel="2")
+    env["PYTHONPATH"] = ":".join([str(tmp_path), str(ROOT), str(ROOT / "tests")])
+    args = ["validate-port", str(sigmoid_net), "--port", "port_hang:make"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossval", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Wait until the port hangs on its example (the child has written it) with Caffe up.
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not (
+            list(private.glob("crossval-port-*/example.npz"))
+            and list(private.glob("crossval-port-*/crossval-worker-*"))
+            and len(_ours(str(private))) >= 2
+        ):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert len(_ours(str(private))) >= 2, "the child and its Caffe worker did not start"
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in out + err
+    end = time.monotonic() + 3
+    while _ours(str(private)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _ours(str(private)) == [] and list(private.iterdir()) == []

@@ -177,6 +177,9 @@ def test_no_temporary_files_after_an_abort_and_after_close(
                 },
             )
         assert _leftovers(private_tmp) == []
+        with pytest.raises(CaffeCrash, match="killed by signal 6"):
+            worker.call("crash", how="abort")
+        assert _leftovers(private_tmp) == []
         worker.call("ping")
         assert _leftovers(private_tmp) == [Path(worker.directory).name]
     assert _leftovers(private_tmp) == []
