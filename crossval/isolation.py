@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -204,10 +205,13 @@ def _crashed(
 
     report = Report(str(net), port, verdict="crash", crash=message, examples_run=call.index)
     saved = Path(directory) / EXAMPLE_FILE
-    if call.index == 0 or not saved.is_file():
-        return report
     replay = options.get("replay")
     save_to = options.get("save_failure")
+    if call.index == 0:
+        return report
+    if not saved.is_file():
+        report.crash += " (that example could not be kept: no space in $TMPDIR?)"
+        return report
     if save_to is not None:
         with np.load(saved) as data:
             inputs = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
@@ -245,6 +249,7 @@ def _child(directory: str, fd: int) -> None:
             super().__init__()
             self.example: Example | None = None
             self.limit = job.timeout or default_limit("port", {"prototxt": "x" * net_chars})
+            self.writing: threading.Thread | None = None
 
         def begin_example(
             self,
@@ -260,15 +265,33 @@ def _child(directory: str, fd: int) -> None:
             for layer, blobs in params.items():
                 for i, v in enumerate(blobs):
                     arrays[f"param/{layer}/{i}"] = v
-            tmp = os.path.join(directory, "example.partial.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, os.path.join(directory, EXAMPLE_FILE))
+
+            final = os.path.join(directory, EXAMPLE_FILE)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)  # never the previous example's by mistake
+
+            def write() -> None:
+                tmp = os.path.join(directory, "example.partial.npz")
+                try:
+                    np.savez(tmp, **arrays)
+                    os.replace(tmp, final)
+                except Exception:  # a full disk: the crash report says it has no example
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+
+            # Written while Caffe runs the example (550 MB for a full-size VGG-16 takes
+            # seconds); complete before any of the port's code runs on it.
+            self.writing = threading.Thread(target=write)
+            self.writing.start()
             if job.timeout is None:
                 size = {"prototxt": "x" * net_chars, "inputs": inputs, "params": params}
                 self.limit = default_limit("port", size)
 
         @contextlib.contextmanager
         def call(self, what: str) -> Iterator[None]:
+            if self.writing is not None:
+                self.writing.join()
+                self.writing = None
             write_frame(pipe, ("port", self.where(what), self.index, self.example, self.limit))
             try:
                 with super().call(what):
