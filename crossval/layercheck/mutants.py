@@ -214,8 +214,8 @@ def _relu_slope_ignored(
 def _concat_channels(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
 ) -> list[Tensor]:
-    """torch.cat over dim 1 whatever Caffe's axis."""
-    return [torch.cat(list(bottoms), dim=1)]
+    """torch.cat over dim 1 whatever Caffe's axis (dim 0 on 1-D blobs, which have no dim 1)."""
+    return [torch.cat(list(bottoms), dim=min(1, bottoms[0].dim() - 1))]
 
 
 def _crop_offset_ignored(

@@ -156,7 +156,15 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
     t64, gb64, gp64 = ref.vjp(spec, b64, p64, g64)
     b32, p32 = _tensors(case.bottoms, torch.float32), _tensors(blobs, torch.float32)
     with torch.no_grad():  # shapes first: a port's wrong shape is a finding, not a crash
-        f32 = (port or ref.lookup(spec).forward)(spec, b32, p32)
+        try:
+            f32 = (port or ref.lookup(spec).forward)(spec, b32, p32)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if port is None:
+                raise
+            # A port that cannot run on Caffe's input (torch.cat over a dim whose sizes
+            # differ) is a finding about the port, like a wrong shape.
+            result.shape_errors.append(f"forward: the port raised {exc!r} [{case.describe()}]")
+            return result
     if len(f32) != len(t64):
         result.shape_errors.append(
             f"forward: {len(f32)} tops in the float32 side, {len(t64)} in the reference "
