@@ -40,7 +40,7 @@ from .layercheck import golden as layer_golden
 from .layercheck.run import LAYER
 from .report import PROFILES, Progress, Row, fixed_settings
 from .transfer import state_dict_key
-from .worker import CaffeCrash, CaffeError, CaffeWorker
+from .worker import CaffeCrash, CaffeError, CaffeWorker, searching, stops_search
 
 CLEAN, REGRESSION, UNUSABLE = "clean", "regression", "unusable"
 EXIT = {CLEAN: 0, REGRESSION: 1, UNUSABLE: 2}
@@ -395,12 +395,14 @@ def _localize_generated(
 
     @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=cases(combos=(combo,)))
+    @stops_search()  # a Caffe crash ends the search at once, unshrunk
     def prop(case: Case) -> None:
         got = checker.check(golden.live(case))
         if got.culprit:
             found.append(got)
 
-    prop()
+    with searching():
+        prop()
     return found
 
 

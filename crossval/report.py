@@ -26,7 +26,7 @@ from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
 from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_batches, build_case, cases
-from .worker import CaffeWorker
+from .worker import CaffeWorker, searching, stops_search
 
 PROFILES = {"dev": 25, "ci": 200, "thorough": 5000}
 
@@ -107,6 +107,7 @@ def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict
 
     @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=cases(combos=(combo,)))
+    @stops_search()  # a Caffe crash ends the search at once, unshrunk
     def prop(case: Any) -> None:
         result = harness.run_case(case)
         seen: set[str] = set()
@@ -118,7 +119,8 @@ def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict
                 seen.add(kind)
             row.add(c, keep_ratio=c.check.endswith("torch~caffe"))
 
-    prop()
+    with searching():
+        prop()
     return by_kind
 
 
@@ -145,6 +147,7 @@ def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row
 
     @fixed_settings(examples)  # type: ignore[untyped-decorator]
     @given(case=strategy, seed=st.integers(0, 2**16))
+    @stops_search()
     def prop(case: Any, seed: int) -> None:
         row.examples += 1
         for fd in caffe_gradient_check(harness, case, seed=seed):
@@ -159,7 +162,8 @@ def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row
                 row.max_abs = max(row.max_abs, err)
                 row.max_ratio = max(row.max_ratio, err / allowed)
 
-    prop()
+    with searching():
+        prop()
     return row
 
 

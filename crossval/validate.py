@@ -42,7 +42,7 @@ from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
 from .transfer import state_dict_key
-from .worker import CaffeCrash, CaffeError, CaffeWorker
+from .worker import CaffeCrash, CaffeError, CaffeWorker, searching, stops_search
 
 SHRINK_BELOW = 0.5  # seconds per example
 # Gradients are compared only where the forward pass is not dominated by cancellation or
@@ -73,16 +73,6 @@ class PortFailure(CrossvalError):
     """The port raised, crashed, exited or hung in its own code: a finding about the port."""
 
     exit_code = 1
-
-
-class _SearchStopped(BaseException):
-    """Ends the hypothesis search at once: hypothesis shrinks a failure (an Exception) by
-    rerunning it, which for a crash means a fresh Caffe worker or port per step; it lets a
-    BaseException through untouched."""
-
-    def __init__(self, error: CrossvalError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class PortGuard:
@@ -998,22 +988,19 @@ def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
         phases=phases,
     )
     @given(ex=examples())
+    @stops_search(PortFailure, CaffeCrash)  # reported at once, never shrunk through restarts
     def prop(ex: Example) -> None:
-        try:
-            r = validator.run(ex)
-        except (PortFailure, CaffeCrash) as exc:
-            raise _SearchStopped(exc) from None
+        r = validator.run(ex)
         results.append(r)
         assert not r.failures
 
     from hypothesis import seed as hseed
 
     try:
-        hseed(seed)(prop)()
+        with searching():
+            hseed(seed)(prop)()
     except AssertionError:
         pass
-    except _SearchStopped as stop:
-        raise stop.error from None
     return results
 
 

@@ -16,6 +16,7 @@ raises ``CaffeTimeout``, and the next call starts a fresh one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import re
@@ -28,9 +29,9 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar, cast
 
 import numpy as np
 
@@ -106,6 +107,47 @@ class CaffeTimeout(CaffeCrash):
 
 class CaffeError(CrossvalError):
     """A request failed inside the worker with a Python exception (the worker lives on)."""
+
+
+class SearchStopped(BaseException):
+    """Ends a hypothesis search at once with `error`. Hypothesis shrinks a failing example
+    (any Exception) by rerunning the test on smaller ones, which after a Caffe crash means a
+    fresh worker per step; a BaseException goes through it untouched."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def stops_search(*kinds: type[Exception]) -> Callable[[_F], _F]:
+    """Decorator for the function under ``@given``: an exception of `kinds` (default
+    CaffeCrash) ends the search at once; run the search inside `searching()` to get it back."""
+    caught = kinds or (CaffeCrash,)
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except caught as exc:
+                raise SearchStopped(exc) from None
+
+        return cast(_F, run)
+
+    return decorate
+
+
+@contextlib.contextmanager
+def searching() -> Iterator[None]:
+    """Around a hypothesis search whose test is `stops_search`-decorated: re-raises the
+    exception that stopped it, as it was."""
+    try:
+        yield
+    except SearchStopped as stop:
+        raise stop.error from None
 
 
 class _Expired(Exception):
@@ -409,6 +451,9 @@ __all__ = [
     "CaffeError",
     "CaffeTimeout",
     "CaffeWorker",
+    "SearchStopped",
     "default_limit",
     "innermost_frame",
+    "searching",
+    "stops_search",
 ]

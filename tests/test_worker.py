@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crossval import provision
 from crossval.worker import (
@@ -21,6 +23,8 @@ from crossval.worker import (
     CaffeTimeout,
     CaffeWorker,
     default_limit,
+    searching,
+    stops_search,
 )
 
 
@@ -244,3 +248,20 @@ def test_default_limits_grow_with_the_net_and_its_work() -> None:
     big = default_limit("run", {"prototxt": "x" * 8000, "inputs": {"a": np.zeros((10, 10**5))}})
     train = default_limit("train", {"solver_prototxt": "x" * 1000, "steps": 50})
     assert BASE_LIMIT < small < big and small < train
+
+
+def test_a_crash_ends_a_hypothesis_search_at_once(caffe_install: provision.CaffeInstall) -> None:
+    tried: list[int] = []
+    with CaffeWorker(caffe_install) as worker:
+
+        @settings(max_examples=50, database=None, derandomize=True, deadline=None)
+        @given(x=st.integers(0, 100))
+        @stops_search()
+        def prop(x: int) -> None:
+            tried.append(x)
+            worker.call("crash", how="abort") if x > 5 else worker.call("ping")
+
+        with pytest.raises(CaffeCrash, match="killed by signal 6"), searching():
+            prop()
+        # Hypothesis would otherwise shrink x through a fresh worker per step.
+        assert worker.restarts == 1 and tried[-1] > 5 and sum(x > 5 for x in tried) == 1
