@@ -43,11 +43,12 @@ DIR_PREFIX = "crossval-worker-"
 
 # Default time limit of one call: generous, so that only a hang reaches it. The base covers
 # importing pycaffe and building a net on a loaded 2-core machine (a few seconds when idle);
-# a net's cost grows with its definition (each KB of prototxt is a few large layers: VGG-16
-# is 7 KB) and with the arrays the request carries.
+# a net's cost grows with its definition (each KB of prototxt is a few large layers: the
+# full-size VGG-16 is 4.9 KB, 146 s) and with the arrays the call carries (its 138 M weights,
+# 276 s: one forward and backward take a few seconds when idle).
 BASE_LIMIT = 120.0
 LIMIT_PER_PROTOTXT_KB = 30.0
-LIMIT_PER_MILLION_ELEMENTS = 10.0
+LIMIT_PER_MILLION_ELEMENTS = 2.0
 # Calls that repeat the net's work, and how many times (in units of one run).
 _REPEATS: dict[str, Callable[[Mapping[str, Any]], float]] = {
     "train": lambda kw: max(1.0, float(kw.get("steps", 1))),
