@@ -63,10 +63,8 @@ def test_a_wrong_reference_fails(worker: CaffeWorker, monkeypatch: pytest.Monkey
     original = ref.LAYERS["InnerProduct"]
 
     def no_transpose(spec: ref.LayerSpec, bottoms, blobs):  # type: ignore[no-untyped-def]
-        params = dict(spec.params)
-        params["inner_product_param"] = {**params["inner_product_param"], "transpose": False}
         return original.forward(
-            ref.LayerSpec(spec.name, spec.type, spec.bottoms, spec.tops, params), bottoms, blobs
+            spec.with_param("inner_product_param", transpose=False), bottoms, blobs
         )
 
     monkeypatch.setitem(ref.LAYERS, "InnerProduct", ref.LayerType("InnerProduct", no_transpose, ""))

@@ -77,10 +77,8 @@ def _lrn_alpha_not_divided(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
 ) -> list[Tensor]:
     """LRN with alpha applied to the window sum, not to its mean (alpha * local_size)."""
-    p = dict(spec.param("lrn_param"))
-    p["alpha"] = float(p["alpha"]) * int(p["local_size"])
-    params = {**spec.params, "lrn_param": p}
-    wrong = LayerSpec(spec.name, spec.type, spec.bottoms, spec.tops, params, spec.phase)
+    p = spec.param("lrn_param")
+    wrong = spec.with_param("lrn_param", alpha=float(p["alpha"]) * int(p["local_size"]))
     return ref.forward(wrong, bottoms, blobs)
 
 

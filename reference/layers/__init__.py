@@ -14,6 +14,7 @@ them); ``LAYERS`` maps each supported type to its implementation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,12 @@ class LayerSpec:
     def has(self, kind: str, name: str) -> bool:
         """Whether the prototxt sets field `name` of `kind` (Caffe's ``has_<name>()``)."""
         return name in self.set_fields.get(kind, frozenset())
+
+    def with_param(self, kind: str, **fields: Any) -> LayerSpec:
+        """This spec with some fields of its `kind` message changed (and counted as set)."""
+        params = {**self.params, kind: {**self.param(kind), **fields}}
+        set_fields = {**self.set_fields, kind: self.set_fields.get(kind, frozenset()) | set(fields)}
+        return dataclasses.replace(self, params=params, set_fields=set_fields)
 
     def param(self, kind: str) -> Mapping[str, Any]:
         """The ``<kind>`` parameter message (e.g. ``"pooling_param"``)."""
