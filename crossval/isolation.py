@@ -96,8 +96,10 @@ def validate_isolated(
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    main_thread = threading.current_thread() is threading.main_thread()
     try:
-        signal.signal(signal.SIGTERM, interrupt)
+        if main_thread:  # SIGTERM cleans up as Ctrl-C does
+            signal.signal(signal.SIGTERM, interrupt)
         with open(os.path.join(directory, "job.pkl"), "wb") as f:
             pickle.dump(Job(net, port, options, timeout), f)
         env = dict(os.environ)
@@ -125,7 +127,8 @@ def validate_isolated(
         finished = True
         return report
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5 if finished else 0)  # after its result, let it exit
@@ -162,7 +165,11 @@ def _supervise(
                 options,
             )
         except (EOFError, pickle.UnpicklingError):
-            how = _how(proc.wait())
+            try:
+                how = _how(proc.wait(timeout=30))
+            except subprocess.TimeoutExpired:  # alive, but it closed its end of the pipe
+                kill_group(proc)
+                how = "closed crossval's pipe"
             if running is not None:
                 return _crashed(
                     f"the port {how} in {running.where}", running, directory, net, port, options
