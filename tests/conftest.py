@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from crossval import provision
 from crossval.errors import CaffeNotAvailable
+
+# One PyTorch thread: the Caffe worker runs beside the tests on the other core, and the
+# tensors are small; two threads each (oversubscribed) made the layer checks 6x slower.
+torch.set_num_threads(1)
 
 # Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (tox sets `ci`).
 settings.register_profile(
