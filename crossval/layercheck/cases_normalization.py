@@ -47,8 +47,10 @@ def _affine(draw: st.DrawFn, type_name: str) -> LayerCase:
     fields = [f"axis: {axis}"]
     bottoms = [draw(arrays(shape), label="bottom")]
     if two:
-        k = draw(st.integers(1, ndim - a), label="second bottom axes")
-        bottoms.append(draw(arrays(shape[a : a + k], label="second"), label="second bottom"))
+        # 0 axes: a scalar second bottom (Caffe then lays it at axis 0, whatever `axis`).
+        k = draw(st.integers(0, ndim - a), label="second bottom axes")
+        second = draw(arrays(shape[a : a + k] or (1,), label="second"), label="second bottom")
+        bottoms.append(second.reshape(shape[a : a + k]))
     else:
         num_axes = draw(st.sampled_from([-1, 0, *range(1, ndim - a + 1)]), label="num_axes")
         fields.append(f"num_axes: {num_axes}")
