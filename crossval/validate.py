@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import io
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch import nn
 
-from . import examplegen
+from . import examplegen, outputs
 from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
@@ -753,9 +754,9 @@ class Report:
 
     def text(self) -> str:
         if self.verdict == "crash":
+            at = f"example {self.examples_run}" if self.examples_run else "the start"
             lines = [
-                f"validate-port {self.port} against {self.net}: stopped at example "
-                f"{self.examples_run}",
+                f"validate-port {self.port} against {self.net}: stopped at {at}",
                 "PORT FAILURE: " + self.crash,
             ]
             if self.saved:
@@ -1004,18 +1005,28 @@ def _search(validator: Validator, n: int, seed: int) -> list[ExampleResult]:
     return results
 
 
-def _save(result: ExampleResult, directory: Path, argv: list[str]) -> tuple[str, str]:
-    directory.mkdir(parents=True, exist_ok=True)
+def _save(
+    result: ExampleResult, directory: Path | outputs.Directory, argv: list[str]
+) -> tuple[str, str]:
+    """Save the example's arrays into `directory` (under the output policy); should that
+    fail, the copy outputs kept elsewhere is the one to replay (a warning says so)."""
+    if not isinstance(directory, outputs.Directory):
+        directory = outputs.directory(directory, "--save-failure")
     ex = result.example
     name = f"failure-seed{ex.seed}.npz" if ex is not None else "failure.npz"
-    path = directory / name
     arrays: dict[str, NDArray[Any]] = {f"input/{k}": v for k, v in result.inputs.items()}
     for layer, blobs in result.params.items():
         for i, v in enumerate(blobs):
             arrays[f"param/{layer}/{i}"] = v
-    tmp = path.with_suffix(".partial.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    try:
+        path = outputs.write_bytes(directory.file(name), buf.getvalue())
+    except outputs.OutputError as exc:
+        if not exc.kept:
+            raise
+        print(f"crossval: warning: {exc}", file=sys.stderr)
+        path = Path(exc.kept)
     keep, skip = [], False
     for a in argv:
         if skip:
@@ -1031,7 +1042,5 @@ def _save(result: ExampleResult, directory: Path, argv: list[str]) -> tuple[str,
     return str(path), cmd
 
 
-def write_json(report: Report, out: Path) -> None:
-    tmp = out.with_suffix(out.suffix + ".partial")
-    tmp.write_text(json.dumps(report.as_json(), indent=2, default=str))
-    os.replace(tmp, out)
+def write_json(report: Report, out: outputs.Target) -> None:
+    outputs.write_text(out, json.dumps(report.as_json(), indent=2, default=str))
