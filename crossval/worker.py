@@ -279,7 +279,9 @@ def sweep_stale(prefix: str = DIR_PREFIX) -> None:
 class CaffeWorker:
     """A client for one pycaffe worker process; restarts it after a crash or a timeout.
 
-    `timeout` (seconds) replaces `default_limit` for every call when given."""
+    `timeout` (seconds) replaces `default_limit` for every call when given. The kernel kills
+    the worker when the thread that started it ends (PR_SET_PDEATHSIG follows the thread):
+    start it from a thread that outlives it, such as the main thread."""
 
     def __init__(
         self, install: provision.CaffeInstall | None = None, timeout: float | None = None
@@ -347,7 +349,9 @@ class CaffeWorker:
         """Send `op` to the worker and return a function that waits for its result, so the
         caller can work meanwhile (the worker runs on the other core). One request at a time:
         collect the result before the next submit. The time limit runs from here."""
-        proc = self._proc if self._proc and self._proc.poll() is None else self._start()
+        if self._proc is not None and self._proc.poll() is not None:
+            self._retire()  # died between calls (killed from outside)
+        proc = self._proc or self._start()
         limit = self.limit(op, kwargs)
         deadline = time.monotonic() + limit
         assert proc.stdin is not None

@@ -4,6 +4,7 @@ caller, it dies with its parent, and it leaves no temporary files."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,13 @@ def test_no_temporary_files_after_an_abort_and_after_close(
             worker.call("crash", how="abort")
         assert _leftovers(private_tmp) == []
         worker.call("ping")
+        assert _leftovers(private_tmp) == [Path(worker.directory).name]
+        # Killed from outside while idle: the next call replaces it and its directory.
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(pid, 5.0)
+        assert worker.call("ping")["pid"] != pid
         assert _leftovers(private_tmp) == [Path(worker.directory).name]
     assert _leftovers(private_tmp) == []
 
