@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import golden, provision
+from . import outputs as out_policy
 from . import tolerances as tol
 from .checks import Harness
 from .compare import Comparison, exact
@@ -315,7 +316,7 @@ def check_build(
     refs: list[golden.Reference],
     examples: int,
     profile: str,
-    out: Path | None,
+    out: out_policy.Directory | None,
     say: Progress,
     layer_refs: tuple[layer_golden.LayerGolden, ...] = (),
 ) -> BuildResult:
@@ -502,6 +503,7 @@ def run(
     examples: int | None = None,
     json_out: Path | None = None,
     out: Path | None = None,
+    force: bool = False,
     golden_dir: Path = golden.GOLDEN_DIR,
     stream: TextIO = sys.stderr,
     print_to: TextIO = sys.stdout,
@@ -509,6 +511,14 @@ def run(
     """Check each build; print the summary; return the exit status."""
     if not paths:
         raise CrossvalError("check-build needs at least one --caffe PATH")
+    from .report import FILES
+
+    json_target = out_policy.target(json_out, "--json", force=force) if json_out else None
+    out_dir = out_policy.directory(out, "--out", force=force) if out is not None else None
+    for i in range(1, len(paths) + 1):  # checked now, not after the builds have run
+        for name in FILES:
+            if out_dir is not None:
+                out_dir.sub(f"build-{i}").file(name).check()
     refs = golden.load(golden_dir)
     layer_refs = tuple(layer_golden.load(golden_dir))
     n = examples or PROFILES[profile]
@@ -517,7 +527,7 @@ def run(
     for i, path in enumerate(paths, 1):
         label = f"[{i}]"
         say(f"{label} {path}")
-        where = out / f"build-{i}" if out is not None else None
+        where = out_dir.sub(f"build-{i}") if out_dir is not None else None
         results.append(check_build(label, path, refs, n, profile, where, say, layer_refs))
     pairs = compare_builds(results)
     lines = [
@@ -548,7 +558,7 @@ def run(
     status = max((r.status for r in results), key=lambda s: EXIT[s])
     lines += ["", f"verdict: {status.upper()} (exit {EXIT[status]})"]
     print("\n".join(lines), file=print_to)
-    if json_out is not None:
+    if json_target is not None:
         data = {
             "profile": profile,
             "examples_per_property": n,
@@ -558,10 +568,7 @@ def run(
             "builds": [r.as_dict() for r in results],
             "pairs": [p.as_dict() for p in pairs],
         }
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = json_out.with_name(json_out.name + ".partial")
-        tmp_json.write_text(json.dumps(data, indent=2, default=str))
-        tmp_json.replace(json_out)
+        out_policy.write_text(json_target, json.dumps(data, indent=2, default=str))
     return EXIT[status]
 
 

@@ -52,7 +52,10 @@ def _surgery(args: argparse.Namespace) -> int:
 
 
 def _prototxt(args: argparse.Namespace) -> int:
+    from . import outputs
     from .worker import CaffeWorker
+
+    target = outputs.target(args.output, "-o", force=args.force) if args.output else None
 
     opts: dict[str, object] = {"features": args.features, "batch": args.batch}
     if args.head in ("dex_vgg16", "tiny_cnn"):  # whole nets: deploy only
@@ -69,11 +72,8 @@ def _prototxt(args: argparse.Namespace) -> int:
             opts["sigma"] = args.sigma
     with CaffeWorker(timeout=args.timeout) as worker:
         text = worker.call("prototxt", head=args.head, **opts)
-    if args.output:
-        out = Path(args.output)
-        if out.exists() and not args.force:
-            raise CrossvalError(f"{out} exists; not overwriting it (use --force)")
-        out.write_text(text)
+    if target is not None:
+        outputs.write_text(target, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -100,7 +100,18 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _validate_port(args: argparse.Namespace) -> int:
     # crossval.validate (torch) is imported by validate_isolated while its child starts.
+    from . import outputs
     from .isolation import validate_isolated
+
+    inputs = [args.net, args.weights, args.map, args.replay, _port_source(args.port)]
+    json_out = (
+        outputs.target(args.json, "--json", force=args.force, inputs=inputs) if args.json else None
+    )
+    save_failure = (
+        outputs.directory(args.save_failure, "--save-failure", force=args.force, inputs=inputs)
+        if args.save_failure
+        else None
+    )
 
     mapping: dict[str, str] = {}
     if args.map:
@@ -124,29 +135,42 @@ def _validate_port(args: argparse.Namespace) -> int:
         examples_n=args.examples,
         seed=args.seed,
         batch=args.batch,
-        save_failure=Path(args.save_failure) if args.save_failure else None,
+        save_failure=save_failure,
         replay=Path(args.replay) if args.replay else None,
         argv=sys.argv[1:],
         generate=args.generate,
     )
     print(report.text())
-    if args.json:
+    if json_out is not None:
         from . import validate as v
 
-        v.write_json(report, Path(args.json))
+        v.write_json(report, json_out)
     return 0 if report.verdict == "match" else 1
+
+
+def _port_source(spec: str) -> str | None:
+    """The file of the port's module, found without importing anything (its import may
+    crash): it is one of validate-port's inputs."""
+    import os
+
+    parts = spec.partition(":")[0].split(".")
+    for base in [os.getcwd(), *sys.path]:
+        stem = Path(base or ".", *parts)
+        for candidate in (stem.with_name(stem.name + ".py"), stem / "__init__.py"):
+            if candidate.is_file():
+                return str(candidate)
+    return None
 
 
 def _train(args: argparse.Namespace) -> int:
     from reference.solvers import SolverConfig
 
+    from . import outputs
     from .strategies import build_batches, build_case
     from .training import TrainCase, train_report
     from .worker import CaffeWorker
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise CrossvalError(f"{out} is not empty; not writing into it (use --force)")
+    out = outputs.directory(args.out, "--out", force=args.force, empty=True).path
     shape = dict(
         batch=args.batch,
         features=args.features,
@@ -194,17 +218,16 @@ def _mutants(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import provision
+    from . import outputs, provision
     from .provision import info
-    from .report import run, table
+    from .report import FILES, run, table
     from .worker import CaffeWorker
 
+    out = outputs.directory(args.out, "--out", force=args.force, names=FILES)
     install = provision.locate(args.caffe)
     described = info.collect(install)
     with CaffeWorker(install, timeout=args.timeout) as worker:
-        ok, rows = run(
-            worker, args.profile, Path(args.out), examples=args.examples, caffe_info=described
-        )
+        ok, rows = run(worker, args.profile, out, examples=args.examples, caffe_info=described)
     print(table(rows))
     print(f"\n{'every check passes' if ok else 'FAILURES'}; report in {args.out}")
     return 0 if ok else 1
@@ -223,6 +246,7 @@ def _check_build(args: argparse.Namespace) -> int:
         examples=args.examples,
         json_out=Path(args.json) if args.json else None,
         out=Path(args.out) if args.out else None,
+        force=args.force,
         golden_dir=Path(args.golden) if args.golden else golden.GOLDEN_DIR,
     )
 
@@ -391,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay", default=None, metavar="FILE.npz", help="run only the example saved in FILE.npz"
     )
     add_timeout_option(vp)
+    vp.add_argument(
+        "--force", action="store_true", help="replace an existing --json or saved failure"
+    )
     vp.set_defaults(func=_validate_port)
 
     rp = sub.add_parser(
@@ -410,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--examples", type=int, default=None, help="override the profile's count")
     rp.add_argument("--out", default="crossval-report", help="directory for the files")
+    rp.add_argument("--force", action="store_true", help="replace report files already there")
     add_timeout_option(rp)
     rp.set_defaults(func=_report)
 
@@ -447,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cb.add_argument(
         "--golden", default=None, metavar="DIR", help="golden vectors (default: the package's)"
+    )
+    cb.add_argument(
+        "--force", action="store_true", help="replace an existing --json or --out report files"
     )
     cb.set_defaults(func=_check_build)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import outputs
 from .checks import REFERENCE, run_torch
 from .errors import CrossvalError
 from .heads import HEADS, Case
@@ -148,23 +148,15 @@ def encode(ref: Reference) -> dict[str, np.ndarray]:
 def write(out: Path, force: bool = False) -> list[Path]:
     """Compute every golden case and write one .npz each into `out`.
 
-    Files already there are replaced only with `force`; each is written whole, then renamed.
+    Files already there are replaced only with `force` (crossval.outputs' policy).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    targets = {name: out / f"{name}.npz" for name in GOLDEN_CASES}
-    existing = [p for p in targets.values() if p.exists()]
-    if existing and not force:
-        raise CrossvalError(
-            f"{len(existing)} golden files already exist in {out} (e.g. {existing[0].name}); "
-            "pass --force to regenerate them"
-        )
-    for name, path in targets.items():
+    d = outputs.directory(out, "--out", force=force, names=[f"{n}.npz" for n in GOLDEN_CASES])
+    targets = {name: d.file(f"{name}.npz") for name in GOLDEN_CASES}
+    for name, target in targets.items():
         buf = io.BytesIO()
         np.savez_compressed(buf, **encode(compute(name, case_of(name))))  # type: ignore[arg-type]
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    return list(targets.values())
+        outputs.write_bytes(target, buf.getvalue())
+    return [t.path for t in targets.values()]
 
 
 def load_file(path: Path) -> Reference:

@@ -228,7 +228,7 @@ def _crashed(
                     layer, i = k[len("param/") :].rsplit("/", 1)
                     params.setdefault(layer, []).insert(int(i), data[k])
         kept = ExampleResult(call.example, inputs=inputs, params=params)
-        report.saved, report.replay = _save(kept, Path(save_to), options.get("argv") or [])
+        report.saved, report.replay = _save(kept, save_to, options.get("argv") or [])
     elif replay is not None:
         report.saved = str(replay)
         report.replay = "crossval " + " ".join(options.get("argv") or [])

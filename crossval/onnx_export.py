@@ -24,8 +24,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -43,7 +41,7 @@ from torch import Tensor, nn
 
 import reference
 
-from . import __version__, transfer
+from . import __version__, outputs, transfer
 from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
@@ -1079,10 +1077,7 @@ def export_caffe_head(
     prototxt, weights, out = Path(prototxt), Path(weights), Path(out)
     if examples < 1 or batch < 1:
         raise OnnxInputError(f"--examples and --batch-check must be >= 1 ({examples}, {batch})")
-    if out.exists() and not force:
-        raise OnnxInputError(f"{out} exists; not overwriting it (use --force)")
-    if out.resolve() in {prototxt.resolve(), weights.resolve()}:
-        raise OnnxInputError(f"the output {out} is one of the inputs; choose another path")
+    target = outputs.target(out, "-o", force=force, inputs=[prototxt, weights])
     head = load_caffe_head(worker, prototxt, weights)
     source = {
         "crossval.source.prototxt": prototxt.name,
@@ -1121,19 +1116,7 @@ def export_caffe_head(
             f"{head.spec.ip_layer}'s weights are all zero (a fresh net, as `crossval surgery` "
             "leaves it): every age is the same, whatever the input"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if Path(tmp).read_bytes() != data:
-            raise OnnxCheckFailed(f"{tmp} does not read back byte for byte; not writing {out}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    outputs.write_bytes(target, data)
     return ExportReport(
         out,
         head.spec,

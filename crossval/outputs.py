@@ -29,7 +29,12 @@ from .errors import CrossvalError
 
 
 class OutputError(CrossvalError):
-    """An output cannot be written where it was asked for (exit status 2)."""
+    """An output cannot be written where it was asked for (exit status 2). `kept`: where
+    its content was kept instead, if it was."""
+
+    def __init__(self, message: str, kept: str = "") -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -67,7 +72,7 @@ class Target:
         for given in self.inputs:
             if _same(path, given):
                 raise OutputError(
-                    f"{label} {path} is one of this command's inputs ({given}); "
+                    f"{label} {path} is one of the inputs of this command ({given}); "
                     "choose another path (--force does not change this)"
                 )
         if path.is_dir():
@@ -156,7 +161,7 @@ def directory(
         _probe(parent, label, p)
         for given in d.inputs:
             if given.resolve() == p.resolve():
-                raise OutputError(f"{label} {p} is one of this command's inputs")
+                raise OutputError(f"{label} {p} is one of the inputs of this command")
     return d
 
 
@@ -266,7 +271,7 @@ def _rescue(t: Target, data: bytes, text: bool, why: str) -> OutputError:
         return OutputError(f"{why}; its content was printed to stdout above instead")
     kept = _keep_elsewhere(t, data)
     if kept:
-        return OutputError(f"{why}; its content was kept in {kept} instead")
+        return OutputError(f"{why}; its content was kept in {kept} instead", kept)
     return OutputError(f"{why}; it could not be kept elsewhere either")
 
 

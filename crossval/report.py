@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from . import outputs
 from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
@@ -244,7 +244,10 @@ def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
     return rows
 
 
-def plot(rows: list[Row], out: Path) -> list[Path]:
+FILES = ("report.json", "report.md", *(f"{head}.png" for head in HEADS))
+
+
+def plot(rows: list[Row], out: outputs.Directory) -> list[Path]:
     """One PNG per head: the distribution of Caffe-vs-PyTorch err/bound (1 = the tolerance)."""
     import matplotlib
 
@@ -267,8 +270,9 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
         ax.set_title(f"{head}: {len(ratios)} comparisons ({zeros} exactly equal, not shown)")
         ax.legend()
         fig.tight_layout()
-        path = out / f"{head}.png"
-        fig.savefig(path, dpi=100)
+        with outputs.staged(out.file(f"{head}.png")) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        path = out.path / f"{head}.png"
         plt.close(fig)
         made.append(path)
     return made
@@ -291,7 +295,7 @@ def table(rows: list[Row]) -> str:
 def run(
     worker: CaffeWorker,
     profile: str,
-    out: Path,
+    out: Path | outputs.Directory,
     stream: TextIO = sys.stderr,
     examples: int | None = None,
     caffe_info: dict[str, Any] | None = None,
@@ -300,6 +304,8 @@ def run(
     """The whole matrix; writes report.json, report.md and one PNG per head into `out`
     (unless `files` is False)."""
     n = examples or PROFILES[profile]
+    if files and not isinstance(out, outputs.Directory):
+        out = outputs.directory(out, "--out", names=FILES)  # before the matrix runs
     say = Progress(stream)
     harness = Harness(worker)
     say(f"profile {profile}: {n} examples per property")
@@ -308,9 +314,8 @@ def run(
     rows += training_rows(worker, 6 if profile != "thorough" else 20, say)
     rows += onnx_rows(harness, max(n // 10, 5), say)
     ok = all(r.verdict == "pass" for r in rows)
-    if not files:
+    if not isinstance(out, outputs.Directory):
         return ok, rows
-    out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, out)
     data = {
         "profile": profile,
@@ -320,7 +325,7 @@ def run(
         "rows": [r.as_dict() for r in rows],
         "plots": [p.name for p in pngs],
     }
-    _write(out / "report.json", json.dumps(data, indent=2, default=str))
+    outputs.write_text(out.file("report.json"), json.dumps(data, indent=2, default=str))
     failures = [f"- {r.check}: {r.first_failure}" for r in rows if r.first_failure]
     md = [
         f"# crossval report ({profile}, {n} examples per property)",
@@ -333,15 +338,10 @@ def run(
     if failures:
         md += ["## First failure of each failing check", "", *failures, ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]
-    _write(out / "report.md", "\n".join(md) + "\n")
-    say(f"wrote {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(p) for p in pngs))
+    outputs.write_text(out.file("report.md"), "\n".join(md) + "\n")
+    d = out.path
+    say(f"wrote {d / 'report.json'}, {d / 'report.md'}, " + ", ".join(str(p) for p in pngs))
     return ok, rows
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-__all__ = ["PROFILES", "Row", "run", "table"]
+__all__ = ["FILES", "PROFILES", "Row", "run", "table"]

@@ -3,13 +3,12 @@ the initial weights, as `crossval surgery PROTOTXT -o init_weights.caffemodel` d
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import outputs
 from .compare import exact
 from .errors import CrossvalError
 from .worker import CaffeError, CaffeWorker
@@ -48,16 +47,9 @@ def surgery(
     prototxt, out = Path(prototxt), Path(out)
     if not prototxt.is_file():
         raise SurgeryError(f"no prototxt at {prototxt}")
-    if out.exists() and not force:
-        raise SurgeryError(f"{out} exists; not overwriting it (use --force)")
-    protected = {prototxt.resolve()} | ({weights.resolve()} if weights else set())
-    if out.resolve() in protected:
-        raise SurgeryError(f"the output {out} is one of the inputs; choose another path")
+    target = outputs.target(out, "-o", force=force, inputs=[prototxt, weights])
     text = prototxt.read_text()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    try:
+    with outputs.staged(target) as tmp:
         try:
             got = worker.call(
                 "surgery",
@@ -65,17 +57,13 @@ def surgery(
                 phase=phase,
                 layer=layer,
                 weights=str(weights or ""),
-                out=tmp,
+                out=str(tmp),
             )
-            back = worker.call("params", prototxt=text, phase=phase, weights=tmp)
+            back = worker.call("params", prototxt=text, phase=phase, weights=str(tmp))
         except CaffeError as exc:
             raise SurgeryError(f"{prototxt}: {exc}") from None
         want = np.arange(got["bins"], dtype=np.float32)[None, :]
         check = exact("surgery", f"{layer}/0 in {out.name}", back["params"][layer][0], want)
         if not check.passed:
             raise SurgeryError(f"the saved kernel does not read back exactly: {check}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return SurgeryResult(out, layer, int(got["bins"]), str(got["bottom"]))

@@ -59,9 +59,9 @@ def test_an_input_is_refused_even_with_force(tmp_path: Path) -> None:
     (tmp_path / "link.prototxt").symlink_to(net)
     os.link(net, tmp_path / "hard.prototxt")
     for name in ("net.prototxt", "link.prototxt", "hard.prototxt", "./net.prototxt"):
-        with pytest.raises(OutputError, match="is one of this command's inputs"):
+        with pytest.raises(OutputError, match="is one of the inputs of this command"):
             outputs.target(tmp_path / name, "--json", force=True, inputs=[net])
-    with pytest.raises(OutputError, match="is one of this command's inputs"):
+    with pytest.raises(OutputError, match="is one of the inputs of this command"):
         outputs.directory(tmp_path, "--out", force=True, inputs=[net], names=["net.prototxt"])
     assert net.read_bytes() == b"layer {}"
 
