@@ -5,6 +5,7 @@ on Caffe's own diffs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
 from torch import Tensor
 
-from crossval import provision
+from crossval import layercheck, provision
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import LAYER, spec_of
 from crossval.worker import CaffeWorker
@@ -300,6 +302,70 @@ def test_bias_without_its_diff_sum_over_the_batch_is_caught(worker: CaffeWorker)
         return [y + (bias - bias.detach()) * (torch.arange(3) == 0).reshape(3, 1, 1)]
 
     _caught(worker, case, first, f"backward caffe~ref64: d/d {LAYER}/0")
+
+
+# -- no false alarm: library ports that are right pass --------------------------------------
+
+
+def _f(spec: ref.LayerSpec, kind: str, name: str) -> float:
+    return neuron.f32(spec.param(kind)[name])
+
+
+def _lib_batch_norm(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    """F.batch_norm, which applies the statistics fused as x / sigma - mean / sigma."""
+    x, eps = b[0], _f(spec, "batch_norm_param", "eps")
+    if normalization.use_global_stats(spec):
+        f = float(p[2].detach().reshape(()))
+        inv = 0.0 if f == 0 else 1.0 / f
+        return [F.batch_norm(x, p[0].detach() * inv, p[1].detach() * inv, eps=eps)]
+    if x.numel() == x.shape[1]:  # one value per channel: torch refuses, Caffe gives 0
+        return [x * 0.0]
+    return [F.batch_norm(x, None, None, training=True, eps=eps)]
+
+
+def _lib_exp(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    base = _f(spec, "exp_param", "base")
+    ln = 1.0 if base == -1 else math.log(base)
+    return [
+        torch.exp((b[0] * _f(spec, "exp_param", "scale") + _f(spec, "exp_param", "shift")) * ln)
+    ]
+
+
+def _lib_log(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    base = _f(spec, "log_param", "base")
+    ln = 1.0 if base == -1 else math.log(base)
+    t = b[0] * _f(spec, "log_param", "scale") + _f(spec, "log_param", "shift")
+    return [torch.log(t) / ln]
+
+
+LIBRARY_PORTS: dict[str, Fn] = {
+    "ELU": lambda spec, b, p: [F.elu(b[0], alpha=_f(spec, "elu_param", "alpha"))],
+    "Sigmoid": lambda spec, b, p: [torch.sigmoid(b[0])],
+    "TanH": lambda spec, b, p: [torch.tanh(b[0])],
+    "BNLL": lambda spec, b, p: [F.softplus(b[0])],
+    "PReLU": lambda spec, b, p: [F.prelu(b[0], p[0].reshape(-1))],
+    "Exp": _lib_exp,
+    "Log": _lib_log,
+    "BatchNorm": _lib_batch_norm,
+}
+
+
+@pytest.mark.parametrize("layer_type", sorted(LIBRARY_PORTS))
+def test_a_right_library_port_passes(worker: CaffeWorker, layer_type: str) -> None:
+    """PyTorch's own functions, which order the float32 operations their own way (expm1,
+    1 / (1 + exp(-x)), softplus's threshold, the fused batch_norm), are within the bounds:
+    the bounds hold for a direct port, not only for Caffe's algorithm. (Not BNLL at 0 and
+    Power at 0, where Caffe's diff is not the derivative: those are findings.)"""
+
+    @settings(max_examples=25, database=None, deadline=None)
+    @given(case=layercheck.CASES[layer_type]())
+    def prop(case: LayerCase) -> None:
+        if layer_type == "BNLL":
+            assume(not (case.bottoms[0] == 0).any())
+        result = run_case(worker, case, port=LIBRARY_PORTS[layer_type])
+        assert result.passed, result.summary()
+
+    prop()
 
 
 # -- kinks: Caffe's diff where the derivative is one-sided or undefined ---------------------

@@ -20,7 +20,10 @@ RULES = (
         "v_sum * f with f = 1 / factor (0 for a factor 0), each rounded; batch: mean and the "
         "biased var as M-term sums of x / M and (x - mean)^2 / M, M = N * spatial",
         "e_mean = gamma(2) |mean| (global) or gamma(M + 2) sum |x| / M (the two-stage "
-        "M-term sum and the rounded 1 / M); e_d = e_mean + u (|d| + e_mean) for d = x - mean; "
+        "M-term sum and the rounded 1 / M); e_d = e_mean + u (|d| + e_mean) for Caffe's d = x "
+        "- mean, plus u (|x| + |mean| + |d|) for a port that applies the statistics fused as "
+        "x a + b with a = 1 / sigma and b = -mean a (PyTorch's batch_norm, ONNX runtimes), "
+        "which rounds x a, mean a and a itself (u |d| a = u |y|); "
         "e_var = gamma(2) |var| (global) or P + gamma(M + 3) (var + P), P = sum (2 |d| e_d + "
         "e_d^2) / M; e_v = e_var + u (var + eps + e_var); e_sigma = e_v / (sigma + sqrt(max("
         "sigma^2 - e_v, 0))) + u sigma (the exact change of a square root); e_y = (e_d + |y| "
@@ -63,6 +66,12 @@ def _quotient(num: F64, e_num: F64, sigma: F64, e_sigma: F64) -> F64:
     return out
 
 
+def _fused(x: F64, mean: F64, d: F64) -> F64:
+    """The extra rounding of the fused form x / sigma - mean / sigma, in units of d."""
+    out: F64 = u * (np.abs(x) + np.abs(mean) + np.abs(d))
+    return out
+
+
 def _times(a: F64, b: F64) -> F64:
     """a b, 0 where either is 0 (an exactly zero coefficient cancels an unbounded error)."""
     with np.errstate(invalid="ignore"):
@@ -84,14 +93,14 @@ def _bn_parts(
         var = (blobs[1] * inv).reshape(shape)
         e_mean = gamma(2) * np.abs(mean)
         d = x - mean
-        e_d = e_mean + u * (np.abs(d) + e_mean)
+        e_d = e_mean + u * (np.abs(d) + e_mean) + _fused(x, mean, d)
         e_var = gamma(2) * np.abs(var)
     else:
         mean = x.mean(axis=axes, keepdims=True)
         # One term times 1 / 1 is exact; otherwise the M-term sum and the rounded 1 / M.
         e_mean = (0.0 if m == 1 else gamma(m + 2)) * np.abs(x).mean(axis=axes, keepdims=True)
         d = x - mean
-        e_d = e_mean + u * (np.abs(d) + e_mean)
+        e_d = e_mean + u * (np.abs(d) + e_mean) + _fused(x, mean, d)
         var = (d * d).mean(axis=axes, keepdims=True)
         p = (2 * np.abs(d) * e_d + e_d * e_d).mean(axis=axes, keepdims=True)
         e_var = p + gamma(m + 3) * (var + p)
