@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
-from .errors import CrossvalError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CrossvalError
 
 
 def _caffe_ensure(args: argparse.Namespace) -> int:
@@ -541,10 +545,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _internal_error(exc: Exception) -> int:
+    """One line for the user; the whole traceback in a file whose path it gives."""
+    import tempfile
+    import time
+    import traceback
+
+    from . import outputs
+
+    text = "".join(traceback.format_exception(exc))
+    name = f"crossval-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path = outputs.write_bytes(
+            outputs.target(Path(tempfile.gettempdir()) / name, "traceback"), text.encode()
+        )
+        where = f"traceback in {path}"
+    except CrossvalError as failed:
+        where = f"the traceback could not be saved: {failed}"
+    message = (str(exc).strip().splitlines() or [""])[0]
+    print(f"crossval: internal error: {type(exc).__name__}: {message} ({where})", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 pass, 1 a finding about the thing under test, 2 bad usage or input,
+    3 an internal error of crossval (traceback saved to a file), 130 interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or the help)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     try:
         return func(args)
     except CrossvalError as exc:
@@ -552,4 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("crossval: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _internal_error(exc)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+EXIT_PASS = 0
+EXIT_FINDING = 1  # a finding about the thing under test (a mismatch, a regression, a crash)
+EXIT_USAGE = 2  # bad usage or input
+EXIT_INTERNAL = 3  # an internal error of crossval itself
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
 
 class CrossvalError(Exception):
     """Base class: an error the CLI prints as one clear message (exit status 2)."""

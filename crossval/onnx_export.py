@@ -24,12 +24,15 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import re
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import numpy as np
@@ -236,6 +239,48 @@ def _quiet_exporter() -> Iterator[None]:
             log.setLevel(level)
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def plain(text: str) -> str:
+    """Captured exporter text without its terminal colour codes."""
+    return ANSI_ESCAPE.sub("", text)
+
+
+class _Interrupts:
+    """Notes a Ctrl-C (SIGINT) while active: the exporter may wrap the KeyboardInterrupt in
+    an error of its own, which must still end crossval as interrupted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+
+            def noted(signum: int, frame: FrameType | None) -> None:
+                self.seen = True
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, noted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def caused(self, exc: BaseException) -> bool:
+        seen: set[int] = set()
+        cause: BaseException | None = exc
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, KeyboardInterrupt):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return self.seen
+
+
 def exporter_versions() -> dict[str, str]:
     import onnxscript
 
@@ -280,8 +325,9 @@ def export(
         state[key] = torch.from_numpy(placeholders[key])
     module.load_state_dict(state)
     example = torch.zeros((2, *spec.input_dims), dtype=torch.float32)
+    interrupts = _Interrupts()
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), interrupts:
             program = torch.onnx.export(
                 module,
                 (example,),
@@ -293,7 +339,9 @@ def export(
                 verbose=False,
             )
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        if interrupts.caused(exc):
+            raise KeyboardInterrupt from None
+        first = (plain(str(exc)).strip().splitlines() or [""])[0]
         at = f" at opset {opset}" if opset is not None else ""
         raise OnnxInputError(
             f"torch.onnx.export failed for {spec.describe()}{at}: {type(exc).__name__}: {first}"
