@@ -248,7 +248,8 @@ def pool_geometry(spec: LayerSpec, shape: Sequence[int]) -> PoolGeometry:
         raise _reject(spec, f"kernel {kernel} and stride {stride} must be nonzero")
     if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
         raise _reject(spec, f"pad {pad} must be smaller than the kernel {kernel}")
-    rounding = np.ceil if p["round_mode"] == "CEIL" else np.floor
+    # round_mode came to BVLC master in 2018; a build without it always rounds up.
+    rounding = np.ceil if p.get("round_mode", "CEIL") == "CEIL" else np.floor
     out = []
     for i in range(2):
         size, k, s, q = int(shape[2 + i]), kernel[i], stride[i], pad[i]
