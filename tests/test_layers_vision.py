@@ -403,3 +403,47 @@ def test_parameters_caffe_rejects_are_named(
     spec = _spec(worker, type_name, params, shape)
     with pytest.raises(ValueError, match=rf"layer 'layer' \({type_name}\): .*{message}"):
         ref.forward(spec, [torch.zeros(shape, dtype=torch.float64)], [torch.zeros(1)] * 2)
+
+
+# -- real nets' layers at their own sizes ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_name", "params", "shape", "scale"),
+    [
+        # Levi and Hassner's age net: conv1 (on a smaller image: the same 147-term sums),
+        # pool1 (56 -> 28 by CEIL, 27 by floor), norm1 on
+        # large post-ReLU activations (the issue's false alarm), conv2.
+        (
+            "Convolution",
+            "convolution_param { num_output: 96 kernel_size: 7 stride: 4 }",
+            (1, 3, 115, 115),
+            100.0,
+        ),
+        ("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }", (2, 96, 56, 56), 1.0),
+        ("LRN", "lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }", (2, 96, 28, 28), 1e3),
+        (
+            "Convolution",
+            "convolution_param { num_output: 256 kernel_size: 5 pad: 2 }",
+            (1, 96, 14, 14),
+            1.0,
+        ),
+        # CaffeNet-style grouped conv and LRN with k 2; GoogLeNet's final AVE pool.
+        (
+            "Convolution",
+            "convolution_param { num_output: 256 kernel_size: 5 pad: 2 group: 2 }",
+            (1, 96, 13, 13),
+            1.0,
+        ),
+        ("LRN", "lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 k: 2 }", (1, 256, 13, 13), 1e3),
+        ("Pooling", "pooling_param { pool: AVE kernel_size: 7 stride: 1 }", (2, 64, 7, 7), 1.0),
+    ],
+)
+def test_real_net_layers(
+    worker: CaffeWorker, type_name: str, params: str, shape: tuple[int, ...], scale: float
+) -> None:
+    """Real nets' layers at full size (long accumulations, 96 and 256 channels) pass."""
+    x = np.maximum(_x(shape, seed=11, scale=scale), 0).astype(np.float32)  # post-ReLU
+    case = LayerCase(type_name, (x,), params, seed=12, weight_scale=0.05)
+    result = run_case(worker, case)
+    assert result.passed, result.summary()
