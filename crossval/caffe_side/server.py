@@ -144,12 +144,11 @@ class Ops:
     def validate(prototxt: str, weights: str = "") -> None:
         """Parse the net (and weights) in Python first: Caffe would abort on a bad file."""
         from caffe.proto import caffe_pb2
-        from google.protobuf import text_format
 
-        try:
-            text_format.Merge(prototxt, caffe_pb2.NetParameter())
-        except text_format.ParseError as exc:
-            raise ValueError(f"malformed prototxt: {exc}") from None
+        from crossval.caffe_side.upgrade import parse_net
+
+        if prototxt:
+            parse_net(prototxt)
         if weights:
             try:
                 with open(weights, "rb") as f:
@@ -171,12 +170,12 @@ class Ops:
         """The net's structure: layers in order with bottoms, tops, param shapes and
         multipliers (from the prototxt), blob shapes in Caffe's (topological) order, and the
         tops of Input layers."""
-        from caffe.proto import caffe_pb2
-        from google.protobuf import text_format
+        from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        spec = caffe_pb2.NetParameter()
-        text_format.Merge(prototxt, spec)
-        mults = {lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param] for lp in spec.layer}
+        spec = parse_net(prototxt)
+        mults = {
+            lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param] for lp in filter_net(spec, phase)
+        }
         net = self.net(prototxt, phase, "", surgery)
         layers = []
         for name, layer in zip(net._layer_names, net.layers, strict=True):
@@ -207,26 +206,24 @@ class Ops:
             "force_backward": bool(spec.force_backward),
         }
 
-    def op_layer_specs(self, prototxt: str) -> list[dict[str, Any]]:
-        """Each layer as the reference layer library reads it: name, type, bottoms, tops,
-        phase rules, and its parameter messages (those set, and the one for its own type even
-        when unset) with every field filled in, Caffe's proto defaults included."""
-        from caffe.proto import caffe_pb2
-        from google.protobuf import text_format
+    def op_layer_specs(self, prototxt: str, phase: str = "TEST") -> list[dict[str, Any]]:
+        """Each layer a net loaded in `phase` keeps (V1 nets and input headers upgraded as
+        Caffe does, see crossval.caffe_side.upgrade), as the reference layer library reads
+        it: name, type, bottoms, tops, phase rules, and its parameter messages (those set,
+        and the one for its own type even when unset) with every field filled in, Caffe's
+        proto defaults included."""
+        from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        spec = caffe_pb2.NetParameter()
-        text_format.Merge(prototxt, spec)
-        return [layer_spec(lp) for lp in spec.layer]
+        return [layer_spec(lp) for lp in filter_net(parse_net(prototxt), phase)]
 
-    def op_layer_types(self, prototxt: str) -> list[str]:
-        """The `type` of each layer in `prototxt`, parsed only (no net is made, so a type the
-        build lacks cannot abort here)."""
-        from caffe.proto import caffe_pb2
-        from google.protobuf import text_format
+    def op_layer_types(self, prototxt: str, phase: str | None = None) -> list[str]:
+        """The `type` of each layer in `prototxt` (upgraded; only those `phase` keeps, when
+        given), parsed only (no net is made, so a type the build lacks cannot abort here)."""
+        from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        spec = caffe_pb2.NetParameter()
-        text_format.Merge(prototxt, spec)
-        return [str(lp.type) for lp in spec.layer]
+        spec = parse_net(prototxt)
+        layers = filter_net(spec, phase) if phase else spec.layer
+        return [str(lp.type) for lp in layers]
 
     def op_ping(self) -> dict[str, Any]:
         return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
@@ -527,6 +524,60 @@ class Ops:
             )
         kernel[...] = np.arange(k, dtype=np.float32)
         return {"bins": k, "kernel": kernel.copy(), "bottom": bottom}
+
+    def op_check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> dict[str, Any]:
+        """For crossval.inputs.check_net: layer names and types and the input shapes, read
+        from the text; with `weights`, the caffemodel's blob shapes per layer and the net's
+        param shapes and lr_mults (the net is built only when its inputs have no zero
+        dimension and its layer names are unique)."""
+        from caffe.proto import caffe_pb2
+        from google.protobuf import text_format
+
+        spec = caffe_pb2.NetParameter()
+        text_format.Merge(prototxt, spec)
+        layers = [(lp.name, lp.type) for lp in spec.layer]
+        layers += [
+            (lp.name, caffe_pb2.V1LayerParameter.LayerType.Name(lp.type)) for lp in spec.layers
+        ]
+        inputs: dict[str, list[int]] = {}
+        for lp in spec.layer:
+            if lp.type == "Input":
+                shapes = list(lp.input_param.shape)
+                for i, top in enumerate(lp.top):
+                    shape = shapes[i] if i < len(shapes) else (shapes[0] if shapes else None)
+                    inputs[top] = [int(d) for d in shape.dim] if shape is not None else []
+        for i, name in enumerate(spec.input):
+            if len(spec.input_shape) > i:
+                inputs[name] = [int(d) for d in spec.input_shape[i].dim]
+            else:
+                inputs[name] = [int(d) for d in spec.input_dim[4 * i : 4 * i + 4]]
+        out: dict[str, Any] = {"layers": layers, "inputs": inputs, "params": {}, "model": {}}
+        names = [n for n, _ in layers]
+        sound = all(s and min(s) > 0 for s in inputs.values()) and len(set(names)) == len(names)
+        if weights and layers and sound:
+            self.validate(prototxt, weights)
+            model = caffe_pb2.NetParameter()
+            with open(weights, "rb") as f:
+                model.ParseFromString(f.read())
+
+            def shape(b: Any) -> list[int]:
+                if b.HasField("shape"):
+                    return [int(d) for d in b.shape.dim]
+                return [int(b.num), int(b.channels), int(b.height), int(b.width)]
+
+            for lp in [*model.layer, *model.layers]:
+                if len(lp.blobs):
+                    out["model"][lp.name] = [shape(b) for b in lp.blobs]
+            mults = {lp.name: [p.lr_mult for p in lp.param] for lp in spec.layer}
+            net = self.net(prototxt, phase)
+            for name, layer in zip(net._layer_names, net.layers, strict=True):
+                given = mults.get(name, [])
+                out["params"][name] = [
+                    (list(b.data.shape), float(given[i]) if i < len(given) else 1.0)
+                    for i, b in enumerate(layer.blobs)
+                ]
+            out["params"] = {k: v for k, v in out["params"].items() if v}
+        return out
 
     def op_crash(self, how: str) -> None:
         """For tests of crash isolation and time limits: die (abort, segfault) or hang the
