@@ -55,6 +55,15 @@ def _surgery(args: argparse.Namespace) -> int:
     return 0
 
 
+_ZOO_NETS = (
+    "levi_hassner_age",
+    "levi_hassner_age_v1",
+    "caffenet_age",
+    "googlenet_block",
+    "resnet_block",
+)
+
+
 def _prototxt(args: argparse.Namespace) -> int:
     from . import outputs
     from .worker import CaffeWorker
@@ -64,6 +73,10 @@ def _prototxt(args: argparse.Namespace) -> int:
     opts: dict[str, object] = {"features": args.features, "batch": args.batch}
     if args.head in ("dex_vgg16", "tiny_cnn"):  # whole nets: deploy only
         opts = {"batch": args.batch, "bins": args.bins}
+        if args.size:
+            opts["size"] = args.size
+    elif args.head in _ZOO_NETS:  # the zoo's age nets: their own bins (8)
+        opts = {"batch": args.batch}
         if args.size:
             opts["size"] = args.size
     elif args.head == "expectation":
@@ -329,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     proto = sub.add_parser("prototxt", help="write one of the seed's heads as a Caffe net")
     proto.add_argument(
         "head",
-        choices=["sigmoid_scale", "expectation", "dex_vgg16", "tiny_cnn"],
-        help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN)",
+        choices=["sigmoid_scale", "expectation", "dex_vgg16", "tiny_cnn", *_ZOO_NETS],
+        help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN, the zoo's age nets)",
     )
     proto.add_argument("--size", type=int, default=None, help="image size of a whole net")
     proto.add_argument("--features", type=int, default=512, help="features in pool5 (512)")
