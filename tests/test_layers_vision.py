@@ -4,6 +4,7 @@ sum, the kernel-less convolution) are checked explicitly."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
 from torch import Tensor
 
-from crossval import provision
+from crossval import layercheck, provision
 from crossval.layercheck import LayerCase, run_case
 from crossval.tolerances import LIBM_ULPS, U32, gamma
 from crossval.worker import CaffeWorker
@@ -447,3 +449,59 @@ def test_real_net_layers(
     case = LayerCase(type_name, (x,), params, seed=12, weight_scale=0.05)
     result = run_case(worker, case)
     assert result.passed, result.summary()
+
+
+# -- right library ports pass --------------------------------------------------------------
+
+
+def _torch_conv(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    """F.conv2d as a converter writes it (2-D, channel axis 1)."""
+    g = vision.conv_geometry(spec, b[0].shape)
+    bias = p[1] if g.bias_term else None
+    return [F.conv2d(x, p[0], bias, g.stride, g.pad, g.dilation, g.group) for x in b]
+
+
+def _torch_pool(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    """nn.MaxPool2d / AvgPool2d with ceil_mode as round_mode, padding counted."""
+    g = vision.pool_geometry(spec, b[0].shape)
+    ceil = spec.param("pooling_param")["round_mode"] == "CEIL"
+    if g.method == "MAX":
+        return [F.max_pool2d(b[0], g.kernel, g.stride, g.pad, ceil_mode=ceil)]
+    return [F.avg_pool2d(b[0], g.kernel, g.stride, g.pad, ceil_mode=ceil)]
+
+
+def _torch_lrn(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
+    """F.local_response_norm (ACROSS_CHANNELS)."""
+    q = spec.param("lrn_param")
+    return [F.local_response_norm(b[0], int(q["local_size"]), q["alpha"], q["beta"], q["k"])]
+
+
+def _fits_torch(case: LayerCase) -> bool:
+    x = case.bottoms[0]
+    if case.type == "Convolution":
+        return x.ndim == 4 and "axis" not in case.params
+    if case.type == "Pooling":
+        # PyTorch wants pad <= kernel / 2, and has no mask top.
+        if case.tops != 1 or "global" in case.params:
+            return False
+        fields = dict(f.split(": ") for f in re.findall(r"\w+: \w+", case.params))
+        kernel = [int(v) for k, v in fields.items() if k.startswith("kernel")]
+        pads = [int(v) for k, v in fields.items() if k.startswith("pad")]
+        return 2 * max(pads, default=0) <= min(kernel)
+    return "ACROSS" in case.params
+
+
+@pytest.mark.parametrize(
+    ("type_name", "port"),
+    [("Convolution", _torch_conv), ("Pooling", _torch_pool), ("LRN", _torch_lrn)],
+)
+def test_library_ports_pass(worker: CaffeWorker, type_name: str, port: ref.LayerFn) -> None:
+    """The bounds hold for PyTorch's own layers too (no false alarm on a right port)."""
+
+    @settings(database=None, max_examples=60)
+    @given(case=layercheck.CASES[type_name]().filter(_fits_torch))
+    def prop(case: LayerCase) -> None:
+        result = run_case(worker, case, port=port)
+        assert result.passed, result.summary()
+
+    prop()
