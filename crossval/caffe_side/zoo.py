@@ -148,16 +148,17 @@ def to_v1(prototxt: str) -> str:
     enum_of = {v: k for k, v in V1_TYPES.items()}
     net = caffe_pb2.NetParameter()
     text_format.Merge(prototxt, net)
-    out = caffe_pb2.NetParameter()
+    header = caffe_pb2.NetParameter()
     if net.name:
-        out.name = net.name
+        header.name = net.name
+    out = caffe_pb2.NetParameter()
     for layer in net.layer:
         if layer.type == "Input":
             for top, shape in zip(layer.top, layer.input_param.shape, strict=True):
                 if len(shape.dim) != 4:
                     raise ValueError(f"input {top!r}: input_dim needs 4 axes, has {shape.dim}")
-                out.input.append(top)
-                out.input_dim.extend(shape.dim)
+                header.input.append(top)
+                header.input_dim.extend(shape.dim)
             continue
         if layer.type not in enum_of:
             raise ValueError(f"layer {layer.name!r}: type {layer.type} has no V1 form")
@@ -179,7 +180,8 @@ def to_v1(prototxt: str) -> str:
                 if fd.name not in v1.DESCRIPTOR.fields_by_name:
                     raise ValueError(f"layer {layer.name!r}: {fd.name} has no V1 form")
                 getattr(v1, fd.name).CopyFrom(value)
-    return str(text_format.MessageToString(out))
+    # The header first, as published (text_format would write it after the layers).
+    return str(text_format.MessageToString(header) + text_format.MessageToString(out))
 
 
 def levi_hassner_age_v1(batch: int = 1, size: int = 227, bins: int = 8) -> str:
