@@ -150,11 +150,14 @@ TABLE: dict[str, Rule] = {
         Rule(
             "regenerated_f64",
             "a float64 reference value computed again (golden vectors regenerated)",
-            "2^-40 |v| + 2^-1022: the same computation on the same BLAS repeats bit for bit; "
-            "float64 reassociation by another BLAS moves a value by under 513 * 2^-53 < 2^-43 "
-            "of its terms' magnitude, so this holds unless the value cancels by more than 2^-3 "
-            "of its terms, and 2^-40 is still 2^16 below float32's u, so the float32 bounds "
-            "these values feed cannot change",
+            "2^-40 (|v| + max |v| over its array) + 2^-1022: float64 reassociation (another "
+            "BLAS, or the same BLAS taking another SIMD path for another alignment, as seen "
+            "on one element of fc101 that cancels to near zero) moves a value by under "
+            "513 * 2^-53 < 2^-43 of its terms' magnitude; the terms of a blob's element are "
+            "bounded by a few times the largest element of the blob (the heads' blobs are "
+            "sums of at most 513 terms of the blob's own scale), so this holds unless an "
+            "element's terms exceed 2^3 max |v|, and 2^-40 is still 2^16 below float32's u, "
+            "so the float32 bounds these values feed cannot change",
         ),
         Rule(
             "deep_net",
@@ -451,7 +454,8 @@ def deep_net(blob: F64, magnitude: F64, accumulation: float) -> F64:
 def regenerated_f64(stored: F64) -> F64:
     """Bound between a stored float64 reference value and the same value computed again: see
     TABLE['regenerated_f64']."""
-    out: F64 = 2.0**-40 * np.abs(np.asarray(stored, dtype=np.float64)) + 2.0**-1022
+    v = np.abs(np.asarray(stored, dtype=np.float64))
+    out: F64 = 2.0**-40 * (v + v.max(initial=0.0)) + 2.0**-1022
     return out
 
 
