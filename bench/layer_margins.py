@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from crossval import layercheck, provision
@@ -57,6 +58,7 @@ def measure(worker: CaffeWorker, layer_type: str, examples: int) -> dict[str, ob
 
 
 def main() -> int:
+    torch.set_num_threads(1)  # small tensors; Caffe runs on the other core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="+")
     parser.add_argument("--examples", type=int, default=2000)
