@@ -13,10 +13,36 @@ from pathlib import Path
 from types import FrameType
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CrossvalError
+from .inputs import nonnegative_int, positive_int
+
+
+def _usable_cache_dir() -> None:
+    """CROSSVAL_CACHE_DIR, when set, must be a directory crossval can write in."""
+    import tempfile
+
+    from .inputs import InputError
+
+    given = os.environ.get("CROSSVAL_CACHE_DIR")
+    if not given:
+        return
+    path = Path(given).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"CROSSVAL_CACHE_DIR={given} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".crossval-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"CROSSVAL_CACHE_DIR={given} cannot be used for the build: {exc.strerror or exc}"
+        ) from None
 
 
 def _caffe_ensure(args: argparse.Namespace) -> int:
     from . import provision
+
+    _usable_cache_dir()
 
     install = provision.ensure(args.caffe, quiet=args.quiet, jobs=args.jobs, variant=args.variant)
     where = "cached" if install.cached else install.origin
@@ -326,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensure.add_argument(
         "-j",
         "--jobs",
-        type=int,
+        type=positive_int,
         default=None,
         help="parallel compile jobs (default: number of CPUs)",
     )
@@ -345,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sigmoid_scale", "expectation", "dex_vgg16", "tiny_cnn", *_ZOO_NETS],
         help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN, the zoo's age nets)",
     )
-    proto.add_argument("--size", type=int, default=None, help="image size of a whole net")
-    proto.add_argument("--features", type=int, default=512, help="features in pool5 (512)")
-    proto.add_argument("--batch", type=int, default=1)
-    proto.add_argument("--bins", type=int, default=100, help="K, expectation head (100)")
+    proto.add_argument("--size", type=positive_int, default=None, help="image size of a whole net")
+    proto.add_argument("--features", type=positive_int, default=512, help="features in pool5 (512)")
+    proto.add_argument("--batch", type=positive_int, default=1)
+    proto.add_argument("--bins", type=positive_int, default=100, help="K, expectation head (100)")
     proto.add_argument("--ip-name", default=None, help="InnerProduct name (default fc<K>)")
     proto.add_argument(
         "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
@@ -380,13 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_cmd.add_argument("weights", help="its caffemodel (e.g. a trained snapshot)")
     onnx_cmd.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     onnx_cmd.add_argument(
-        "--examples", type=int, default=20, help="generated inputs checked against Caffe (20)"
+        "--examples",
+        type=positive_int,
+        default=20,
+        help="generated inputs checked against Caffe (20)",
     )
     onnx_cmd.add_argument(
-        "--batch-check", type=int, default=8, help="batch of those inputs (8; every 4th is 1)"
+        "--batch-check",
+        type=positive_int,
+        default=8,
+        help="batch of those inputs (8; every 4th is 1)",
     )
     onnx_cmd.add_argument(
-        "--opset", type=int, default=None, help="ONNX opset (default: the exporter's)"
+        "--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)"
     )
     onnx_cmd.add_argument("--force", action="store_true", help="overwrite an existing output")
     add_timeout_option(onnx_cmd)
@@ -417,10 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="append the seed's expectation head (pred_age) to the net's Softmax",
     )
-    vp.add_argument("--bins", type=int, default=None, help="K for --head expectation")
-    vp.add_argument("--examples", type=int, default=25, help="generated examples (25)")
-    vp.add_argument("--seed", type=int, default=0, help="hypothesis seed (0)")
-    vp.add_argument("--batch", type=int, default=None, help="batch size (default: max(N, 2))")
+    vp.add_argument("--bins", type=positive_int, default=None, help="K for --head expectation")
+    vp.add_argument("--examples", type=positive_int, default=25, help="generated examples (25)")
+    vp.add_argument("--seed", type=nonnegative_int, default=0, help="hypothesis seed (0)")
+    vp.add_argument(
+        "--batch", type=positive_int, default=None, help="batch size (default: max(N, 2))"
+    )
     vp.add_argument("--json", default=None, metavar="OUT.json", help="also write the report")
     vp.add_argument(
         "--save-failure",
@@ -452,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="ci",
         help="examples per property: dev 25, ci 200, thorough 5000",
     )
-    rp.add_argument("--examples", type=int, default=None, help="override the profile's count")
+    rp.add_argument(
+        "--examples", type=positive_int, default=None, help="override the profile's count"
+    )
     rp.add_argument("--out", default="crossval-report", help="directory for the files")
     rp.add_argument("--force", action="store_true", help="replace report files already there")
     add_timeout_option(rp)
@@ -485,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="ci",
         help="generated examples per property: dev 25, ci 200, thorough 5000",
     )
-    cb.add_argument("--examples", type=int, default=None, help="override the profile's count")
+    cb.add_argument(
+        "--examples", type=positive_int, default=None, help="override the profile's count"
+    )
     cb.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
     cb.add_argument(
         "--out", default=None, metavar="DIR", help="keep each build's report files in DIR/build-N"
@@ -519,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="SGD",
         choices=["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"],
     )
-    tr.add_argument("--steps", type=int, default=10)
+    tr.add_argument("--steps", type=positive_int, default=10)
     tr.add_argument("--lr", type=float, default=0.01)
     tr.add_argument(
         "--lr-policy",
@@ -527,18 +565,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
     )
     tr.add_argument("--gamma", type=float, default=0.1)
-    tr.add_argument("--stepsize", type=int, default=5)
+    tr.add_argument("--stepsize", type=positive_int, default=5)
     tr.add_argument("--momentum", type=float, default=0.0)
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--regularization", default="L2", choices=["L2", "L1"])
     tr.add_argument("--clip", type=float, default=-1.0, help="clip_gradients (off: -1)")
-    tr.add_argument("--snapshot", type=int, default=5, help="snapshot every N steps (5)")
-    tr.add_argument("--batch", type=int, default=8)
-    tr.add_argument("--features", type=int, default=64)
-    tr.add_argument("--bins", type=int, default=100)
+    tr.add_argument("--snapshot", type=positive_int, default=5, help="snapshot every N steps (5)")
+    tr.add_argument("--batch", type=positive_int, default=8)
+    tr.add_argument("--features", type=positive_int, default=64)
+    tr.add_argument("--bins", type=positive_int, default=100)
     tr.add_argument("--spread", type=float, default=3.0, help="initial logit/activation spread")
     tr.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=nonnegative_int, default=0)
     tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_timeout_option(tr)
     tr.set_defaults(func=_train)
@@ -549,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mut.add_argument(
         "--max-examples",
-        type=int,
+        type=positive_int,
         default=200,
         help="examples per mutant before it counts as surviving (200, the ci profile)",
     )

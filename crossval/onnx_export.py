@@ -49,6 +49,7 @@ from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
 from .heads import HEADS, Case
+from .inputs import check_net, read_prototxt
 from .worker import CaffeCrash, CaffeError, CaffeWorker
 
 F32 = NDArray[np.float32]
@@ -915,11 +916,9 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
     before Caffe sees a mismatched file where it can.
     """
     prototxt, weights = Path(prototxt), Path(weights)
-    if not prototxt.is_file():
-        raise OnnxInputError(f"no prototxt at {prototxt}")
+    text = read_prototxt(prototxt)
     if not weights.is_file():
         raise OnnxInputError(f"no caffemodel at {weights}")
-    text = prototxt.read_text(errors="replace")
     pb2 = _caffe_pb2(str(worker.install.python_path))
     from google.protobuf import text_format
 
@@ -970,6 +969,7 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
                 "another K or D"
             )
 
+    check_net(worker, text, prototxt, weights=weights)
     try:
         got = worker.call("params", prototxt=text, phase="TEST", weights=str(weights))
     except (CaffeError, CaffeCrash) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import outputs
+from . import inputs, outputs
 from .compare import exact
 from .errors import CrossvalError
 from .worker import CaffeError, CaffeWorker
@@ -45,10 +45,9 @@ def surgery(
     save all its params to `out`. The saved file is reloaded and its kernel checked bit for
     bit before it replaces anything; an existing `out` is kept unless `force`."""
     prototxt, out = Path(prototxt), Path(out)
-    if not prototxt.is_file():
-        raise SurgeryError(f"no prototxt at {prototxt}")
+    text = inputs.read_prototxt(prototxt)
     target = outputs.target(out, "-o", force=force, inputs=[prototxt, weights])
-    text = prototxt.read_text()
+    inputs.check_net(worker, text, prototxt, phase=phase, weights=weights)
     with outputs.staged(target) as tmp:
         try:
             got = worker.call(

@@ -42,6 +42,7 @@ from . import examplegen, outputs
 from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
+from .inputs import check_net, closest, read_prototxt, read_replay
 from .transfer import state_dict_key
 from .worker import CaffeCrash, CaffeError, CaffeWorker, searching, stops_search
 
@@ -138,6 +139,11 @@ class NetInfo:
     @property
     def losses(self) -> list[Layer]:
         return [lay for lay in self.layers if lay.type in LOSS_LAYERS]
+
+    def net_outputs(self) -> list[str]:
+        """The blobs no layer reads (in-place layers aside): what the net computes."""
+        read = {b for lay in self.layers for b in lay.bottoms if b not in lay.tops}
+        return [b for b in self.blobs if b not in read and b not in self.inputs]
 
     def writers(self, blob: str) -> list[Layer]:
         """Layers that write `blob` (the producer, then any in-place layers)."""
@@ -363,6 +369,13 @@ def bind(
                 continue
             trainable = key in params and params[key].requires_grad
             out.append(Binding(lay.name, i, key, shape, got, float(p["lr_mult"]), trainable))
+    caffe_params = [f"{lay.name}/{i}" for lay in info.layers for i in range(len(lay.params))]
+    for k in mapping:
+        if k not in caffe_params:
+            errors.append(
+                f"--map key {k!r} names no Caffe param (keys are layer/index)"
+                + closest(k, caffe_params)
+            )
     bound_keys = {b.key for b in out}
     unmatched = [k for k in params if k not in bound_keys]
     if unmatched:
@@ -751,6 +764,7 @@ class Report:
     shrink_runs: int = 0
     gradients_skipped: int = 0
     crash: str = ""  # verdict "crash": how the port failed, and on which example
+    vacuous: str = ""  # the port returned none of the net's outputs: nothing to pass
 
     def text(self) -> str:
         if self.verdict == "crash":
@@ -784,7 +798,15 @@ class Report:
                 lines.append(f"  {w['check']} {w['blob']}: largest err/bound {w['ratio']:.3g}")
         else:
             lines.append("MISMATCH")
-            if self.first_divergence:
+            if self.vacuous:
+                lines.append(self.vacuous)
+            if self.first_divergence and not self.first_divergence["layers"]:
+                lines.append(
+                    f"first diverging blob: {self.first_divergence['blob']!r}, an input of the "
+                    "net: the port returned it changed (does it modify its input in place?)"
+                )
+                lines.append("  " + self.first_divergence["comparison"])
+            elif self.first_divergence:
                 fd = self.first_divergence
                 layers = " + ".join(f"{x['name']} ({x['type']})" for x in fd["layers"])
                 lines.append(
@@ -833,11 +855,9 @@ def validate(
     the port raised in its own code). A Caffe crash or timeout on an example is raised with
     that example named (and saved with `save_failure`)."""
     guard = guard or PortGuard()
-    if not net.is_file():
-        raise UsageError(f"no prototxt at {net}")
-    if weights is not None and not weights.is_file():
-        raise UsageError(f"no caffemodel at {weights}")
-    text = net.read_text()
+    text = read_prototxt(net)
+    replayed = read_replay(replay) if replay is not None else None
+    check_net(worker, text, net, weights=weights, need_input=True)
     info0 = describe(worker, text, "TEST")
     surgery = ""
     optional: set[str] = set()
@@ -900,7 +920,7 @@ def validate(
         guard,
     )
     try:
-        results = _run_examples(validator, replay, examples_n, seed)
+        results = _run_examples(validator, replayed, examples_n, seed)
     except (PortFailure, CaffeCrash) as exc:
         kept = ""
         if validator.current is not None and save_failure is not None:
@@ -932,6 +952,15 @@ def validate(
     failing = [r for r in results if r.failures]
     if failing or report.fixed:
         report.verdict = "mismatch"
+    outs = info.net_outputs()
+    if not set(report.checked_blobs) & set(outs):
+        report.verdict = "mismatch"
+        returned = ", ".join(report.checked_blobs) or "no blob at all"
+        report.vacuous = (
+            f"NOTHING COMPARED: the port returned none of the net's output blobs "
+            f"({', '.join(outs)}); it returned {returned}. A validation that compares "
+            "nothing is no pass: return the outputs (and, to localize, every blob) by name"
+        )
     if failing:
         minimal = failing[-1]  # hypothesis replays the shrunk example last
         report.first_divergence = validator.localize(minimal)
@@ -951,19 +980,16 @@ def validate(
 
 
 def _run_examples(
-    validator: Validator, replay: Path | None, n: int, seed: int
+    validator: Validator,
+    replay: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None,
+    n: int,
+    seed: int,
 ) -> list[ExampleResult]:
-    """The example saved in `replay`, or the search."""
+    """The example saved for --replay (as `inputs.read_replay` reads it), or the search."""
     if replay is not None:
-        data = np.load(replay)
-        inputs = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
-        params: dict[str, list[np.ndarray]] = {}
-        for k in sorted(data.files):
-            if k.startswith("param/"):
-                layer, i = k[len("param/") :].rsplit("/", 1)
-                params.setdefault(layer, []).insert(int(i), data[k])
-        validator.batch = next(iter(inputs.values())).shape[0]
-        return [validator.run(None, inputs, params)]
+        arrays, params = replay
+        validator.batch = next(iter(arrays.values())).shape[0]
+        return [validator.run(None, arrays, params)]
     return _search(validator, n, seed)
 
 

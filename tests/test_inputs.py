@@ -1,0 +1,222 @@
+"""Bad inputs are exit-2 errors naming the thing at fault (crossval.inputs), a validation
+that compares nothing is a finding (exit 1); in-process through `crossval.cli.main`, with
+real Caffe. The user's files stay byte for byte unchanged; no traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crossval import cli
+from crossval.errors import EXIT_FINDING, EXIT_USAGE
+
+PORTS = Path(__file__).resolve().parent / "ports"
+
+MYPORT_EXTRA = '''
+
+def make_empty() -> nn.Module:
+    """forward returns {}: nothing to compare."""
+    port = make()
+    port.forward = lambda **blobs: {}
+    return port
+
+
+def make_changes_input() -> nn.Module:
+    """Returns its input blob changed (as an in-place op on the input would)."""
+    port = make()
+    inner = port.forward
+
+    def forward(data: Tensor) -> dict[str, Tensor]:
+        out = inner(data=data)
+        out["data"] = data + 1.0
+        return out
+
+    port.forward = forward
+    return port
+'''
+
+
+def crossval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return code, out, err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nets and weights made once by crossval itself."""
+    d = tmp_path_factory.mktemp("made")
+    for argv in (
+        ["prototxt", "tiny_cnn", "--bins", "7", "-o", str(d / "tiny.prototxt")],
+        ["prototxt", "expectation", "--features", "8", "--bins", "10", "-o", str(d / "a.prototxt")],
+        [
+            "prototxt",
+            "expectation",
+            "--features",
+            "16",
+            "--bins",
+            "10",
+            "-o",
+            str(d / "b.prototxt"),
+        ],
+        ["surgery", str(d / "a.prototxt"), "-o", str(d / "a.caffemodel")],
+    ):
+        assert cli.main(argv) == 0, argv
+    return d
+
+
+@pytest.fixture
+def user(tmp_path: Path, made: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for f in made.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(PORTS / "tiny.py", tmp_path / "myport.py")
+    with open(tmp_path / "myport.py", "a") as f:
+        f.write(MYPORT_EXTRA)
+    (tmp_path / "binary.prototxt").write_bytes(b"\x08\x01\x12\x00\xff" * 20)
+    (tmp_path / "latin1.prototxt").write_bytes('name: "caf\xe9"\n'.encode("latin-1"))
+    (tmp_path / "empty.prototxt").write_text('name: "nothing"\n')
+    (tmp_path / "adir.prototxt").mkdir()
+    a = (tmp_path / "a.prototxt").read_text()
+    (tmp_path / "dup.prototxt").write_text(a.replace('name: "fc10"', 'name: "pool5"', 1))
+    (tmp_path / "zero.prototxt").write_text(a.replace("dim: 8", "dim: 0", 1))
+    tiny = (tmp_path / "tiny.prototxt").read_text()
+    second = tiny.index("layer {", tiny.index("layer {") + 1)
+    (tmp_path / "noinput.prototxt").write_text(tiny[second:])
+    (tmp_path / "bad.npz").write_text("not an npz")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["validate-port", "n", "--port", "m:f", "--examples", "0"], "0 is not a positive integer"),
+        (["validate-port", "n", "--port", "m:f", "--examples", "-5"], "-5 is not a positive"),
+        (["validate-port", "n", "--port", "m:f", "--seed", "-1"], "-1 is negative"),
+        (["validate-port", "n", "--port", "m:f", "--batch", "0"], "--batch: 0 is not a positive"),
+        (["train", "expectation", "--out", "d", "--steps", "0"], "--steps: 0 is not a positive"),
+        (["train", "expectation", "--out", "d", "--batch", "-1"], "--batch: -1 is not a positive"),
+        (["train", "expectation", "--out", "d", "--snapshot", "0"], "--snapshot: 0 is not"),
+        (["prototxt", "expectation", "--bins", "0"], "--bins: 0 is not a positive"),
+        (["prototxt", "expectation", "--features", "x"], "'x' is not an integer"),
+        (["mutants", "--max-examples", "0"], "--max-examples: 0 is not"),
+        (["report", "--examples", "0"], "--examples: 0 is not"),
+        (["caffe", "ensure", "--jobs", "0"], "--jobs: 0 is not"),
+    ],
+)
+def test_counts_must_be_positive(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, _, err = crossval(capsys, *argv)
+    assert code == EXIT_USAGE and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["surgery", "binary.prototxt", "-o", "o.caffemodel"], "is a binary file"),
+        (["surgery", "latin1.prototxt", "-o", "o.caffemodel"], "is not UTF-8 text: byte 0xe9"),
+        (["surgery", "adir.prototxt", "-o", "o.caffemodel"], "is a directory, not a prototxt"),
+        (["surgery", "missing.prototxt", "-o", "o.caffemodel"], "no prototxt at missing"),
+        (["export-onnx", "latin1.prototxt", "a.caffemodel", "-o", "o.onnx"], "is not UTF-8"),
+        (["surgery", "empty.prototxt", "-o", "o.caffemodel"], "has no layers: the net is empty"),
+        (["surgery", "dup.prototxt", "-o", "o.caffemodel"], "layer names used more than once"),
+        (
+            ["surgery", "zero.prototxt", "-o", "o.caffemodel"],
+            r"input 'pool5' has shape \(1, 0\); every dimension",
+        ),
+        (
+            ["surgery", "b.prototxt", "-o", "o.caffemodel", "--weights", "a.caffemodel"],
+            r"caffemodel a\.caffemodel does not fit b\.prototxt: it has 'fc10' with shapes "
+            r"\[\(10, 8\), \(10,\)\], where the net has \[\(10, 16\), \(10,\)\]",
+        ),
+        (
+            ["surgery", "b.prototxt", "-o", "o.caffemodel", "--weights", "missing.caffemodel"],
+            "no caffemodel at missing.caffemodel",
+        ),
+    ],
+)
+def test_bad_files_named(
+    user: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    before = snapshot(user)
+    code, _, err = crossval(capsys, *argv)
+    assert code == EXIT_USAGE, err
+    assert re.search(message, err), err
+    assert snapshot(user) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--map", "map.json"], r"--map key 'fc_1/0' names no Caffe param .*closest: fc1/0"),
+        (["--replay", "missing.npz"], "--replay missing.npz does not exist"),
+        (["--replay", "bad.npz"], r"--replay bad\.npz is not a saved example"),
+        (["--weights", "a.caffemodel"], r"a\.caffemodel does not fit tiny\.prototxt: it has no "),
+    ],
+)
+def test_validate_port_bad_input(
+    user: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    (user / "map.json").write_text(json.dumps({"fc_1/0": "fc1.weight"}))
+    before = snapshot(user)
+    code, _, err = crossval(
+        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make", *extra
+    )
+    assert code == EXIT_USAGE, err
+    assert re.search(message, err), err
+    assert snapshot(user) == before
+
+
+def test_net_without_input_layer(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = crossval(capsys, "validate-port", "noinput.prototxt", "--port", "myport:make")
+    assert code == EXIT_USAGE and "noinput.prototxt has no Input layer" in err, err
+
+
+def test_port_returning_nothing_is_a_finding(
+    user: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = crossval(
+        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_empty", "--examples", "2"
+    )
+    assert code == EXIT_FINDING, out + err
+    assert "MATCH:" not in out and "MISMATCH" in out
+    assert "NOTHING COMPARED: the port returned none of the net's output blobs (prob)" in out
+    assert "it returned no blob at all" in out
+
+
+def test_input_blob_divergence_is_named_as_an_input(
+    user: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = crossval(
+        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_changes_input"
+    )
+    assert code == EXIT_FINDING, out + err
+    assert "first diverging blob: 'data', an input of the net" in out
+    assert "written by ;" not in out and "its inputs []" not in out
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_unusable_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    where = tmp_path / "cache"
+    if kind == "file":
+        where.write_text("a file")
+        given, message = str(where), "is a file, not a directory"
+    else:
+        given, message = "/proc/crossval-cache", "cannot be used for the build"
+    monkeypatch.setenv("CROSSVAL_CACHE_DIR", given)
+    code, _, err = crossval(capsys, "caffe", "ensure", "--quiet")
+    assert code == EXIT_USAGE and f"CROSSVAL_CACHE_DIR={given} {message}" in err, err
