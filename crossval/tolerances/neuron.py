@@ -108,9 +108,12 @@ RULES = (
         "y = base^(shift + scale x) computed as outer exp(inner x), inner = ln(base) scale, "
         "outer = base^shift, each rounded to float32 (base -1: e, ln exact)",
         "y (exp(delta) (1 + LIBM_ULPS u) (1 + (LIBM_ULPS + 1) u) (1 + u) - 1) + (|outer| + 1) "
-        "ETA32, with delta = (LIBM_ULPS + 3) u |inner x| the error of the rounded exponent "
-        "(ln(base) LIBM_ULPS ulps, two products) that exp turns into a relative error; 0 "
-        "when base is e and scale 1; then exp's, outer's and the product's roundings",
+        "ETA32, with delta = (LIBM_ULPS + 3) u (|inner x| + |ln(base) shift|) the error of "
+        "the rounded exponent, which exp turns into a relative error: Caffe's inner x "
+        "(ln(base) LIBM_ULPS ulps, two products), or a port's exp(ln(base) (shift + scale "
+        "x)) (the sum's rounding, relative to |ln(base)| (|scale x| + |shift|), found by "
+        "such a port at x = 63); 0 when base is e, scale 1 and shift 0; then exp's, outer's "
+        "and the product's roundings",
     ),
     Rule(
         "layer_exp_grad",
@@ -362,22 +365,23 @@ LAYER_BOUNDS["Power"] = LayerBound(
 )
 
 
-def _exp_constants(spec: LayerSpec) -> tuple[float, float, float, bool]:
-    """(inner, outer, delta per |inner x|, base is e)."""
+def _exp_constants(spec: LayerSpec) -> tuple[float, float, float, float]:
+    """(inner, outer, delta per unit of exponent magnitude, |ln(base) shift|)."""
     p = spec.param("exp_param")
     base, scale, shift = f32(p["base"]), f32(p["scale"]), f32(p["shift"])
     natural = base == -1
     inner = (1.0 if natural else float(np.log(base))) * scale
     outer = 1.0 if shift == 0 else float(np.exp(shift) if natural else np.power(base, shift))
-    delta = 0.0 if natural and scale == 1 else (L + 3) * u
-    return inner, outer, delta, natural
+    delta = 0.0 if natural and scale == 1 and shift == 0 else (L + 3) * u
+    return inner, outer, delta, abs(shift * (1.0 if natural else float(np.log(base))))
 
 
 def _exp_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
     """See TABLE['layer_exp']."""
-    inner, outer, delta, _ = _exp_constants(spec)
+    inner, outer, delta, offset = _exp_constants(spec)
     x, y = bottoms[0], tops[0]
-    rel = np.exp(delta * np.abs(inner * x)) * (1 + L * u) * (1 + (L + 1) * u) * (1 + u) - 1
+    rel = np.exp(delta * (np.abs(inner * x) + offset)) * (1 + L * u) * (1 + (L + 1) * u) * (1 + u)
+    rel = rel - 1
     return [rel * np.abs(y) + (abs(outer) + 1) * E]
 
 
