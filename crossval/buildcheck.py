@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -102,9 +103,21 @@ class CaseCheck:
         return [c for c in self.comparisons if not c.passed]
 
 
-def localize(layers: list[Layer], failing: list[Value]) -> tuple[str, set[str]]:
+class Failing(Protocol):
+    """A failing value as `localize` reads it (a check-build Value, a validate-port check)."""
+
+    @property
+    def kind(self) -> str: ...  # "fixed", "forward" or "backward"
+    @property
+    def key(self) -> str: ...  # blob name or a param's state_dict key
+    @property
+    def name(self) -> str: ...
+
+
+def localize(layers: Sequence[Layer], failing: Sequence[Failing]) -> tuple[str, set[str]]:
     """The first layer whose output goes wrong and in which pass, with the keys (blobs or
-    params) of that layer's wrong outputs."""
+    params) of that layer's wrong outputs. Shared with validate-port (crossval.portcheck),
+    whose "layers" are the segments its local checks judge."""
     if not failing:
         return "", set()
     bad_fixed = {v.key for v in failing if v.kind == "fixed"}

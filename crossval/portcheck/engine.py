@@ -1,0 +1,757 @@
+"""One example through Caffe and the port, and every check: each segment of the net (one
+layer where the port returns its bottoms and tops) judged by the float64 reference on the
+port's own inputs, forward and backward; the same for Caffe on Caffe's blobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from reference import param_name
+
+from .. import examplegen
+from .. import validate as vp
+from ..buildcheck import Layer as LocLayer
+from ..buildcheck import localize
+from ..compare import Comparison, exact
+from ..errors import CrossvalError
+from ..tolerances import segments as segtol
+from ..transfer import state_dict_key
+from ..worker import CaffeWorker
+from .net import Net, NetLayer, Segment, read_net, segments
+
+F64 = NDArray[np.float64]
+RANDOM_OPS = ("dropout", "bernoulli", "rand", "normal", "multinomial", "poisson")
+
+
+@dataclass(frozen=True)
+class PortExample:
+    """The numbers one example is generated from (``crossval.examplegen``)."""
+
+    seed: int
+    input_scale: float = 1.0
+    weight_scale: float = 1.0
+    batch: int = 2
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch}, seed {self.seed}, input scale {self.input_scale:.3g}, "
+            f"weight scale {self.weight_scale:.3g}"
+        )
+
+
+@dataclass
+class Finding:
+    """Something wrong, pinned to a layer (or segment) of the net."""
+
+    kind: str  # forward, backward, shape, fixed, unmapped, frozen, param-shape, ...
+    side: str  # "port" or "caffe"
+    layer: str  # the layer's (or segment's) label
+    position: int  # index of its first layer in Caffe's order
+    text: str
+    key: str = ""  # the blob or param key at fault
+    local: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.key
+
+    def __str__(self) -> str:
+        where = "layer" if self.local else "segment"
+        return f"{where} {self.layer}: {self.text}"
+
+
+@dataclass
+class ExampleVerdict:
+    example: PortExample
+    comparisons: list[Comparison] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    local_layers: list[str] = field(default_factory=list)  # verified on their own
+    segment_layers: list[str] = field(default_factory=list)  # verified inside a segment
+    not_returned: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def port_findings(self) -> list[Finding]:
+        return [f for f in self.findings if f.side == "port"]
+
+    @property
+    def caffe_findings(self) -> list[Finding]:
+        return [f for f in self.findings if f.side == "caffe"]
+
+
+@dataclass
+class Binding:
+    layer: str
+    index: int
+    key: str
+    caffe_shape: tuple[int, ...]
+    port_shape: tuple[int, ...]
+    lr_mult: float
+    trainable: bool
+
+    @property
+    def fits(self) -> bool:
+        return _squeeze(self.caffe_shape) == _squeeze(self.port_shape)
+
+
+def _squeeze(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _f64(a: Any) -> F64:
+    if isinstance(a, Tensor):
+        return a.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+class _Running:
+    """Forward hooks on the port's named submodules: which one is running (for an exception
+    raised inside it) and which ran in training mode or drew random numbers."""
+
+    def __init__(self, port: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, module in port.named_modules():
+            if not name:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave()))
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if self.stack:
+                self.stack.pop()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _RandomCalls(TorchFunctionMode):
+    """Records torch functions that draw random numbers (dropout in training, rand...) and
+    batch_norm with batch statistics, with the submodule running them."""
+
+    def __init__(self, running: _Running) -> None:
+        super().__init__()
+        self.running = running
+        self.calls: list[str] = []
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", str(func))
+        random = any(r in name for r in RANDOM_OPS) and kwargs.get("training", True) is not False
+        if "dropout" in name and len(args) >= 3 and args[2] is False:
+            random = False
+        if "batch_norm" in name and (kwargs.get("training") or (len(args) > 5 and args[5])):
+            random = True
+        if random:
+            where = self.running.stack[-1] if self.running.stack else "the port's forward"
+            self.calls.append(f"{name} in {where}")
+        return func(*args, **kwargs)
+
+
+class PortChecker:
+    """Caffe and one port of `prototxt` (params bound through ``transfer.state_dict_key``
+    and `mapping`), checked example by example."""
+
+    def __init__(
+        self,
+        worker: CaffeWorker,
+        prototxt: str,
+        port: nn.Module,
+        mapping: Mapping[str, str] | None = None,
+        weights: str = "",
+        generate: bool = True,
+    ) -> None:
+        if "force_backward" not in prototxt.split("layer", 1)[0]:
+            prototxt = "force_backward: true\n" + prototxt
+        self.worker, self.prototxt, self.port = worker, prototxt, port
+        self.net: Net = read_net(worker, prototxt, "TEST")
+        self.info = vp.describe(worker, prototxt, "TEST")
+        self.mapping = dict(mapping or {})
+        self.weights, self.generate = weights, generate or not weights
+        self.base = worker.call("params", prototxt=prototxt, phase="TEST", weights=weights)[
+            "params"
+        ]
+        self.notes: list[str] = []
+        trained = [
+            f"{n or 'the port'} ({type(m).__name__})" for n, m in port.named_modules() if m.training
+        ]
+        port.eval()
+        self.notes.append(
+            "the port is run in eval() (deploy semantics, Caffe's TEST phase)"
+            + (f"; it was made in training mode: {', '.join(trained[:6])}" if trained else "")
+        )
+        still = [f"{n} ({type(m).__name__})" for n, m in port.named_modules() if m.training]
+        if still:
+            self.notes.append(f"modules still in training mode after eval(): {', '.join(still)}")
+        self.bindings, self.static = self._bind()
+
+    # ---- params -------------------------------------------------------------------------
+
+    def _position(self, layer: str) -> int:
+        return next((i for i, lay in enumerate(self.net.layers) if lay.name == layer), 0)
+
+    def _bind(self) -> tuple[list[Binding], list[Finding]]:
+        """Every Caffe param to a port tensor. A Caffe param with no port tensor is bad
+        usage (exit 2: a mapping is missing); everything else is a finding about the port."""
+        params = dict(self.port.named_parameters())
+        tensors = dict(self.port.state_dict(keep_vars=True))
+        out, findings, missing = [], [], []
+        for lay in self.net.compute_layers:
+            for p in lay.params:
+                try:
+                    key = state_dict_key(lay.name, p.index, self.mapping)
+                except CrossvalError as exc:
+                    missing.append(str(exc))
+                    continue
+                if key not in tensors:
+                    missing.append(
+                        f"Caffe param {lay.name}/{p.index} {p.shape} has no port tensor {key!r}"
+                    )
+                    continue
+                b = Binding(
+                    lay.name,
+                    p.index,
+                    key,
+                    p.shape,
+                    tuple(tensors[key].shape),
+                    p.lr_mult,
+                    key in params and params[key].requires_grad,
+                )
+                out.append(b)
+                where = (lay.label, self._position(lay.name))
+                if not b.fits:
+                    findings.append(
+                        Finding(
+                            "param-shape",
+                            "port",
+                            *where,
+                            f"Caffe param {lay.name}/{p.index} has shape {p.shape}, the port's "
+                            f"{key!r} {b.port_shape}",
+                            key,
+                        )
+                    )
+                elif p.lr_mult > 0 and not b.trainable:
+                    findings.append(
+                        Finding(
+                            "frozen",
+                            "port",
+                            *where,
+                            f"Caffe param {lay.name}/{p.index} is learnable (lr_mult "
+                            f"{p.lr_mult:g}), but the port's {key!r} does not require a "
+                            "gradient: the port would never train it",
+                            key,
+                        )
+                    )
+                elif p.lr_mult == 0:
+                    if b.trainable:
+                        findings.append(
+                            Finding(
+                                "fixed",
+                                "port",
+                                *where,
+                                f"Caffe {lay.name}/{p.index} has lr_mult 0, but the port's "
+                                f"{key!r} is a trainable parameter: the port would train a "
+                                "constant",
+                                key,
+                            )
+                        )
+                    mine = tensors[key].detach().cpu().to(torch.float32).numpy()
+                    cmp = exact(
+                        "fixed port~caffe",
+                        f"{key} vs Caffe {lay.name}/{p.index}",
+                        mine.reshape(p.shape),
+                        np.asarray(self.base[lay.name][p.index], dtype=np.float32),
+                    )
+                    if not cmp.passed:
+                        findings.append(Finding("fixed", "port", *where, str(cmp), key))
+        if missing:
+            raise vp.UsageError(
+                "weights do not map between Caffe and the port:\n  " + "\n  ".join(missing)
+            )
+        bound_keys = {b.key for b in out}
+        for key, t in params.items():
+            if key in bound_keys:
+                continue
+            owner = key.rsplit(".", 1)[0]
+            owned = next((x for x in self.net.compute_layers if param_name(x.name) == owner), None)
+            findings.append(
+                Finding(
+                    "unmapped",
+                    "port",
+                    owned.describe() if owned else "(no Caffe layer)",
+                    self._position(owned.name) if owned else len(self.net.layers),
+                    f"the port has parameter {key!r} {tuple(t.shape)}, which no Caffe param "
+                    + (f"of {owned.name} maps to" if owned else "maps to"),
+                    key,
+                )
+            )
+        return out, findings
+
+    # ---- one example --------------------------------------------------------------------
+
+    def arrays(self, ex: PortExample) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
+        return examplegen.generate(
+            vp.recipe(self.info),
+            ex.seed,
+            ex.input_scale,
+            ex.weight_scale,
+            ex.batch,
+            self.base,
+            self.generate,
+        )
+
+    def _out_shape(self, blob: str, batch: int) -> tuple[int, ...]:
+        shape = self.net.blobs[blob]
+        first = next(iter(self.net.inputs.values()), (1,))
+        if shape and first and shape[0] == first[0]:
+            return (batch, *shape[1:])
+        return shape
+
+    def _producer(self, blob: str) -> NetLayer | None:
+        writers = self.net.writers(blob)
+        return writers[-1] if writers else None
+
+    def run(self, ex: PortExample) -> ExampleVerdict:
+        verdict = ExampleVerdict(ex, findings=list(self.static), notes=list(self.notes))
+        desc = ex.describe()
+        inputs, params = self.arrays(ex)
+        rng = np.random.default_rng(ex.seed ^ 0x5EED)
+        outputs = self.net.outputs
+        top_diffs = {
+            o: rng.standard_normal(self._out_shape(o, ex.batch)).astype(np.float32) for o in outputs
+        }
+        caffe = self.worker.call(
+            "run",
+            prototxt=self.prototxt,
+            inputs=inputs,
+            params=params,
+            phase="TEST",
+            backward=True,
+            top_diffs=top_diffs,
+            all_diffs=True,
+            return_params=False,
+        )
+        self._check_caffe(verdict, caffe, params, desc)
+        got = self._run_port(verdict, inputs, params, top_diffs)
+        if got is None:
+            return verdict
+        values, grads, pgrads, _ = got
+        shaped = self._shapes(verdict, values, caffe)
+        returned = [b for b in self.net.blobs if b in values]
+        verdict.not_returned = [
+            b for b in self.net.blobs if b not in values and b not in self.net.inputs
+        ]
+        segs = segments(self.net, returned)
+        for seg in segs:
+            (verdict.local_layers if seg.local else verdict.segment_layers).extend(
+                lay.name for lay in seg.layers
+            )
+        seen = {k: _f64(v) for k, v in values.items() if k in shaped}
+        for k, v in inputs.items():  # the net's inputs are the port's, returned or not
+            seen.setdefault(k, _f64(v))
+            grads.setdefault(k, got[3].get(k))
+        self._check_side(
+            verdict,
+            "port",
+            segs,
+            seen,
+            grads,
+            pgrads,
+            params,
+            top_diffs,
+            desc,
+            diff_ok=lambda b: True,
+        )
+        return verdict
+
+    def _run_port(
+        self,
+        verdict: ExampleVerdict,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]],
+        top_diffs: Mapping[str, np.ndarray],
+    ) -> (
+        tuple[
+            dict[str, Tensor],
+            dict[str, F64 | None],
+            dict[tuple[str, int], F64 | None],
+            dict[str, F64 | None],
+        ]
+        | None
+    ):
+        tensors = dict(self.port.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for b in self.bindings:
+                if b.lr_mult == 0 or not b.fits:
+                    continue  # a constant is the port's own (checked bit for bit)
+                value = torch.from_numpy(params[b.layer][b.index]).reshape(b.port_shape)
+                tensors[b.key].copy_(value.to(tensors[b.key].dtype))
+        for p in self.port.parameters():
+            p.grad = None
+        xs = {k: torch.from_numpy(v).requires_grad_(True) for k, v in inputs.items()}
+        running = _Running(self.port)
+        try:
+            try:
+                out = self.port(**xs)
+            except Exception as exc:
+                self._raised(verdict, exc, running.stack, "forward")
+                return None
+            if not isinstance(out, Mapping):
+                raise vp.UsageError(
+                    f"the port's forward returned {type(out).__name__}, not a dict from Caffe "
+                    "blob names to tensors"
+                )
+            unknown = [n for n in out if n not in self.net.blobs]
+            if unknown:
+                raise vp.UsageError(
+                    f"the port returned blobs {unknown}, which the net does not have "
+                    f"(blobs: {', '.join(self.net.blobs)})"
+                )
+            values: dict[str, Tensor] = dict(out)
+            for t in values.values():
+                if t.requires_grad and not t.is_leaf:
+                    t.retain_grad()
+            seeded = [
+                (values[o], torch.from_numpy(g).reshape(values[o].shape).to(values[o].dtype))
+                for o, g in top_diffs.items()
+                if o in values and values[o].requires_grad and values[o].numel() == g.size
+            ]
+            try:
+                if seeded:
+                    torch.autograd.backward([t for t, _ in seeded], [g for _, g in seeded])
+            except Exception as exc:
+                self._raised(verdict, exc, [], "backward")
+                return None
+            self._determinism(verdict, xs, values, running)
+        finally:
+            running.close()
+        grads: dict[str, F64 | None] = {}
+        for k, t in values.items():
+            g = xs[k].grad if k in xs else t.grad
+            grads[k] = None if g is None else _f64(g)
+        named = dict(self.port.named_parameters())
+        pgrads: dict[tuple[str, int], F64 | None] = {}
+        for b in self.bindings:
+            if b.lr_mult > 0 and b.key in named and b.fits:
+                g = named[b.key].grad
+                pgrads[(b.layer, b.index)] = (
+                    np.zeros(b.caffe_shape) if g is None else _f64(g).reshape(b.caffe_shape)
+                )
+        xgrads = {k: None if x.grad is None else _f64(x.grad) for k, x in xs.items()}
+        return values, grads, pgrads, xgrads
+
+    def _raised(self, verdict: ExampleVerdict, exc: Exception, stack: list[str], what: str) -> None:
+        module = stack[-1] if stack else ""
+        owner = module.split(".")[-1]
+        lay = next((x for x in self.net.compute_layers if param_name(x.name) == owner), None)
+        where = f" in its module {module!r}" if module else ""
+        verdict.findings.append(
+            Finding(
+                "exception",
+                "port",
+                lay.describe() if lay else (module or "the port"),
+                self._position(lay.name) if lay else 0,
+                f"the port raised {type(exc).__name__}: {exc} in its {what}{where}",
+            )
+        )
+
+    def _determinism(
+        self,
+        verdict: ExampleVerdict,
+        xs: Mapping[str, Tensor],
+        first: Mapping[str, Tensor],
+        running: _Running,
+    ) -> None:
+        """Run the port again on the same inputs: every returned blob must be bit-identical."""
+        mode = _RandomCalls(running)
+        with torch.no_grad(), mode:
+            try:
+                again = self.port(**{k: v.detach() for k, v in xs.items()})
+            except Exception as exc:
+                self._raised(verdict, exc, running.stack, "second forward")
+                return
+        for blob in self.net.blobs:
+            if blob not in first or blob not in again:
+                continue
+            a, b = first[blob].detach(), again[blob].detach()
+            if (a.shape == b.shape and torch.equal(a, b)) or bool(
+                (a.shape == b.shape)
+                and torch.equal(a.isnan(), b.isnan())
+                and torch.equal(a[~a.isnan()], b[~b.isnan()])
+            ):
+                continue
+            lay = self._producer(blob)
+            random = sorted(set(mode.calls))
+            training = [
+                f"{n} ({type(m).__name__})" for n, m in self.port.named_modules() if m.training
+            ]
+            verdict.findings.append(
+                Finding(
+                    "nondeterministic",
+                    "port",
+                    lay.describe() if lay else blob,
+                    self._position(lay.name) if lay else 0,
+                    f"not deterministic: the same example run twice gives another {blob!r} "
+                    "(the first blob, in Caffe's order, that differs); "
+                    + (f"random: {', '.join(random)}; " if random else "")
+                    + (
+                        f"in training mode: {', '.join(training)}"
+                        if training
+                        else "no module is in training mode"
+                    ),
+                    blob,
+                )
+            )
+            return
+
+    def _shapes(
+        self, verdict: ExampleVerdict, values: Mapping[str, Tensor], caffe: Mapping[str, Any]
+    ) -> set[str]:
+        """Blobs whose shape matches Caffe's (up to singleton axes); the others are findings
+        at the layer that produced them."""
+        ok = set()
+        for blob, t in values.items():
+            want = tuple(np.shape(caffe["blobs"][blob]))
+            got = tuple(t.shape)
+            if got == want or (t.numel() == int(np.prod(want)) and _squeeze(got) == _squeeze(want)):
+                ok.add(blob)
+                continue
+            lay = self._producer(blob)
+            hint = ""
+            if lay is not None and lay.type == "Pooling" and len(got) == len(want) == 4:
+                smaller = got[2] < want[2] or got[3] < want[3]
+                if smaller and lay.spec.param("pooling_param").get("round_mode", 0) in (0, "CEIL"):
+                    hint = "; Caffe rounds pooled sizes up"
+            dims = ", ".join(["N", *map(str, got[1:])]) if got else ""
+            wdims = ", ".join(["N", *map(str, want[1:])]) if want else ""
+            verdict.findings.append(
+                Finding(
+                    "shape",
+                    "port",
+                    lay.describe() if lay else blob,
+                    self._position(lay.name) if lay else 0,
+                    f"{blob}: ({dims}), Caffe ({wdims}){hint}",
+                    blob,
+                )
+            )
+        return ok
+
+    def _check_caffe(
+        self,
+        verdict: ExampleVerdict,
+        caffe: Mapping[str, Any],
+        params: Mapping[str, list[np.ndarray]],
+        desc: str,
+    ) -> None:
+        """Caffe's own blobs against the reference, layer by layer; a blob Caffe rewrites in
+        place keeps only its first value's diff, so diffs are compared where they are whole."""
+        segs = segments(self.net, list(self.net.blobs))
+        values = {k: _f64(v) for k, v in caffe["blobs"].items() if k in self.net.blobs}
+        grads: dict[str, F64 | None] = {k: _f64(v) for k, v in caffe["diffs"].items()}
+        pgrads: dict[tuple[str, int], F64 | None] = {
+            (lay.name, p.index): _f64(caffe["param_diffs"][lay.name][p.index])
+            for lay in self.net.compute_layers
+            for p in lay.params
+            if p.lr_mult > 0
+        }
+        self._check_side(
+            verdict,
+            "caffe",
+            segs,
+            values,
+            grads,
+            pgrads,
+            params,
+            {},
+            desc,
+            diff_ok=lambda b: not self.net.in_place(b),
+        )
+
+    def _check_side(
+        self,
+        verdict: ExampleVerdict,
+        side: str,
+        segs: list[Segment],
+        values: Mapping[str, F64],
+        grads: Mapping[str, F64 | None],
+        pgrads: Mapping[tuple[str, int], F64 | None],
+        params: Mapping[str, list[np.ndarray]],
+        seeded: Mapping[str, np.ndarray],
+        desc: str,
+        diff_ok: Callable[[str], bool],
+    ) -> None:
+        actor = "port" if side == "port" else "caffe"
+        outputs = set(self.net.outputs)
+        # bottom diffs are summed over every segment reading the blob (autograd and Caffe's
+        # Split both sum them): desired, bound and the segments that contribute.
+        diff_sum: dict[str, list[Any]] = {}
+        comparisons: list[tuple[Comparison, Segment, str, str]] = []
+        for seg in segs:
+            label = seg.label if not seg.local else seg.layers[0].describe()
+            bad = [b for b in [*seg.inputs, *seg.outputs] if b not in values]
+            if bad:
+                verdict.notes.append(
+                    f"{side}: {seg.label} not checked: {bad} has another shape than Caffe's"
+                )
+                continue
+            specs = [lay.spec for lay in seg.layers]
+            seg_params = {
+                lay.name: [np.asarray(a, dtype=np.float64) for a in params.get(lay.name, [])]
+                for lay in seg.layers
+                if lay.params
+            }
+            outs = [o for o in seg.outputs if o in values]
+            backward = all(diff_ok(b) for b in [*seg.inputs, *outs])
+            diffs: dict[str, F64] | None = None
+            if backward:
+                diffs = {}
+                for o in outs:
+                    g = seeded.get(o) if o in outputs and side == "port" else grads.get(o)
+                    if g is None:
+                        backward = False
+                        verdict.notes.append(
+                            f"{side}: {seg.label} backward not checked: no gradient at {o!r}"
+                        )
+                        break
+                    diffs[o] = np.asarray(g, dtype=np.float64).reshape(values[o].shape)
+            res = segtol.segment(
+                specs,
+                seg_params,
+                {b: values[b].reshape(self.net.blobs[b][:0] + values[b].shape) for b in seg.inputs},
+                outs,
+                diffs if backward else None,
+            )
+            rule = res.rule or f"tolerances.layer {seg.layers[-1].type}"
+            for o in outs:
+                cmp = Comparison(
+                    f"forward {actor}~ref64",
+                    o,
+                    values[o].reshape(res.values[o].shape),
+                    res.values[o],
+                    res.value_bounds[o],
+                    rule,
+                    desc,
+                )
+                comparisons.append((cmp, seg, label, "forward"))
+            if not backward:
+                continue
+            for b, d in res.input_diffs.items():
+                entry = diff_sum.setdefault(b, [np.zeros(d.shape), np.zeros(d.shape), [], rule])
+                entry[0] = entry[0] + d
+                entry[1] = entry[1] + res.input_diff_bounds[b]
+                entry[2].append((seg, label))
+            for key, d in res.param_diffs.items():
+                got = pgrads.get(key)
+                if got is None:
+                    continue
+                cmp = Comparison(
+                    f"backward {actor}~ref64",
+                    f"{key[0]}/{key[1]}",
+                    np.asarray(got).reshape(d.shape),
+                    d,
+                    res.param_diff_bounds[key],
+                    rule,
+                    desc,
+                )
+                comparisons.append((cmp, seg, label, "backward"))
+        for b, (desired, bound, segs_in, rule) in diff_sum.items():
+            got = grads.get(b)
+            if got is None:
+                verdict.notes.append(f"{side}: no gradient at {b!r} to compare")
+                continue
+            cmp = Comparison(
+                f"backward {actor}~ref64",
+                f"d/d {b}",
+                np.asarray(got).reshape(desired.shape),
+                desired,
+                bound,
+                rule,
+                desc,
+            )
+            # a wrong bottom diff belongs to the segments reading the blob: the last of them
+            # in Caffe's order is the first to run backward
+            seg, _ = segs_in[-1]
+            label = " and ".join(lbl for _, lbl in segs_in)
+            comparisons.append((cmp, seg, label, "backward"))
+        order = {id(s): i for i, s in enumerate(segs)}
+        for cmp, seg, label, kind in sorted(comparisons, key=lambda c: order[id(c[1])]):
+            verdict.comparisons.append(cmp)
+            if cmp.passed:
+                continue
+            prefix = "" if side == "port" else "Caffe disagrees with Caffe's semantics: "
+            verdict.findings.append(
+                Finding(
+                    kind,
+                    side,
+                    label,
+                    self._position(seg.layers[0].name),
+                    prefix + str(cmp),
+                    cmp.blob,
+                    seg.local,
+                )
+            )
+
+    # ---- localisation -------------------------------------------------------------------
+
+    def fault(self, verdict: ExampleVerdict) -> Finding | None:
+        """The first port finding: an exception or a nondeterministic blob first, then
+        ``buildcheck.localize`` over the segments (fixed params, then the first layer in
+        Caffe's order whose forward fails, then backward)."""
+        found = verdict.port_findings
+        for kind in ("exception", "nondeterministic"):
+            hit = [f for f in found if f.kind == kind]
+            if hit:
+                return min(hit, key=lambda f: f.position)
+        if not found:
+            return None
+        structural = [
+            f for f in found if f.kind in ("shape", "param-shape", "unmapped", "frozen", "fixed")
+        ]
+        numeric = [f for f in found if f not in structural]
+        first_struct = min(structural, key=lambda f: f.position) if structural else None
+        first_num: Finding | None = None
+        if numeric:
+            layers = self._loc_layers()
+            _, keys = localize(layers, numeric)
+            first_num = next((f for f in numeric if f.key in keys), numeric[0])
+        if first_struct and (first_num is None or first_struct.position <= first_num.position):
+            return first_struct
+        return first_num
+
+    def _loc_layers(self) -> list[LocLayer]:
+        out = []
+        for lay in self.net.compute_layers:
+            out.append(
+                LocLayer(
+                    lay.name,
+                    lay.type,
+                    tuple(f"d/d {b}" for b in lay.spec.bottoms) + lay.spec.bottoms,
+                    lay.spec.tops + tuple(f"d/d {t}" for t in lay.spec.tops),
+                    tuple(f"{lay.name}/{p.index}" for p in lay.params),
+                )
+            )
+        return out

@@ -1,0 +1,281 @@
+"""Bounds for a segment: several layers the float64 reference composes because the port does
+not return the blobs between them (or Caffe overwrites them in place).
+
+A float32 implementation of the segment commits, at every layer, an error within that
+layer's own bound (``crossval.tolerances.layers``, at the values it meets), forward and
+backward; those errors are carried through the rest of the segment. Linearised, the error of
+an output element i is ``sum_j a_ij r_j`` with ``a_ij = J_ij b_j`` (J: the derivative of the
+output with respect to the intermediate value j, b_j: its layer's bound) and ``|r_j| <= 1``.
+
+The reference measures the carried error itself: it reruns the segment in float64 with every
+layer's tops moved by ``s * b`` and, in the backward pass, every bottom and param diff moved
+by ``s' * b'`` (random signs s, s'; b, b' the layers' forward and backward bounds at the
+unperturbed values), ``SEGMENT_SAMPLES`` times, and takes the root mean square ``S`` of how
+far each output, bottom diff and param diff moved. With random signs ``E[delta_i^2] =
+sum_j a_ij^2 = sigma_i^2``: S estimates sigma_i with K = SEGMENT_SAMPLES degrees of freedom.
+Perturbing the nonlinear reference rather than its derivative also covers kinks (a ReLU at 0,
+a MAX pooling tie, a saturated sigmoid whose y(1 - y) is all rounding), where a linearisation
+would see none of the spread. The runs come in antithetic pairs (s, then -s): a value within
+its own bound of a kink crosses it in one run of every pair, so a ReLU mask that float32 may
+flip is flipped in the spread too. In the linear regime a pair moves by +delta and -delta, so
+the K runs give K/2 independent estimates.
+
+Bound: ``SEGMENT_SAFETY * S + b_own``, with b_own the bound of the layer that writes the
+output (or, for a diff, the bound of the layers that compute it) added so a segment is never
+tighter than its last layer alone. If the actual float32 errors were as large as every layer's
+worst-case bound with independent random signs, the actual error is a normal variable of
+standard deviation sigma_i and the chance that it exceeds F S is the chance that Student's t
+with K/2 degrees of freedom exceeds F: for K = 8, F = 10 that is 5.6e-4 per element. Actual
+float32 errors are a fraction rho of the worst-case bounds (gamma(n) grows as n, rounding
+errors as sqrt(n); the per-layer campaigns measured largest err/bound below 1 and typical
+values far below); at rho = 0.3 the chance is that of t_4 exceeding 33, about 5e-6, and
+the own-layer term b_own comes on top.
+An ill-conditioned example (a large J) gets a wide bound, never a false alarm and never
+silence: where the spread is infinite or NaN, the bound is infinite and the check says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from reference import layers as ref
+from reference.layers import LayerSpec
+
+from . import F64, TABLE, Rule
+from .layers import LAYER_BOUNDS
+
+SEGMENT_SAMPLES = 8
+SEGMENT_SAFETY = 10.0
+
+TABLE["segment"] = Rule(
+    "segment",
+    "several layers composed by the float64 reference between blobs the port returns",
+    f"{SEGMENT_SAFETY:g} x the rms spread of the reference's outputs and diffs over "
+    f"{SEGMENT_SAMPLES} runs with every layer's tops and diffs moved by random signs times "
+    "its own bound, plus the last layer's own bound (crossval.tolerances.segments)",
+)
+
+
+class _GradNoise(torch.autograd.Function):
+    """Identity forward; adds a fixed tensor to the gradient passing back through it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, noise: Tensor) -> Tensor:
+        ctx.noise = noise
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        return g + ctx.noise, None
+
+
+def _np(t: Tensor | None) -> F64 | None:
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+@dataclass
+class SegmentResult:
+    """The float64 reference of a segment and the bound of every value and diff."""
+
+    values: dict[str, F64]
+    value_bounds: dict[str, F64]
+    input_diffs: dict[str, F64] = field(default_factory=dict)
+    input_diff_bounds: dict[str, F64] = field(default_factory=dict)
+    param_diffs: dict[tuple[str, int], F64] = field(default_factory=dict)
+    param_diff_bounds: dict[tuple[str, int], F64] = field(default_factory=dict)
+    rule: str = ""
+
+
+@dataclass
+class _Run:
+    blobs: dict[str, Tensor]
+    records: list[tuple[list[Tensor], list[Tensor], list[Tensor]]]  # bottoms, params, tops
+    inputs: dict[str, Tensor]
+    params: dict[str, list[Tensor]]
+
+
+def _compose(
+    layers: Sequence[LayerSpec],
+    params: Mapping[str, Sequence[F64]],
+    inputs: Mapping[str, F64],
+    grad: bool,
+    fwd_noise: list[list[Tensor | None]] | None = None,
+    bwd_noise: list[tuple[list[Tensor | None], list[Tensor | None]]] | None = None,
+) -> _Run:
+    xs = {
+        k: torch.from_numpy(np.array(v, dtype=np.float64)).requires_grad_(grad)
+        for k, v in inputs.items()
+    }
+    ps = {
+        k: [torch.from_numpy(np.array(p, dtype=np.float64)).requires_grad_(grad) for p in v]
+        for k, v in params.items()
+    }
+    blobs: dict[str, Tensor] = dict(xs)
+    records = []
+    for i, spec in enumerate(layers):
+        bottoms = [blobs[b] for b in spec.bottoms]
+        blobs_i = list(ps.get(spec.name, []))
+        if bwd_noise is not None:
+            nb, npar = bwd_noise[i]
+            bottoms = [
+                _GradNoise.apply(b, n) if n is not None and b.requires_grad else b  # type: ignore[no-untyped-call]
+                for b, n in zip(bottoms, nb, strict=True)
+            ]
+            blobs_i = [
+                _GradNoise.apply(p, n) if n is not None and p.requires_grad else p  # type: ignore[no-untyped-call]
+                for p, n in zip(blobs_i, npar, strict=True)
+            ]
+        tops = ref.forward(spec, bottoms, blobs_i)
+        if fwd_noise is not None:
+            tops = [t if n is None else t + n for t, n in zip(tops, fwd_noise[i], strict=True)]
+        if grad:
+            for t in tops:
+                if t.requires_grad:
+                    t.retain_grad()
+        records.append((bottoms, blobs_i, tops))
+        for name, t in zip(spec.tops, tops, strict=True):
+            blobs[name] = t
+    return _Run(blobs, records, xs, ps)
+
+
+def _backward(run: _Run, top_diffs: Mapping[str, F64]) -> None:
+    pairs = [
+        (run.blobs[k], torch.from_numpy(np.array(g, dtype=np.float64)))
+        for k, g in top_diffs.items()
+        if run.blobs[k].requires_grad
+    ]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _spread(samples: list[F64], base: F64) -> F64:
+    with np.errstate(invalid="ignore", over="ignore"):
+        sq = np.mean([np.square(s - base) for s in samples], axis=0)
+        out: F64 = np.sqrt(sq)
+    return np.where(np.isnan(out), np.inf, out)
+
+
+def segment(
+    layers: Sequence[LayerSpec],
+    params: Mapping[str, Sequence[F64]],
+    inputs: Mapping[str, F64],
+    outputs: Sequence[str],
+    top_diffs: Mapping[str, F64] | None = None,
+    seed: int = 0,
+) -> SegmentResult:
+    """The float64 reference of `layers` composed from `inputs` (blob -> float32 values as
+    float64), and the bound of each of `outputs`; with `top_diffs` (the diff of each output,
+    zero where absent) also every input's and param's diff and its bound. One layer: its own
+    bound (``tolerances.layers``); several: see the module docstring."""
+    backward = top_diffs is not None
+    diffs = dict(top_diffs or {})
+    base = _compose(layers, params, inputs, backward)
+    fwd_b: list[list[F64]] = []
+    bwd_b: list[tuple[list[F64 | None], list[F64 | None]]] = []
+    if backward:
+        _backward(base, diffs)
+    for spec, (bottoms, blobs, tops) in zip(layers, base.records, strict=True):
+        bound = LAYER_BOUNDS[spec.type]
+        b_np = [_np(b) for b in bottoms]
+        p_np = [_np(p) for p in blobs]
+        t_np = [_np(t) for t in tops]
+        fwd_b.append(bound.forward(spec, b_np, p_np, t_np))  # type: ignore[arg-type]
+        if backward:
+            g_np = [np.zeros(t.shape) if t.grad is None else t.grad.detach().numpy() for t in tops]
+            bwd_b.append(bound.backward(spec, b_np, p_np, t_np, g_np))  # type: ignore[arg-type]
+    last_writer = {name: i for i, spec in enumerate(layers) for name in spec.tops}
+    out = SegmentResult(
+        values={k: _np(base.blobs[k]) for k in outputs},  # type: ignore[misc]
+        value_bounds={
+            k: fwd_b[last_writer[k]][layers[last_writer[k]].tops.index(k)] for k in outputs
+        },
+        rule="tolerances.segment" if len(layers) > 1 else "",
+    )
+    if backward:
+        for k, x in base.inputs.items():
+            own = [
+                bwd_b[i][0][j]
+                for i, spec in enumerate(layers)
+                for j, b in enumerate(spec.bottoms)
+                if b == k and i < len(bwd_b)
+            ]
+            if not x.is_floating_point() or all(o is None for o in own):
+                continue
+            out.input_diffs[k] = np.zeros(x.shape) if x.grad is None else _np(x.grad)  # type: ignore[assignment]
+            total: F64 = np.zeros(x.shape)
+            for o in own:
+                if o is not None:
+                    total = total + np.asarray(o)
+            out.input_diff_bounds[k] = total
+        for name, ps in base.params.items():
+            i = next(n for n, s in enumerate(layers) if s.name == name)
+            for j, p in enumerate(ps):
+                pb = bwd_b[i][1][j]
+                if pb is None:
+                    continue
+                out.param_diffs[(name, j)] = np.zeros(p.shape) if p.grad is None else _np(p.grad)  # type: ignore[assignment]
+                out.param_diff_bounds[(name, j)] = np.asarray(pb)
+    if len(layers) == 1:
+        return out
+    rng = np.random.default_rng(seed)
+
+    def signs(b: F64 | None) -> Tensor | None:
+        if b is None:
+            return None
+        s = rng.choice([-1.0, 1.0], size=np.shape(b))
+        return torch.from_numpy(s * np.asarray(b, dtype=np.float64))
+
+    samples: dict[str, list[F64]] = {k: [] for k in outputs}
+    dsamples: dict[Any, list[F64]] = {k: [] for k in [*out.input_diffs, *out.param_diffs]}
+    fn: list[list[Tensor | None]] = []
+    bn: list[tuple[list[Tensor | None], list[Tensor | None]]] = []
+    for n_run in range(SEGMENT_SAMPLES):
+        if n_run % 2 == 0:
+            fn = [[signs(b) for b in fb] for fb in fwd_b]
+            bn = [([signs(b) for b in bb], [signs(b) for b in pb]) for bb, pb in bwd_b]
+        else:  # the antithetic run: every sign flipped
+            fn = [[None if n is None else -n for n in ns] for ns in fn]
+            bn = [
+                ([None if n is None else -n for n in a], [None if n is None else -n for n in b])
+                for a, b in bn
+            ]
+        run = _compose(
+            layers,
+            params,
+            inputs,
+            backward,
+            fn,
+            bn if backward else None,
+        )
+        for k in outputs:
+            samples[k].append(_np(run.blobs[k]))  # type: ignore[arg-type]
+        if backward:
+            _backward(run, diffs)
+            for k in out.input_diffs:
+                g = run.inputs[k].grad
+                dsamples[k].append(np.zeros(out.input_diffs[k].shape) if g is None else _np(g))  # type: ignore[arg-type]
+            for key in out.param_diffs:
+                g = run.params[key[0]][key[1]].grad
+                dsamples[key].append(
+                    np.zeros(out.param_diffs[key].shape) if g is None else _np(g)  # type: ignore[arg-type]
+                )
+    for k in outputs:
+        out.value_bounds[k] = (
+            SEGMENT_SAFETY * _spread(samples[k], out.values[k]) + out.value_bounds[k]
+        )
+    for k in out.input_diffs:
+        out.input_diff_bounds[k] = (
+            SEGMENT_SAFETY * _spread(dsamples[k], out.input_diffs[k]) + out.input_diff_bounds[k]
+        )
+    for key in out.param_diffs:
+        out.param_diff_bounds[key] = (
+            SEGMENT_SAFETY * _spread(dsamples[key], out.param_diffs[key])
+            + out.param_diff_bounds[key]
+        )
+    return out
