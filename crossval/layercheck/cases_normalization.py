@@ -41,6 +41,10 @@ def _affine(draw: st.DrawFn, type_name: str) -> LayerCase:
     kind = "scale_param" if type_name == "Scale" else "bias_param"
     ndim = draw(st.integers(2, 4), label="ndim")
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="shape"))
+    if draw(st.booleans(), label="equal dims"):
+        # Every axis the same size: a blob laid along the wrong axes still broadcasts, so a
+        # port that ignores `axis` gives wrong values instead of a shape error.
+        shape = (draw(st.integers(2, 3), label="dim"),) * ndim
     two = draw(st.booleans(), label="two bottoms")
     axis = draw(st.integers(-ndim, ndim - 1), label="axis")
     a = axis % ndim
