@@ -318,3 +318,45 @@ def test_groups_follow_in_place_layers(worker: CaffeWorker) -> None:
     assert groups[0] == ["conv1", "bn_conv1", "scale_conv1", "conv1_relu"]
     assert ["res2a", "res2a_relu"] in groups
     assert ["res2a_branch2b", "bn2a_branch2b", "scale2a_branch2b"] in groups
+
+
+# Published sizes: (builder, kwargs, blob shapes Caffe must give).
+FULL_SIZE = [
+    (
+        "levi_hassner_age",
+        {},
+        {"conv1": (1, 96, 56, 56), "pool1": (1, 96, 28, 28), "pool2": (1, 256, 14, 14)},
+    ),
+    ("levi_hassner_age_v1", {}, {"pool5": (1, 384, 7, 7), "prob": (1, 8)}),
+    ("caffenet_age", {}, {"conv1": (1, 96, 55, 55), "pool5": (1, 256, 6, 6), "fc6": (1, 4096)}),
+    (
+        "googlenet_block",
+        {},
+        {"inception_3a/output": (1, 256, 28, 28), "pool5/7x7_s1": (1, 256, 22, 22)},
+    ),
+    ("googlenet_block", {"size": 7, "global_pool": True}, {"pool5/7x7_s1": (1, 256, 1, 1)}),
+    (
+        "resnet_block",
+        {"size": 56, "channels": 64},
+        {"res2a": (1, 64, 56, 56), "pool5": (1, 64, 1, 1)},
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("builder", "kwargs", "shapes"), FULL_SIZE)
+def test_zoo_nets_at_their_published_sizes_pass_in_caffe(
+    worker: CaffeWorker, builder: str, kwargs: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    text = worker.call("prototxt", head=builder, **kwargs)
+    described = worker.call("describe", prototxt=text)
+    for name, shape in shapes.items():
+        assert described["blobs"][name] == shape, name
+    rng = np.random.default_rng(0)
+    params = generate_params(described, rng)
+    inputs = {k: rng.normal(0.0, 1.0, s).astype(np.float32) for k, s in described["inputs"].items()}
+    run = worker.call("run", prototxt=text, inputs=inputs, params=params, phase="TEST")
+    specs = [LayerSpec.from_dict(d) for d in worker.call("layer_specs", prototxt=text)]
+    # Caffe itself, layer by layer, at the published size.
+    finding = first_failure(Prepared(specs, params, inputs, run["blobs"]), run["blobs"])
+    assert finding is None, f"Caffe at {finding.layers}: {finding.text}"
