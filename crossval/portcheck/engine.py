@@ -335,10 +335,15 @@ class PortChecker:
         writers = self.net.writers(blob)
         return writers[-1] if writers else None
 
-    def run(self, ex: PortExample) -> ExampleVerdict:
+    def run(
+        self,
+        ex: PortExample,
+        arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None = None,
+    ) -> ExampleVerdict:
+        """One example: generated from `ex`, or the given (inputs, params) `arrays`."""
         verdict = ExampleVerdict(ex, findings=list(self.static), notes=list(self.notes))
-        desc = ex.describe()
-        inputs, params = self.arrays(ex)
+        desc = ex.describe() if arrays is None else f"given arrays, batch {ex.batch}"
+        inputs, params = self.arrays(ex) if arrays is None else arrays
         rng = np.random.default_rng(ex.seed ^ 0x5EED)
         outputs = self.net.outputs
         top_diffs = {
