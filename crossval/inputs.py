@@ -156,7 +156,8 @@ def check_net(
             "check_net", prototxt=text, phase=phase, weights=str(weights or "")
         )
     except CaffeError as exc:
-        raise InputError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+        why = str(exc).split(": ", 1)[-1].removeprefix("ValueError: ")
+        raise InputError(f"{where}: {why}") from None
     names = [name for name, _ in got["layers"]]
     if not names:
         raise InputError(f"{where} has no layers: the net is empty")

@@ -27,8 +27,8 @@ from torch import nn
 
 from reference.solvers import CaffeSolver, Param, SolverConfig
 
+from . import outputs, transfer
 from . import tolerances as tol
-from . import transfer
 from .checks import REFERENCE, Impl
 from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
@@ -144,18 +144,21 @@ def write_workflow(
         workdir / "init_weights.caffemodel",
         workdir / "snapshot",
     )
-    wf.train_val.write_text(proto)
-    wf.solver.write_text(solver_prototxt(tc.solver, wf.train_val, snapshot, wf.snapshot_prefix))
+    # The directory was checked (empty, or --force) by the caller: these replace their own.
+    outputs.write_text(outputs.Target(wf.train_val, "--out", force=True), proto)
+    solver = solver_prototxt(tc.solver, wf.train_val, snapshot, wf.snapshot_prefix)
+    outputs.write_text(outputs.Target(wf.solver, "--out", force=True), solver)
     ip = head.ip_layer(case)
     params = {ip: [case.weights[k] for k in head.learnable(case)]}
-    worker.call(
-        "surgery",
-        prototxt=proto,
-        phase="TRAIN",
-        layer=head.surgery,
-        out=str(wf.init_weights),
-        params=params,
-    )
+    with outputs.staged(outputs.Target(wf.init_weights, "--out", force=True)) as tmp:
+        worker.call(
+            "surgery",
+            prototxt=proto,
+            phase="TRAIN",
+            layer=head.surgery,
+            out=str(tmp),
+            params=params,
+        )
     return wf
 
 

@@ -556,9 +556,16 @@ class Validator:
         with torch.set_grad_enabled(self.has_loss), self.guard.call("its forward"):
             out = self.port(**xs)
         if not isinstance(out, Mapping):
-            raise UsageError(
+            raise PortFailure(
                 f"the port's forward returned {type(out).__name__}, not a dict "
-                "from Caffe blob names to tensors"
+                f"from Caffe blob names to tensors, in {self.guard.where('its forward')}"
+            )
+        wrong = [f"{k!r}: {type(v).__name__}" for k, v in out.items() if not torch.is_tensor(v)]
+        if wrong:
+            raise PortFailure(
+                "the port's forward returned values that are not tensors ("
+                + ", ".join(wrong)
+                + f") in {self.guard.where('its forward')}"
             )
         for name in out:
             if name not in caffe["blobs"]:

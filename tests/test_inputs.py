@@ -25,6 +25,13 @@ def make_empty() -> nn.Module:
     return port
 
 
+def make_not_tensors() -> nn.Module:
+    """forward returns a list where a tensor belongs."""
+    port = make()
+    port.forward = lambda **blobs: {"prob": [0.5, 0.5]}
+    return port
+
+
 def make_changes_input() -> nn.Module:
     """Returns its input blob changed (as an in-place op on the input would)."""
     port = make()
@@ -194,6 +201,17 @@ def test_port_returning_nothing_is_a_finding(
     assert "MATCH:" not in out and "MISMATCH" in out
     assert "NOTHING COMPARED: the port returned none of the net's output blobs (prob)" in out
     assert "it returned no blob at all" in out
+
+
+def test_port_returning_non_tensors_is_a_finding(
+    user: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = crossval(
+        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_not_tensors"
+    )
+    assert code == EXIT_FINDING, out + err
+    assert "PORT FAILURE: the port's forward returned values that are not tensors" in out
+    assert "('prob': list) in its forward while running example 1" in out
 
 
 def test_input_blob_divergence_is_named_as_an_input(

@@ -531,16 +531,14 @@ class Ops:
         param shapes and lr_mults (the net is built only when its inputs have no zero
         dimension and its layer names are unique)."""
         from caffe.proto import caffe_pb2
-        from google.protobuf import text_format
 
-        spec = caffe_pb2.NetParameter()
-        text_format.Merge(prototxt, spec)
-        layers = [(lp.name, lp.type) for lp in spec.layer]
-        layers += [
-            (lp.name, caffe_pb2.V1LayerParameter.LayerType.Name(lp.type)) for lp in spec.layers
-        ]
+        from crossval.caffe_side.upgrade import filter_net, parse_net
+
+        spec = parse_net(prototxt)  # V1 nets and input headers upgraded, as Caffe does
+        kept = filter_net(spec, phase)
+        layers = [(lp.name, lp.type) for lp in kept]
         inputs: dict[str, list[int]] = {}
-        for lp in spec.layer:
+        for lp in kept:
             if lp.type == "Input":
                 shapes = list(lp.input_param.shape)
                 for i, top in enumerate(lp.top):
