@@ -232,3 +232,27 @@ def test_the_comparisons_fail_on_a_changed_net(worker: CaffeWorker) -> None:
         _same_blobs(worker, slope, V2_NET, "TEST")
     lr = V1_NET.replace("blobs_lr: 2", "blobs_lr: 1")
     assert worker.call("layer_specs", prototxt=lr) != worker.call("layer_specs", prototxt=V2_NET)
+
+
+def test_v0_layers_and_old_data_fields_are_named(worker: CaffeWorker) -> None:
+    v0 = 'layers { layer { name: "old" type: "conv" } bottom: "data" top: "x" }\n'
+    with pytest.raises(CaffeError, match=r"V1 layer 0 \(unnamed\) holds a V0 layer"):
+        worker.call("layer_specs", prototxt=v0)
+    data = 'layers { name: "d" type: DATA top: "data" data_param { source: "x" scale: 0.5 } }\n'
+    with pytest.raises(CaffeError, match=r"V1 layer 'd' \(DATA\) sets scale in data_param"):
+        worker.call("layer_specs", prototxt=data)
+
+
+def test_batchnorm_with_three_params_is_frozen_as_caffe_does(worker: CaffeWorker) -> None:
+    text = V2_NET.replace(
+        'layer { name: "pool"',
+        'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" '
+        "param { lr_mult: 1 } param { lr_mult: 1 } param { lr_mult: 1 } }\n"
+        'layer { name: "pool"',
+    )
+    assert text != V2_NET
+    bn = next(s for s in worker.call("layer_specs", prototxt=text) if s["name"] == "bn")
+    assert bn["param"] == [{"lr_mult": 0.0, "decay_mult": 0.0}] * 3
+    layers = worker.call("describe", prototxt=text)["layers"]
+    params = next(lay for lay in layers if lay["name"] == "bn")["params"]
+    assert [(p["lr_mult"], p["decay_mult"]) for p in params] == [(0.0, 0.0)] * 3
