@@ -8,9 +8,11 @@ an output element i is ``sum_j a_ij r_j`` with ``a_ij = J_ij b_j`` (J: the deriv
 output with respect to the intermediate value j, b_j: its layer's bound) and ``|r_j| <= 1``.
 
 The reference measures the carried error itself: it reruns the segment in float64 with every
-layer's tops moved by ``s * b`` and, in the backward pass, every bottom and param diff moved
-by ``s' * b'`` (random signs s, s'; b, b' the layers' forward and backward bounds at the
-unperturbed values), ``SEGMENT_SAMPLES`` times, and takes the root mean square ``S`` of how
+layer's tops moved by ``s * b`` and, in the backward pass, every bottom diff that a later
+backward step reads moved by ``s' * b'`` (random signs s, s'; b, b' the layers' forward and
+backward bounds at the unperturbed values; a diff nothing reads after, a param's or a
+segment input's, gets its own bound added instead, which is what the noise would move it by),
+``SEGMENT_SAMPLES`` times, and takes the root mean square ``S`` of how
 far each output, bottom diff and param diff moved. With random signs ``E[delta_i^2] =
 sum_j a_ij^2 = sigma_i^2``: S estimates sigma_i with K = SEGMENT_SAMPLES degrees of freedom.
 Perturbing the nonlinear reference rather than its derivative also covers kinks (a ReLU at 0,
@@ -100,36 +102,39 @@ class _Run:
     params: dict[str, list[Tensor]]
 
 
+def _tensors(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    def t(a: Any) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+    return {
+        k: [t(a) for a in v] if isinstance(v, list | tuple) else t(v) for k, v in arrays.items()
+    }
+
+
 def _compose(
     layers: Sequence[LayerSpec],
-    params: Mapping[str, Sequence[F64]],
-    inputs: Mapping[str, F64],
+    params: Mapping[str, list[Tensor]],
+    inputs: Mapping[str, Tensor],
     grad: bool,
     fwd_noise: list[list[Tensor | None]] | None = None,
-    bwd_noise: list[tuple[list[Tensor | None], list[Tensor | None]]] | None = None,
+    bwd_noise: list[list[Tensor | None]] | None = None,
 ) -> _Run:
-    xs = {
-        k: torch.from_numpy(np.array(v, dtype=np.float64)).requires_grad_(grad)
-        for k, v in inputs.items()
-    }
-    ps = {
-        k: [torch.from_numpy(np.array(p, dtype=np.float64)).requires_grad_(grad) for p in v]
-        for k, v in params.items()
-    }
+    xs = {k: v.detach().requires_grad_(grad) for k, v in inputs.items()}
+    ps = {k: [p.detach().requires_grad_(grad) for p in v] for k, v in params.items()}
+    leaves = {id(x) for x in xs.values()}
     blobs: dict[str, Tensor] = dict(xs)
     records = []
     for i, spec in enumerate(layers):
         bottoms = [blobs[b] for b in spec.bottoms]
         blobs_i = list(ps.get(spec.name, []))
         if bwd_noise is not None:
-            nb, npar = bwd_noise[i]
+            # A segment input's diff is read by nothing after: its own bound is added to the
+            # bound instead (noise there moves it by exactly that much); params likewise.
             bottoms = [
-                _GradNoise.apply(b, n) if n is not None and b.requires_grad else b  # type: ignore[no-untyped-call]
-                for b, n in zip(bottoms, nb, strict=True)
-            ]
-            blobs_i = [
-                _GradNoise.apply(p, n) if n is not None and p.requires_grad else p  # type: ignore[no-untyped-call]
-                for p, n in zip(blobs_i, npar, strict=True)
+                _GradNoise.apply(b, n)  # type: ignore[no-untyped-call]
+                if n is not None and b.requires_grad and id(b) not in leaves
+                else b
+                for b, n in zip(bottoms, bwd_noise[i], strict=True)
             ]
         tops = ref.forward(spec, bottoms, blobs_i)
         if fwd_noise is not None:
@@ -154,13 +159,6 @@ def _backward(run: _Run, top_diffs: Mapping[str, F64]) -> None:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
-def _spread(samples: list[F64], base: F64) -> F64:
-    with np.errstate(invalid="ignore", over="ignore"):
-        sq = np.mean([np.square(s - base) for s in samples], axis=0)
-        out: F64 = np.sqrt(sq)
-    return np.where(np.isnan(out), np.inf, out)
-
-
 def segment(
     layers: Sequence[LayerSpec],
     params: Mapping[str, Sequence[F64]],
@@ -175,7 +173,9 @@ def segment(
     bound (``tolerances.layers``); several: see the module docstring."""
     backward = top_diffs is not None
     diffs = dict(top_diffs or {})
-    base = _compose(layers, params, inputs, backward)
+    t_params: dict[str, list[Tensor]] = _tensors({k: list(v) for k, v in params.items()})
+    t_inputs: dict[str, Tensor] = _tensors(inputs)
+    base = _compose(layers, t_params, t_inputs, backward)
     fwd_b: list[list[F64]] = []
     bwd_b: list[tuple[list[F64 | None], list[F64 | None]]] = []
     if backward:
@@ -223,59 +223,57 @@ def segment(
                 out.param_diff_bounds[(name, j)] = np.asarray(pb)
     if len(layers) == 1:
         return out
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
 
     def signs(b: F64 | None) -> Tensor | None:
         if b is None:
             return None
-        s = rng.choice([-1.0, 1.0], size=np.shape(b))
-        return torch.from_numpy(s * np.asarray(b, dtype=np.float64))
+        bt = torch.from_numpy(np.asarray(b, dtype=np.float64))
+        s = torch.randint(0, 2, bt.shape, generator=gen, dtype=torch.float64) * 2 - 1
+        return s * bt
 
-    samples: dict[str, list[F64]] = {k: [] for k in outputs}
-    dsamples: dict[Any, list[F64]] = {k: [] for k in [*out.input_diffs, *out.param_diffs]}
+    # running sums of squared moves (root mean square at the end)
+    moved: dict[Any, Tensor] = {}
+
+    def add(key: Any, value: Tensor | None, base_value: F64) -> None:
+        if value is None:
+            value = torch.zeros(base_value.shape, dtype=torch.float64)
+        d = value.detach().to(torch.float64).reshape(base_value.shape).clone()
+        d.sub_(torch.from_numpy(base_value))
+        if key in moved:
+            moved[key].addcmul_(d, d)
+        else:
+            moved[key] = d.mul_(d)
+
     fn: list[list[Tensor | None]] = []
-    bn: list[tuple[list[Tensor | None], list[Tensor | None]]] = []
+    bn: list[list[Tensor | None]] = []
     for n_run in range(SEGMENT_SAMPLES):
         if n_run % 2 == 0:
             fn = [[signs(b) for b in fb] for fb in fwd_b]
-            bn = [([signs(b) for b in bb], [signs(b) for b in pb]) for bb, pb in bwd_b]
+            bn = [[signs(b) for b in bb] for bb, _ in bwd_b]
         else:  # the antithetic run: every sign flipped
             fn = [[None if n is None else -n for n in ns] for ns in fn]
-            bn = [
-                ([None if n is None else -n for n in a], [None if n is None else -n for n in b])
-                for a, b in bn
-            ]
-        run = _compose(
-            layers,
-            params,
-            inputs,
-            backward,
-            fn,
-            bn if backward else None,
-        )
+            bn = [[None if n is None else -n for n in ns] for ns in bn]
+        run = _compose(layers, t_params, t_inputs, backward, fn, bn if backward else None)
         for k in outputs:
-            samples[k].append(_np(run.blobs[k]))  # type: ignore[arg-type]
+            add(("v", k), run.blobs[k], out.values[k])
         if backward:
             _backward(run, diffs)
             for k in out.input_diffs:
-                g = run.inputs[k].grad
-                dsamples[k].append(np.zeros(out.input_diffs[k].shape) if g is None else _np(g))  # type: ignore[arg-type]
+                add(("x", k), run.inputs[k].grad, out.input_diffs[k])
             for key in out.param_diffs:
-                g = run.params[key[0]][key[1]].grad
-                dsamples[key].append(
-                    np.zeros(out.param_diffs[key].shape) if g is None else _np(g)  # type: ignore[arg-type]
-                )
+                add(("p", key), run.params[key[0]][key[1]].grad, out.param_diffs[key])
+
+    def spread(key: Any) -> F64:
+        rms: F64 = torch.sqrt(moved[key] / SEGMENT_SAMPLES).numpy()
+        return np.where(np.isnan(rms), np.inf, rms)
+
     for k in outputs:
-        out.value_bounds[k] = (
-            SEGMENT_SAFETY * _spread(samples[k], out.values[k]) + out.value_bounds[k]
-        )
+        out.value_bounds[k] = SEGMENT_SAFETY * spread(("v", k)) + out.value_bounds[k]
     for k in out.input_diffs:
-        out.input_diff_bounds[k] = (
-            SEGMENT_SAFETY * _spread(dsamples[k], out.input_diffs[k]) + out.input_diff_bounds[k]
-        )
+        out.input_diff_bounds[k] = SEGMENT_SAFETY * spread(("x", k)) + out.input_diff_bounds[k]
     for key in out.param_diffs:
         out.param_diff_bounds[key] = (
-            SEGMENT_SAFETY * _spread(dsamples[key], out.param_diffs[key])
-            + out.param_diff_bounds[key]
+            SEGMENT_SAFETY * spread(("p", key)) + out.param_diff_bounds[key]
         )
     return out
