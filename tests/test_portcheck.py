@@ -395,3 +395,21 @@ def test_caffe_side_reports_a_disagreement_distinctly(
     assert report.exit_code == 1
     assert report.caffe_findings and report.caffe_findings[0].layer.startswith("prob (Softmax)")
     assert "Caffe disagrees with Caffe's semantics" in report.text(), report.text()
+
+
+class _Raises(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_port_exception_is_a_finding_at_its_module(
+    worker: CaffeWorker, nets: dict[str, str]
+) -> None:
+    port = tiny.make()
+    port.fc2.__class__ = _Raises
+    report = check_port(worker, nets["tiny"], port, generated(2))
+    assert report.exit_code == 1 and report.fault is not None
+    assert report.fault.kind == "exception" and report.fault.layer.startswith("fc2 (InnerProduct)")
+    assert (
+        "RuntimeError: mat1 and mat2" in report.fault.text and "module 'fc2'" in report.fault.text
+    )

@@ -575,6 +575,12 @@ class PortChecker:
         """Caffe's own blobs against the reference, layer by layer; a blob Caffe rewrites in
         place keeps only its first value's diff, so diffs are compared where they are whole."""
         segs = segments(self.net, list(self.net.blobs))
+        whole = [b for b in self.net.blobs if self.net.in_place(b)]
+        if whole:
+            verdict.notes.append(
+                "caffe: diffs not compared at blobs rewritten in place (Caffe keeps only the "
+                f"first value's diff): {', '.join(whole)}"
+            )
         values = {k: _f64(v) for k, v in caffe["blobs"].items() if k in self.net.blobs}
         grads: dict[str, F64 | None] = {k: _f64(v) for k, v in caffe["diffs"].items()}
         pgrads: dict[tuple[str, int], F64 | None] = {
