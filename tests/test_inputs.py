@@ -186,6 +186,12 @@ def test_validate_port_bad_input(
     assert snapshot(user) == before
 
 
+def test_empty_net_is_named_as_such(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = crossval(capsys, "validate-port", "empty.prototxt", "--port", "myport:make")
+    assert code == EXIT_USAGE and "empty.prototxt has no layers: the net is empty" in err, err
+    assert "map" not in err
+
+
 def test_net_without_input_layer(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = crossval(capsys, "validate-port", "noinput.prototxt", "--port", "myport:make")
     assert code == EXIT_USAGE and "noinput.prototxt has no Input layer" in err, err

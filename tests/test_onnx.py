@@ -359,7 +359,7 @@ def test_export_onnx_cli_bad_input(
     cases_ = [
         (["k100.prototxt", "trained.caffemodel"], "makes it [(100, 512), (100,)]"),
         (["deploy.prototxt", "junk.caffemodel"], "junk.caffemodel is not a caffemodel"),
-        (["trained.caffemodel", "trained.caffemodel"], "is not a Caffe prototxt"),
+        (["trained.caffemodel", "trained.caffemodel"], "is a binary file (a caffemodel?)"),
         (["deploy.prototxt", "missing.caffemodel"], "no caffemodel at"),
         (["deploy.prototxt", "no_surgery.caffemodel"], "pred_age is not the fixed kernel"),
         (["train_val.prototxt", "trained.caffemodel"], "is not one of the heads"),
