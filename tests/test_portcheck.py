@@ -413,3 +413,13 @@ def test_port_exception_is_a_finding_at_its_module(
     assert (
         "RuntimeError: mat1 and mat2" in report.fault.text and "module 'fc2'" in report.fault.text
     )
+
+
+@pytest.mark.parametrize("loss", ["euclidean", "softmax_with_loss", "smooth_l1"])
+def test_reference_port_on_nets_with_a_loss(worker: CaffeWorker, loss: str) -> None:
+    """Train nets (labels among the inputs, a loss at the top, SmoothL1 a Python layer whose
+    top does not follow the batch): the top diff seeds the loss, every layer checked."""
+    text = worker.call("prototxt", head="expectation", features=16, loss=loss)
+    report = check_port(worker, text, reference_port(worker, text), generated(3))
+    assert report.exit_code == 0 and report.examples_run == 3, report.text()
+    assert "loss" in report.local_layers

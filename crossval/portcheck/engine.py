@@ -208,6 +208,7 @@ class PortChecker:
         if still:
             self.notes.append(f"modules still in training mode after eval(): {', '.join(still)}")
         self.bindings, self.static = self._bind()
+        self._shape_cache: dict[Any, dict[str, tuple[int, ...]]] = {}
 
     # ---- params -------------------------------------------------------------------------
 
@@ -324,12 +325,26 @@ class PortChecker:
             self.generate,
         )
 
-    def _out_shape(self, blob: str, batch: int) -> tuple[int, ...]:
-        shape = self.net.blobs[blob]
-        first = next(iter(self.net.inputs.values()), (1,))
-        if shape and first and shape[0] == first[0]:
-            return (batch, *shape[1:])
-        return shape
+    def _blob_shapes(
+        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, list[np.ndarray]]
+    ) -> dict[str, tuple[int, ...]]:
+        """Caffe's blob shapes for these input shapes (one forward per input shape: a top's
+        shape does not follow the batch by any rule crossval could guess)."""
+        key = tuple(sorted((k, v.shape) for k, v in inputs.items()))
+        if key not in self._shape_cache:
+            if all(tuple(v.shape) == self.net.inputs.get(k) for k, v in inputs.items()):
+                self._shape_cache[key] = dict(self.net.blobs)
+            else:
+                got = self.worker.call(
+                    "run",
+                    prototxt=self.prototxt,
+                    inputs=dict(inputs),
+                    params=dict(params),
+                    phase="TEST",
+                    return_params=False,
+                )
+                self._shape_cache[key] = {k: tuple(np.shape(v)) for k, v in got["blobs"].items()}
+        return self._shape_cache[key]
 
     def _producer(self, blob: str) -> NetLayer | None:
         writers = self.net.writers(blob)
@@ -346,9 +361,8 @@ class PortChecker:
         inputs, params = self.arrays(ex) if arrays is None else arrays
         rng = np.random.default_rng(ex.seed ^ 0x5EED)
         outputs = self.net.outputs
-        top_diffs = {
-            o: rng.standard_normal(self._out_shape(o, ex.batch)).astype(np.float32) for o in outputs
-        }
+        shapes = self._blob_shapes(inputs, params)
+        top_diffs = {o: rng.standard_normal(shapes[o]).astype(np.float32) for o in outputs}
         caffe = self.worker.call(
             "run",
             prototxt=self.prototxt,
