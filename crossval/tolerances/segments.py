@@ -34,6 +34,17 @@ values far below); at rho = 0.3 the chance is that of t_4 exceeding 33, about 5e
 the own-layer term b_own comes on top.
 An ill-conditioned example (a large J) gets a wide bound, never a false alarm and never
 silence: where the spread is infinite or NaN, the bound is infinite and the check says so.
+
+The commonest segment in real nets is a Convolution or InnerProduct followed by ReLUs and
+Dropouts run in place on its top (Caffe keeps only the last value). It gets a worst-case bound
+without perturbation (rule ``segment_chain``): ReLU (negative_slope in [0, 1]) and Dropout in
+TEST are 1-Lipschitz, so the top's error is at most the sum of the layers' own forward bounds.
+Backward, each ReLU multiplies the diff by its mask, and float32 may flip the mask only where
+the bottom is within its carried forward bound of 0: there the diff may be off by
+(1 - slope) |g|; those errors and the ReLUs' own backward bounds reach the linear layer's top
+diff, whose bottom and param diffs then move by at most the layer applied to absolute values
+(its vjp at |W|, |x| and the top diff's error bound), on top of its own backward bound taken at
+|g| plus that error.
 """
 
 from __future__ import annotations
@@ -50,11 +61,20 @@ from reference import layers as ref
 from reference.layers import LayerSpec
 
 from . import F64, TABLE, Rule
-from .layers import LAYER_BOUNDS
+from .layers import LAYER_BOUNDS, diff_magnitudes
 
 SEGMENT_SAMPLES = 8
 SEGMENT_SAFETY = 10.0
+CHAIN_HEADS = ("Convolution", "InnerProduct", "Deconvolution")  # linear: |J| is f on |values|
 
+TABLE["segment_chain"] = Rule(
+    "segment_chain",
+    "a Convolution, InnerProduct or Deconvolution with ReLUs and Dropouts in place on its top",
+    "forward: the sum of the layers' own bounds (the in-place layers are 1-Lipschitz); "
+    "backward: (1 - slope) |g| where a ReLU's bottom is within its carried bound of 0, plus "
+    "the ReLUs' own bounds, carried through the linear layer on absolute values, plus its own "
+    "bound at |g| + that error (crossval.tolerances.segments)",
+)
 TABLE["segment"] = Rule(
     "segment",
     "several layers composed by the float64 reference between blobs the port returns",
@@ -223,6 +243,8 @@ def segment(
                 out.param_diff_bounds[(name, j)] = np.asarray(pb)
     if len(layers) == 1:
         return out
+    if _chain(layers):
+        return _chain_bounds(layers, base, fwd_b, bwd_b, out, backward)
     gen = torch.Generator().manual_seed(seed)
 
     def signs(b: F64 | None) -> Tensor | None:
@@ -276,4 +298,76 @@ def segment(
         out.param_diff_bounds[key] = (
             SEGMENT_SAFETY * spread(("p", key)) + out.param_diff_bounds[key]
         )
+    return out
+
+
+def _chain(layers: Sequence[LayerSpec]) -> bool:
+    """A linear layer with only ReLUs (slope in [0, 1]) and TEST Dropouts in place on its top."""
+    head = layers[0]
+    if head.type not in CHAIN_HEADS or len(head.tops) != 1:
+        return False
+    top = head.tops[0]
+    for spec in layers[1:]:
+        if spec.bottoms != (top,) or spec.tops != (top,):
+            return False
+        if spec.type == "ReLU":
+            if not 0.0 <= float(spec.param("relu_param")["negative_slope"]) <= 1.0:
+                return False
+        elif spec.type != "Dropout" or spec.phase != "TEST":
+            return False
+    return True
+
+
+def _chain_bounds(
+    layers: Sequence[LayerSpec],
+    base: _Run,
+    fwd_b: list[list[F64]],
+    bwd_b: list[tuple[list[F64 | None], list[F64 | None]]],
+    out: SegmentResult,
+    backward: bool,
+) -> SegmentResult:
+    """See the module docstring (rule ``segment_chain``)."""
+    top = layers[0].tops[0]
+    carried = [np.asarray(fwd_b[0][0])]  # forward error bound of the value each layer reads
+    for b in fwd_b[1:]:
+        carried.append(carried[-1] + np.asarray(b[0]))
+    out.value_bounds[top] = carried[-1]
+    out.rule = "tolerances.segment_chain"
+    if not backward:
+        return out
+    # backward, from the last in-place layer down to the linear layer's top
+    err = np.zeros(carried[0].shape)
+    for i in range(len(layers) - 1, 0, -1):
+        spec = layers[i]
+        own = bwd_b[i][0][0]
+        err = err + (0.0 if own is None else np.asarray(own))
+        if spec.type == "ReLU":
+            slope = float(spec.param("relu_param")["negative_slope"])
+            x = _np(base.records[i][0][0])
+            g_t = base.records[i][2][0].grad
+            g = np.zeros(carried[0].shape) if g_t is None else _np(g_t)
+            assert x is not None and g is not None
+            near = np.abs(x) <= carried[i - 1]
+            err = err + np.where(near, (1.0 - slope) * np.abs(g), 0.0)
+    bottoms, blobs, tops = base.records[0]
+    g0_t = tops[0].grad
+    g0 = np.zeros(err.shape) if g0_t is None else np.abs(_np(g0_t))  # type: ignore[arg-type]
+    b_np = [_np(b) for b in bottoms]
+    p_np = [_np(p) for p in blobs]
+    t_np = [_np(t) for t in tops]
+    own_b, own_p = LAYER_BOUNDS[layers[0].type].backward(
+        layers[0],
+        b_np,  # type: ignore[arg-type]
+        p_np,  # type: ignore[arg-type]
+        t_np,  # type: ignore[arg-type]
+        [g0 + err],
+    )
+    mag_b, mag_p = diff_magnitudes(layers[0], b_np, p_np, [err])  # type: ignore[arg-type]
+    for j, name in enumerate(layers[0].bottoms):
+        if name in out.input_diff_bounds and own_b[j] is not None and mag_b[j] is not None:
+            out.input_diff_bounds[name] = np.asarray(own_b[j]) + np.asarray(mag_b[j])
+    for j in range(len(blobs)):
+        key = (layers[0].name, j)
+        if key in out.param_diff_bounds and own_p[j] is not None and mag_p[j] is not None:
+            out.param_diff_bounds[key] = np.asarray(own_p[j]) + np.asarray(mag_p[j])
     return out
