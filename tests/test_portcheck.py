@@ -423,3 +423,38 @@ def test_reference_port_on_nets_with_a_loss(worker: CaffeWorker, loss: str) -> N
     report = check_port(worker, text, reference_port(worker, text), generated(3))
     assert report.exit_code == 0 and report.examples_run == 3, report.text()
     assert "loss" in report.local_layers
+
+
+_IN_PLACE = """
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+"""
+
+
+class _InPlacePort(nn.Module):
+    def __init__(self, pre_relu: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.pre_relu = pre_relu
+
+    def forward(self, data: Tensor) -> dict[str, Tensor]:
+        conv = self.conv1(data)
+        relu = F.relu(conv)
+        pool = F.max_pool2d(relu, 2, 2, ceil_mode=True)
+        return {"conv1": conv if self.pre_relu else relu, "pool1": pool}
+
+
+def test_in_place_blob_is_checked_as_caffe_holds_it(worker: CaffeWorker) -> None:
+    """conv1 + relu1 (in place) are one segment whose output is the post-ReLU blob; a port
+    returning the pre-ReLU value under that name is told what Caffe's blob holds."""
+    report = check_port(worker, _IN_PLACE, _InPlacePort(False), generated(3))
+    assert report.exit_code == 0, report.text()
+    assert report.segment_layers == ["conv1", "relu1"] and report.local_layers == ["pool1"]
+    report = check_port(worker, _IN_PLACE, _InPlacePort(True), generated(3))
+    assert report.fault is not None and report.fault.layer.startswith("conv1 (Convolution)")
+    assert "holds the output of relu1 (ReLU)" in report.fault.text, report.text()

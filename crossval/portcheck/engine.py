@@ -728,13 +728,21 @@ class PortChecker:
             if cmp.passed:
                 continue
             prefix = "" if side == "port" else "Caffe disagrees with Caffe's semantics: "
+            suffix = ""
+            writers = self.net.writers(cmp.blob) if kind == "forward" else []
+            if side == "port" and len(writers) > 1:
+                suffix = (
+                    f"; Caffe's blob {cmp.blob!r} holds the output of {writers[-1].label}, "
+                    f"the last of the layers writing it in place "
+                    f"({', '.join(w.name for w in writers)})"
+                )
             verdict.findings.append(
                 Finding(
                     kind,
                     side,
                     label,
                     self._position(seg.layers[0].name),
-                    prefix + str(cmp),
+                    prefix + str(cmp) + suffix,
                     cmp.blob,
                     seg.local,
                 )
