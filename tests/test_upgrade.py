@@ -256,3 +256,12 @@ def test_batchnorm_with_three_params_is_frozen_as_caffe_does(worker: CaffeWorker
     layers = worker.call("describe", prototxt=text)["layers"]
     params = next(lay for lay in layers if lay["name"] == "bn")["params"]
     assert [(p["lr_mult"], p["decay_mult"]) for p in params] == [(0.0, 0.0)] * 3
+
+
+def test_batchnorm_statistics_are_never_learnable(worker: CaffeWorker) -> None:
+    """batch_norm_layer.cpp sets lr_mult 0 on each of its blobs (and aborts on another
+    lr_mult given), so the description must not call them learnable."""
+    text = worker.call("prototxt", head="resnet_block")
+    layers = {lay["name"]: lay for lay in worker.call("describe", prototxt=text)["layers"]}
+    assert [p["lr_mult"] for p in layers["bn_conv1"]["params"]] == [0.0, 0.0, 0.0]
+    assert [p["lr_mult"] for p in layers["scale_conv1"]["params"]] == [1.0, 1.0]

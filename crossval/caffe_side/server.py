@@ -62,6 +62,14 @@ def message_dict(msg: Any) -> dict[str, Any]:
     return out
 
 
+def learned_lr(layer_type: str, given: list[float], i: int) -> float:
+    """The lr_mult Caffe gives param blob `i` of a layer (`given`: the prototxt's): 1 when
+    unset; always 0 for BatchNorm, whose LayerSetUp masks its statistics from the solvers."""
+    if layer_type == "BatchNorm":
+        return 0.0
+    return float(given[i]) if i < len(given) else 1.0
+
+
 # Layer types whose parameter message is not named after the type.
 _OWN_PARAMS = {
     "Deconvolution": ("convolution_param",),
@@ -182,7 +190,8 @@ class Ops:
             given = mults.get(name, [])
             params = []
             for i, blob in enumerate(layer.blobs):
-                lr, dm = given[i] if i < len(given) else (1.0, 1.0)
+                dm = given[i][1] if i < len(given) else 1.0
+                lr = learned_lr(layer.type, [g[0] for g in given], i)
                 params.append({"shape": tuple(blob.data.shape), "lr_mult": lr, "decay_mult": dm})
             layers.append(
                 {
@@ -571,7 +580,7 @@ class Ops:
             for name, layer in zip(net._layer_names, net.layers, strict=True):
                 given = mults.get(name, [])
                 out["params"][name] = [
-                    (list(b.data.shape), float(given[i]) if i < len(given) else 1.0)
+                    (list(b.data.shape), learned_lr(layer.type, given, i))
                     for i, b in enumerate(layer.blobs)
                 ]
             out["params"] = {k: v for k, v in out["params"].items() if v}
