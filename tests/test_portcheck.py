@@ -36,6 +36,7 @@ def nets(worker: CaffeWorker, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "dex32": worker.call("prototxt", head="dex_vgg16", size=32),
         "sigmoid": worker.call("prototxt", head="sigmoid_scale", features=16, deploy=True),
         "expectation": worker.call("prototxt", head="expectation", features=16, deploy=True),
+        "in_place": _IN_PLACE,
     }
     init = tmp_path_factory.mktemp("init") / "expectation.caffemodel"
     worker.call("surgery", prototxt=out["expectation"], phase="TEST", out=str(init))
@@ -323,6 +324,11 @@ def test_report_text_and_exit(worker: CaffeWorker, nets: dict[str, str]) -> None
 
 
 _GOOD: dict[str, list[Callable[[CaffeWorker, dict[str, str]], nn.Module]]] = {
+    "in_place": [
+        lambda w, n: _InPlacePort(False),
+        lambda w, n: reference_port(w, n["in_place"]),
+        lambda w, n: _Only(_InPlacePort(False), {"pool1"}),
+    ],
     "tiny": [
         lambda w, n: reference_port(w, n["tiny"]),
         lambda w, n: tiny.make(),
