@@ -63,9 +63,11 @@ def check_port(
     port_name: str = "port",
     mapping: dict[str, str] | None = None,
     weights: str = "",
+    generate: bool = True,
 ) -> PortReport:
-    """Run `examples` until the first that has a finding (port or Caffe)."""
-    checker = PortChecker(worker, prototxt, port, mapping, weights)
+    """Run `examples` until the first that has a finding (port or Caffe). With `weights` (a
+    caffemodel) and `generate` false, the learnable params are the caffemodel's."""
+    checker = PortChecker(worker, prototxt, port, mapping, weights, generate)
     report = PortReport(net_name, port_name, notes=list(checker.notes))
     local: dict[str, None] = {}
     inside: dict[str, None] = {}
