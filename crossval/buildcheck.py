@@ -518,8 +518,8 @@ def run(
     out: Path | None = None,
     force: bool = False,
     golden_dir: Path = golden.GOLDEN_DIR,
-    stream: TextIO = sys.stderr,
-    print_to: TextIO = sys.stdout,
+    stream: TextIO | None = None,
+    print_to: TextIO | None = None,
 ) -> int:
     """Check each build; print the summary; return the exit status."""
     if not paths:
@@ -535,7 +535,7 @@ def run(
     refs = golden.load(golden_dir)
     layer_refs = tuple(layer_golden.load(golden_dir))
     n = examples or PROFILES[profile]
-    say = Progress(stream, "crossval check-build")
+    say = Progress(stream or sys.stderr, "crossval check-build")  # the streams of now
     results = []
     for i, path in enumerate(paths, 1):
         label = f"[{i}]"
@@ -570,7 +570,7 @@ def run(
             )
     status = max((r.status for r in results), key=lambda s: EXIT[s])
     lines += ["", f"verdict: {status.upper()} (exit {EXIT[status]})"]
-    print("\n".join(lines), file=print_to)
+    print("\n".join(lines), file=print_to or sys.stdout)
     if json_target is not None:
         data = {
             "profile": profile,

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CrossvalError
-from .inputs import nonnegative_int, positive_int
+from .inputs import finite_float, nonnegative_int, positive_int
 
 
 def _usable_cache_dir() -> None:
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_timeout_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--timeout",
-            type=float,
+            type=finite_float,
             default=None,
             metavar="SECONDS",
             help="time limit of each Caffe call (and of each call into a port); reaching it "
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument(
         "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
     )
-    proto.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
+    proto.add_argument("--sigma", type=finite_float, default=1.0, help="SmoothL1 sigma")
     proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
     proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
     proto.add_argument("--force", action="store_true", help="overwrite --output")
@@ -558,24 +558,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"],
     )
     tr.add_argument("--steps", type=positive_int, default=10)
-    tr.add_argument("--lr", type=float, default=0.01)
+    tr.add_argument("--lr", type=finite_float, default=0.01)
     tr.add_argument(
         "--lr-policy",
         default="fixed",
         choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
     )
-    tr.add_argument("--gamma", type=float, default=0.1)
+    tr.add_argument("--gamma", type=finite_float, default=0.1)
     tr.add_argument("--stepsize", type=positive_int, default=5)
-    tr.add_argument("--momentum", type=float, default=0.0)
-    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--momentum", type=finite_float, default=0.0)
+    tr.add_argument("--weight-decay", type=finite_float, default=0.0)
     tr.add_argument("--regularization", default="L2", choices=["L2", "L1"])
-    tr.add_argument("--clip", type=float, default=-1.0, help="clip_gradients (off: -1)")
+    tr.add_argument("--clip", type=finite_float, default=-1.0, help="clip_gradients (off: -1)")
     tr.add_argument("--snapshot", type=positive_int, default=5, help="snapshot every N steps (5)")
     tr.add_argument("--batch", type=positive_int, default=8)
     tr.add_argument("--features", type=positive_int, default=64)
     tr.add_argument("--bins", type=positive_int, default=100)
-    tr.add_argument("--spread", type=float, default=3.0, help="initial logit/activation spread")
-    tr.add_argument("--sigma", type=float, default=1.0, help="SmoothL1 sigma")
+    tr.add_argument(
+        "--spread", type=finite_float, default=3.0, help="initial logit/activation spread"
+    )
+    tr.add_argument("--sigma", type=finite_float, default=1.0, help="SmoothL1 sigma")
     tr.add_argument("--seed", type=nonnegative_int, default=0)
     tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_timeout_option(tr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
@@ -39,6 +40,17 @@ def nonnegative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (it must be 0 or more)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
 
@@ -174,6 +186,13 @@ def check_net(
             f"{where} has no Input layer (layer types: {types}); crossval feeds a net through "
             "Input layers: replace its data layer by one (input_param { shape { dim: ... } })"
         )
+    unread = got.get("unwritten_bottoms", [])
+    if unread:
+        layer, blob = unread[0]
+        hint = " (the net has no Input layer)" if not shapes else ""
+        raise InputError(
+            f"{where}: layer {layer!r} reads blob {blob!r}, which no layer before it writes{hint}"
+        )
     for blob, shape in shapes.items():
         if not shape or any(d < 1 for d in shape):
             raise InputError(
@@ -209,6 +228,7 @@ __all__ = [
     "InputError",
     "check_net",
     "closest",
+    "finite_float",
     "nonnegative_int",
     "positive_int",
     "read_prototxt",

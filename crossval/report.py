@@ -296,7 +296,7 @@ def run(
     worker: CaffeWorker,
     profile: str,
     out: Path | outputs.Directory,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,
     examples: int | None = None,
     caffe_info: dict[str, Any] | None = None,
     files: bool = True,
@@ -306,7 +306,7 @@ def run(
     n = examples or PROFILES[profile]
     if files and not isinstance(out, outputs.Directory):
         out = outputs.directory(out, "--out", names=FILES)  # before the matrix runs
-    say = Progress(stream)
+    say = Progress(stream or sys.stderr)  # the stream of now, not of import time
     harness = Harness(worker)
     say(f"profile {profile}: {n} examples per property")
     rows = head_rows(harness, n, say)

@@ -45,6 +45,8 @@ def surgery(
     save all its params to `out`. The saved file is reloaded and its kernel checked bit for
     bit before it replaces anything; an existing `out` is kept unless `force`."""
     prototxt, out = Path(prototxt), Path(out)
+    if not layer:
+        raise SurgeryError("--layer must name the Convolution whose kernel the surgery sets")
     text = inputs.read_prototxt(prototxt)
     target = outputs.target(out, "-o", force=force, inputs=[prototxt, weights])
     inputs.check_net(worker, text, prototxt, phase=phase, weights=weights)

@@ -300,7 +300,7 @@ def load_port(spec: str | Callable[[], nn.Module], guard: PortGuard | None = Non
         with guard.call("its factory"):
             made = spec()
         if not isinstance(made, nn.Module):
-            raise UsageError(
+            raise PortFailure(
                 f"the port factory returned {type(made).__name__}, not a torch.nn.Module"
             )
         return made
@@ -320,7 +320,7 @@ def load_port(spec: str | Callable[[], nn.Module], guard: PortGuard | None = Non
     with guard.call(f"its factory {attr!r}"):
         port = factory()
     if not isinstance(port, nn.Module):
-        raise UsageError(f"--port {spec!r} returned {type(port).__name__}, not a torch.nn.Module")
+        raise PortFailure(f"--port {spec!r} returned {type(port).__name__}, not a torch.nn.Module")
     return port
 
 

@@ -25,6 +25,11 @@ def make_empty() -> nn.Module:
     return port
 
 
+def make_int() -> int:
+    """A factory that returns no module."""
+    return 7
+
+
 def make_not_tensors() -> nn.Module:
     """forward returns a list where a tensor belongs."""
     port = make()
@@ -120,6 +125,8 @@ def user(tmp_path: Path, made: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["mutants", "--max-examples", "0"], "--max-examples: 0 is not"),
         (["report", "--examples", "0"], "--examples: 0 is not"),
         (["caffe", "ensure", "--jobs", "0"], "--jobs: 0 is not"),
+        (["train", "expectation", "--out", "d", "--lr", "nan"], "--lr: nan is not a finite number"),
+        (["train", "expectation", "--out", "d", "--momentum", "inf"], "inf is not a finite"),
     ],
 )
 def test_counts_must_be_positive(
@@ -139,6 +146,12 @@ def test_counts_must_be_positive(
         (["export-onnx", "latin1.prototxt", "a.caffemodel", "-o", "o.onnx"], "is not UTF-8"),
         (["surgery", "empty.prototxt", "-o", "o.caffemodel"], "has no layers: the net is empty"),
         (["surgery", "dup.prototxt", "-o", "o.caffemodel"], "layer names used more than once"),
+        (
+            ["surgery", "noinput.prototxt", "-o", "o.caffemodel"],
+            r"layer 'conv1' reads blob 'data', which no layer before it writes \(the net has no "
+            r"Input layer\)",
+        ),
+        (["surgery", "a.prototxt", "-o", "o.caffemodel", "--layer", ""], "--layer must name"),
         (
             ["surgery", "zero.prototxt", "-o", "o.caffemodel"],
             r"input 'pool5' has shape \(1, 0\); every dimension",
@@ -218,6 +231,14 @@ def test_port_returning_non_tensors_is_a_finding(
     assert code == EXIT_FINDING, out + err
     assert "PORT FAILURE: the port's forward returned values that are not tensors" in out
     assert "('prob': list) in its forward while running example 1" in out
+
+
+def test_factory_returning_no_module_is_a_finding(
+    user: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = crossval(capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_int")
+    assert code == EXIT_FINDING, out + err
+    assert "PORT FAILURE: --port 'myport:make_int' returned int, not a torch.nn.Module" in out
 
 
 def test_input_blob_divergence_is_named_as_an_input(

@@ -558,9 +558,16 @@ class Ops:
                 inputs[name] = [int(d) for d in spec.input_shape[i].dim]
             else:
                 inputs[name] = [int(d) for d in spec.input_dim[4 * i : 4 * i + 4]]
+        written = set(inputs)
+        unread: list[tuple[str, str]] = []  # (layer, bottom) no earlier layer writes
+        for lp in kept:
+            unread += [(lp.name, b) for b in lp.bottom if b not in written]
+            written.update(lp.top)
         out: dict[str, Any] = {"layers": layers, "inputs": inputs, "params": {}, "model": {}}
+        out["unwritten_bottoms"] = unread
         names = [n for n, _ in layers]
         sound = all(s and min(s) > 0 for s in inputs.values()) and len(set(names)) == len(names)
+        sound = sound and not unread
         if weights and layers and sound:
             self.validate(prototxt, weights)
             model = caffe_pb2.NetParameter()
