@@ -123,6 +123,10 @@ def _prototxt(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    inputs = [args.prototxt, args.weights]
+    outputs.target(args.output, "-o", force=args.force, inputs=inputs)  # before torch loads
     from .onnx_export import export_caffe_head
     from .worker import CaffeWorker
 
@@ -206,14 +210,15 @@ def _port_source(spec: str) -> str | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    out = outputs.directory(args.out, "--out", force=args.force, empty=True).path
     from reference.solvers import SolverConfig
 
-    from . import outputs
     from .strategies import build_batches, build_case
     from .training import TrainCase, train_report
     from .worker import CaffeWorker
 
-    out = outputs.directory(args.out, "--out", force=args.force, empty=True).path
     shape = dict(
         batch=args.batch,
         features=args.features,
@@ -261,7 +266,10 @@ def _mutants(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import outputs, provision
+    from . import outputs
+
+    outputs.directory(args.out, "--out", force=args.force)  # at once, before torch loads
+    from . import provision
     from .provision import info
     from .report import FILES, run, table
     from .worker import CaffeWorker
@@ -277,6 +285,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_build(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    if args.json:  # at once; buildcheck.run checks again before the builds run
+        outputs.target(args.json, "--json", force=args.force)
+    if args.out:
+        outputs.directory(args.out, "--out", force=args.force)
     from . import buildcheck, golden, provision
 
     paths = [str(provision.locate(variant=v).python_path) for v in args.variant or ()]
@@ -295,6 +309,9 @@ def _check_build(args: argparse.Namespace) -> int:
 
 
 def _golden(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    outputs.directory(args.out, "--out", force=args.force)  # at once, before torch loads
     from . import golden
 
     written = golden.write(Path(args.out), force=args.force)

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -179,3 +181,30 @@ def test_exporter_failure_text_has_no_colour_codes(monkeypatch: pytest.MonkeyPat
         ox.export(SPEC)
     assert "\x1b" not in str(info.value)
     assert str(info.value).endswith("RuntimeError: Conversion failed: op Foo")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--out", "result.json"],
+        ["check-build", "--variant", "default", "--json", "adir"],
+        ["check-build", "--variant", "default", "--out", "result.json"],
+        ["train", "expectation", "--out", "result.json"],
+        ["golden", "--out", "result.json"],
+        ["export-onnx", "net.prototxt", "w.caffemodel", "-o", "adir"],
+        ["surgery", "net.prototxt", "-o", "adir"],
+        ["prototxt", "expectation", "-o", "adir"],
+        [*VP, "--json", "net.prototxt"],
+    ],
+)
+def test_bad_outputs_refused_before_torch_is_imported(user_files: Path, argv: list[str]) -> None:
+    """In a fresh interpreter: the refusal comes before the heavy imports (seconds)."""
+    code = (
+        "import sys\nfrom crossval import cli\n"
+        f"rc = cli.main({argv!r})\nprint(rc, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=user_files, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.split() == [str(EXIT_USAGE), "False"], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("crossval: error: ")
