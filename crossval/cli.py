@@ -624,7 +624,8 @@ def _internal_error(exc: Exception) -> int:
     from . import outputs
 
     text = "".join(traceback.format_exception(exc))
-    name = f"crossval-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**9:09d}"
+    name = f"crossval-traceback-{stamp}.txt"
     try:
         path = outputs.write_bytes(
             outputs.target(Path(tempfile.gettempdir()) / name, "traceback"), text.encode()
