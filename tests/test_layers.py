@@ -24,6 +24,7 @@ from crossval.layercheck import golden as layer_golden
 from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.worker import CaffeWorker
 from reference import layers as ref
+from reference.layers import defaults
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,15 @@ def test_layer_golden_cases_pass_on_the_default_build(worker: CaffeWorker) -> No
         for v in layer_golden.caffe_values(worker, g):
             c = Comparison(f"{v.kind} caffe~ref64", v.key, v.actual, v.desired, v.bound, v.rule)
             assert c.passed, f"{g.name}: {c}"
+
+
+def test_code_built_specs_have_caffes_defaults(worker: CaffeWorker) -> None:
+    """reference.layers.defaults (the heads' layers, built in code) equals Caffe's parse."""
+    types = sorted(defaults.KIND)
+    text = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+    text += "".join(f'layer {{ name: "{t}" type: "{t}" bottom: "x" top: "{t}" }}\n' for t in types)
+    parsed = {s["type"]: s["params"] for s in worker.call("layer_specs", prototxt=text)}
+    for t in types:
+        kind = defaults.KIND[t]
+        caffe = parsed[t][kind]
+        assert {k: caffe[k] for k in defaults.DEFAULTS[kind]} == defaults.DEFAULTS[kind], t

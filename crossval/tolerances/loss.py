@@ -12,7 +12,7 @@ import json
 import numpy as np
 import torch
 
-from reference.heads import softmax as ref_softmax
+from reference.functional import softmax as ref_softmax
 from reference.layers import LayerSpec, UnsupportedLayer
 from reference.layers.loss import normalization_of
 from reference.layers.vision import canonical_axis

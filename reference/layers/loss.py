@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from reference import losses
-from reference.heads import sigmoid
+from reference.functional import sigmoid
 from reference.layers import LayerSpec, UnsupportedLayer, register
 from reference.layers.vision import canonical_axis
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reference.heads import sigmoid as _sigmoid
+from reference.functional import sigmoid as _sigmoid
 from reference.layers import LayerSpec, register
 
 

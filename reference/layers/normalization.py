@@ -102,6 +102,8 @@ def broadcast(spec: LayerSpec, kind: str, x: Tensor, v: Tensor) -> Tensor:
             f"layer {spec.name!r} ({spec.type}): blob of shape {tuple(v.shape)} does not match "
             f"bottom shape {tuple(x.shape)} from axis {axis}"
         )
+    if axis + v.dim() == x.dim():
+        return v  # trailing axes broadcast as they are (an export keeps the blob by name)
     return v.reshape((1,) * axis + tuple(v.shape) + (1,) * (x.dim() - axis - v.dim()))
 
 

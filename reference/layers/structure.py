@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from reference.heads import softmax as _softmax
+from reference.functional import softmax as _softmax
 from reference.layers import LayerSpec, register
 from reference.layers.vision import canonical_axis
 

@@ -39,9 +39,9 @@ def inner_product(
     lead = tuple(x.shape[:axis])
     flat = x.reshape(math.prod(lead), -1)
     w = blobs[0]
-    y = flat @ w if p["transpose"] else flat @ w.T
-    if p["bias_term"]:
-        y = y + blobs[1]
+    # F.linear keeps the weight as one operand (an exported ONNX model keeps it as the
+    # named initializer); Caffe's separate bias gemm rounds once more, within the same bound.
+    y = F.linear(flat, w.T if p["transpose"] else w, blobs[1] if p["bias_term"] else None)
     return [y.reshape(*lead, int(p["num_output"]))]
 
 
@@ -179,6 +179,16 @@ def _conv(
     lead = tuple(x0.shape[: g.axis])
     tops = []
     for x in bottoms:
+        if n == 0 and g.group == 1 and not deconv:
+            # The kernel-less N x C case is a product with the (num_output, C) kernel: kept
+            # as one (an exported ONNX model computes the seed's pred_age from prob by it).
+            bias = blobs[1] if g.bias_term else None
+            if x.dim() == 2:  # (N, C): no reshapes, so an export computes pred_age from prob
+                tops.append(F.linear(x, blobs[0], bias))
+            else:
+                flat = x.reshape(math.prod(lead), -1)
+                tops.append(F.linear(flat, blobs[0], bias).reshape(*lead, -1))
+            continue
         xs = x.reshape(math.prod(lead), x.shape[g.axis], *(space or (1,)))
         y = op(xs, w, None, **kw)
         if g.bias_term:
