@@ -313,9 +313,16 @@ def _golden(args: argparse.Namespace) -> int:
 
     outputs.directory(args.out, "--out", force=args.force)  # at once, before torch loads
     from . import golden
+    from .layercheck import golden as layer_golden
+    from .worker import CaffeWorker
 
     written = golden.write(Path(args.out), force=args.force)
-    print(f"wrote {len(written)} golden files to {args.out}")
+    with CaffeWorker() as worker:  # Caffe parses each layer's params
+        layers = layer_golden.write(worker, Path(args.out) / layer_golden.SUBDIR, args.force)
+    print(
+        f"wrote {len(written)} golden files of the heads to {args.out} and {len(layers)} of "
+        f"single layers to {Path(args.out) / layer_golden.SUBDIR}"
+    )
     return 0
 
 
