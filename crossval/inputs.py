@@ -153,13 +153,16 @@ def check_net(
     phase: str = "TEST",
     weights: Path | None = None,
     need_input: bool = False,
+    doing: str = "loading the net",
 ) -> None:
     """Refuse a net Caffe would take badly: no layers, duplicate layer names, an input with a
     zero dimension (Caffe says only "Check failed: data_"), no Input layer (with
     `need_input`); and a caffemodel that does not fit it: every learnable layer of the net
     must be in it with the net's param shapes (Caffe keeps the filler's values for a missing
-    one, without a word); the layers it holds that the net lacks are listed."""
-    from .worker import CaffeError
+    one, without a word); the layers it holds that the net lacks are listed. The net is
+    made here: a Caffe abort on an empty blob is named as such, any other is raised as a
+    crash during `doing`."""
+    from .worker import CaffeCrash, CaffeError
 
     if weights is not None and not Path(weights).is_file():
         raise InputError(f"no caffemodel at {weights}")
@@ -170,6 +173,14 @@ def check_net(
     except CaffeError as exc:
         why = str(exc).split(": ", 1)[-1].removeprefix("ValueError: ")
         raise InputError(f"{where}: {why}") from None
+    except CaffeCrash as exc:
+        if "Check failed: data_" not in str(exc):
+            raise CaffeCrash(doing, exc.how, exc.log_lines) from None
+        raise InputError(
+            f"{where}: Caffe aborted making the net ('Check failed: data_'): a blob has a "
+            "zero dimension, i.e. some layer's output is empty (an input too small for the "
+            "kernels and strides that follow?)"
+        ) from None
     names = [name for name, _ in got["layers"]]
     if not names:
         raise InputError(f"{where} has no layers: the net is empty")

@@ -49,7 +49,7 @@ def surgery(
         raise SurgeryError("--layer must name the Convolution whose kernel the surgery sets")
     text = inputs.read_prototxt(prototxt)
     target = outputs.target(out, "-o", force=force, inputs=[prototxt, weights])
-    inputs.check_net(worker, text, prototxt, phase=phase, weights=weights)
+    inputs.check_net(worker, text, prototxt, phase=phase, weights=weights, doing="surgery")
     with outputs.staged(target) as tmp:
         try:
             got = worker.call(

@@ -52,6 +52,13 @@ def make_changes_input() -> nn.Module:
 '''
 
 
+SMALL = """layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 1 dim: 3 dim: 2 dim: 2 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+"""
+
+
 def crossval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -107,6 +114,7 @@ def user(tmp_path: Path, made: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     second = tiny.index("layer {", tiny.index("layer {") + 1)
     (tmp_path / "noinput.prototxt").write_text(tiny[second:])
     (tmp_path / "bad.npz").write_text("not an npz")
+    (tmp_path / "small.prototxt").write_text(SMALL)
     return tmp_path
 
 
@@ -152,6 +160,10 @@ def test_counts_must_be_positive(
             r"Input layer\)",
         ),
         (["surgery", "a.prototxt", "-o", "o.caffemodel", "--layer", ""], "--layer must name"),
+        (
+            ["surgery", "small.prototxt", "-o", "o.caffemodel"],
+            r"Caffe aborted making the net \('Check failed: data_'\): a blob has a zero dim",
+        ),
         (
             ["surgery", "zero.prototxt", "-o", "o.caffemodel"],
             r"input 'pool5' has shape \(1, 0\); every dimension",

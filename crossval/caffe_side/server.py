@@ -568,6 +568,8 @@ class Ops:
         names = [n for n, _ in layers]
         sound = all(s and min(s) > 0 for s in inputs.values()) and len(set(names)) == len(names)
         sound = sound and not unread
+        if layers and sound:
+            net = self.net(prototxt, phase)  # a blob of size 0 aborts here: Check failed: data_
         if weights and layers and sound:
             self.validate(prototxt, weights)
             model = caffe_pb2.NetParameter()
@@ -583,7 +585,6 @@ class Ops:
                 if len(lp.blobs):
                     out["model"][lp.name] = [shape(b) for b in lp.blobs]
             mults = {lp.name: [p.lr_mult for p in lp.param] for lp in spec.layer}
-            net = self.net(prototxt, phase)
             for name, layer in zip(net._layer_names, net.layers, strict=True):
                 given = mults.get(name, [])
                 out["params"][name] = [
