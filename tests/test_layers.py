@@ -8,6 +8,7 @@ must each be within the layer's bound of the float64 reference, forward and back
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 
@@ -37,9 +38,17 @@ def test_every_layer_type_has_a_reference_a_bound_and_cases() -> None:
     assert set(ref.LAYERS) == set(LAYER_BOUNDS) == set(layercheck.CASES)
 
 
+# Examples per layer type: at least 100 in `ci`, 2000 in `thorough` (other profiles: theirs).
+LAYER_EXAMPLES = {"ci": 100, "thorough": 2000}
+
+
 @pytest.mark.parametrize("layer_type", sorted(layercheck.CASES))
 def test_layer_matches_caffe(worker: CaffeWorker, layer_type: str) -> None:
-    @settings(database=None)
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+    default = settings.default.max_examples if settings.default is not None else 100
+    examples = LAYER_EXAMPLES.get(profile, default)
+
+    @settings(database=None, max_examples=examples)
     @given(case=layercheck.CASES[layer_type]())
     def prop(case: LayerCase) -> None:
         result = run_case(worker, case)
