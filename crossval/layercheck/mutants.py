@@ -46,17 +46,22 @@ def _pair(p: Mapping[str, Any], name: str, default: int) -> tuple[int, int]:
 def _pool_floor(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
 ) -> list[Tensor]:
-    """nn.MaxPool2d / AvgPool2d with PyTorch's default floor rounding."""
+    """Pooling with PyTorch's default floor rounding (padding applied explicitly, as a port
+    does where F.max_pool2d refuses a pad over half the kernel)."""
     p = spec.param("pooling_param")
     (x,) = bottoms
     if p.get("global_pooling"):
         k = (x.shape[2], x.shape[3])
     else:
         k = _pair(p, "kernel", 1)
-    s, pad = _pair(p, "stride", 1), _pair(p, "pad", 0)
+    s, (ph, pw) = _pair(p, "stride", 1), _pair(p, "pad", 0)
     if p["pool"] == "MAX":
-        return [F.max_pool2d(x, k, s, pad)]
-    return [F.avg_pool2d(x, k, s, pad, count_include_pad=True)]
+        padded = F.pad(x, (pw, pw, ph, ph), value=-torch.inf)
+        y, index = F.max_pool2d(padded, k, s, return_indices=True)
+        # Caffe's optional second top is the argmax mask, h * width + w in the input.
+        h, w = index // padded.shape[3] - ph, index % padded.shape[3] - pw
+        return [y, (h * x.shape[3] + w).to(y.dtype)][: len(spec.tops) or 1]
+    return [F.avg_pool2d(F.pad(x, (pw, pw, ph, ph)), k, s)]
 
 
 def _ave_pool_exclude_pad(
