@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CrossvalError
-from .inputs import finite_float, nonnegative_int, positive_int
+from .inputs import finite_float, nonnegative_int, positive_float, positive_int
 
 
 def _usable_cache_dir() -> None:
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_timeout_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--timeout",
-            type=finite_float,
+            type=positive_float,
             default=None,
             metavar="SECONDS",
             help="time limit of each Caffe call (and of each call into a port); reaching it "
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument(
         "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
     )
-    proto.add_argument("--sigma", type=finite_float, default=1.0, help="SmoothL1 sigma")
+    proto.add_argument("--sigma", type=positive_float, default=1.0, help="SmoothL1 sigma")
     proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
     proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
     proto.add_argument("--force", action="store_true", help="overwrite --output")
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--spread", type=finite_float, default=3.0, help="initial logit/activation spread"
     )
-    tr.add_argument("--sigma", type=finite_float, default=1.0, help="SmoothL1 sigma")
+    tr.add_argument("--sigma", type=positive_float, default=1.0, help="SmoothL1 sigma")
     tr.add_argument("--seed", type=nonnegative_int, default=0)
     tr.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_timeout_option(tr)

@@ -309,11 +309,16 @@ def load_port(spec: str | Callable[[], nn.Module], guard: PortGuard | None = Non
     mod_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    with guard.call(f"its module {mod_name!r} (import)"):
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise UsageError(f"--port {spec!r}: cannot import {mod_name!r}: {exc}") from None
+    # Importing the port writes nothing beside it (no __pycache__ in the user's directory).
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        with guard.call(f"its module {mod_name!r} (import)"):
+            try:
+                module = importlib.import_module(mod_name)
+            except ImportError as exc:
+                raise UsageError(f"--port {spec!r}: cannot import {mod_name!r}: {exc}") from None
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--port {spec!r}: {mod_name} has no callable {attr!r}")

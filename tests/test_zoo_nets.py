@@ -146,7 +146,7 @@ def prepare(worker: CaffeWorker, key: str, seed: int = 0, scale: float = 1.0) ->
 
 
 def port_module(net: Net) -> Any:
-    return importlib.import_module(f"tests.ports.{net.port}")
+    return importlib.import_module(f"ports.{net.port}")
 
 
 def load_weights(
