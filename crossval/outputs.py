@@ -278,7 +278,14 @@ def _rescue(t: Target, data: bytes, text: bool, why: str) -> OutputError:
 def write_bytes(t: Target, data: bytes, *, text: bool = False) -> Path:
     """Write `data` to the target under the policy; the temporary file is read back and
     compared byte for byte before it is published."""
-    tmp = _fresh(t)
+    try:
+        # The target is checked again here: something may have made it while we worked.
+        tmp = _fresh(t)
+    except OutputError as exc:
+        raise _rescue(t, data, text, str(exc)) from None
+    except OSError as exc:
+        why = f"cannot write {t.label} {t.path}: {exc.strerror or exc}; nothing was changed there"
+        raise _rescue(t, data, text, why) from None
     try:
         fd = os.open(tmp, os.O_WRONLY)
         try:
