@@ -31,7 +31,19 @@ settings.register_profile(
     max_examples=5000,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+settings.load_profile(PROFILE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Full-size and long campaigns (marked `thorough`) run in the thorough profile only:
+    deselected, and counted in pytest's summary, in the others."""
+    if PROFILE == "thorough":
+        return
+    kept = [item for item in items if item.get_closest_marker("thorough") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

@@ -252,9 +252,9 @@ def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -
     ("port", "blob"),
     [
         ("ports.dex48:with_age", ""),
-        ("ports.dex48:age_from_one", "pred_age"),
+        pytest.param("ports.dex48:age_from_one", "pred_age", marks=pytest.mark.thorough),
         ("ports.dex48:flatten_nhwc", "fc6"),
-        ("ports.dex48:bgr_swap", "conv1_1"),
+        pytest.param("ports.dex48:bgr_swap", "conv1_1", marks=pytest.mark.thorough),
     ],
 )
 def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, blob: str) -> None:
@@ -274,7 +274,7 @@ def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, b
     assert first_divergence(proc.stdout) == blob, proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.thorough
 def test_full_size_dex_with_expectation_head(nets: dict[str, Path]) -> None:
     """Input 1x3x224x224, VGG-16, fc8-101, Softmax, and the seed's pred_age on top."""
     proc = run_crossval(

@@ -369,7 +369,7 @@ FULL_SIZE = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.thorough
 @pytest.mark.parametrize(("builder", "kwargs", "shapes"), FULL_SIZE)
 def test_zoo_nets_at_their_published_sizes_pass_in_caffe(
     worker: CaffeWorker, builder: str, kwargs: dict[str, Any], shapes: dict[str, tuple[int, ...]]
