@@ -26,7 +26,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,8 +341,14 @@ class Binding:
     lr_mult: float
     trainable: bool
 
+    @property
+    def fits(self) -> bool:
+        """The shapes agree but for axes of size 1."""
+        return squeeze(self.caffe_shape) == squeeze(self.port_shape)
 
-def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+
+def squeeze(shape: Sequence[int]) -> tuple[int, ...]:
+    """`shape` without its axes of size 1."""
     return tuple(d for d in shape if d != 1)
 
 
@@ -367,7 +373,7 @@ def bind(
                     errors.append(f"Caffe param {lay.name}/{i} {shape} has no port tensor {key!r}")
                 continue
             got = tuple(tensors[key].shape)
-            if got != shape and _squeeze(got) != _squeeze(shape):
+            if got != shape and squeeze(got) != squeeze(shape):
                 errors.append(
                     f"Caffe param {lay.name}/{i} has shape {shape}, port tensor {key!r} has {got}"
                 )
@@ -585,7 +591,7 @@ class Validator:
             want = np.asarray(caffe["blobs"][name])
             got = out[name].detach().cpu().to(torch.float64).numpy()
             if got.shape != want.shape:
-                if got.size == want.size and _squeeze(got.shape) == _squeeze(want.shape):
+                if got.size == want.size and squeeze(got.shape) == squeeze(want.shape):
                     got = got.reshape(want.shape)
                 else:
                     result.comparisons.append(

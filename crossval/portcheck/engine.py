@@ -87,23 +87,8 @@ class ExampleVerdict:
         return [f for f in self.findings if f.side == "caffe"]
 
 
-@dataclass
-class Binding:
-    layer: str
-    index: int
-    key: str
-    caffe_shape: tuple[int, ...]
-    port_shape: tuple[int, ...]
-    lr_mult: float
-    trainable: bool
-
-    @property
-    def fits(self) -> bool:
-        return _squeeze(self.caffe_shape) == _squeeze(self.port_shape)
-
-
-def _squeeze(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(d for d in shape if d != 1)
+Binding = vp.Binding
+_squeeze = vp.squeeze
 
 
 def _f64(a: Any) -> F64:
