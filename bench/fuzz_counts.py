@@ -27,35 +27,6 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 import test_fuzz as fz  # noqa: E402
 
 
-def artifacts(d: Path) -> dict[str, bytes]:
-    made = {
-        "exp.prototxt": ("prototxt", "expectation", "--features", "16", "--deploy"),
-        "sig.prototxt": ("prototxt", "sigmoid_scale", "--features", "16", "--deploy"),
-        "train.prototxt": ("prototxt", "expectation", "--features", "16"),
-        "tiny.prototxt": ("prototxt", "tiny_cnn", "--bins", "7"),
-    }
-    for name, args in made.items():
-        subprocess.run([sys.executable, "-m", "crossval", *args, "-o", str(d / name)], check=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "crossval",
-            "surgery",
-            str(d / "exp.prototxt"),
-            "-o",
-            str(d / "exp.caffemodel"),
-        ],
-        check=True,
-    )
-    from crossval.worker import CaffeWorker
-
-    with CaffeWorker() as worker:
-        text = (d / "sig.prototxt").read_text()
-        worker.call("save", prototxt=text, params={}, out=str(d / "sig.caffemodel"))
-    return {p.name: p.read_bytes() for p in d.iterdir()}
-
-
 def run(case: fz.Fuzz, arts: dict[str, bytes], python: str, limit: float) -> Counter[str]:
     got: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="fuzzcount-") as top:
@@ -116,7 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     total: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="fuzzcount-art-") as d:
-        arts = artifacts(Path(d))
+        arts = fz.make_artifacts(Path(d))
         for case in fz.CASES:
             got = run(case, arts, args.python, args.limit)
             total.update(got)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from crossval import provision
 from crossval.errors import CaffeNotAvailable
+from crossval.worker import CaffeWorker
 
 # One PyTorch thread: the Caffe worker runs beside the tests on the other core, and the
 # tensors are small; two threads each (oversubscribed) made the layer checks 6x slower.
@@ -53,3 +55,10 @@ def caffe_install() -> provision.CaffeInstall:
         return provision.locate()
     except CaffeNotAvailable as exc:
         pytest.fail(f"real Caffe is required and missing: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
+    """A Caffe worker shared by one test module."""
+    with CaffeWorker(caffe_install) as w:
+        yield w

@@ -33,12 +33,8 @@ EXIT_INTERRUPTED = 130
 # -- valid artifacts --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def artifacts(
-    tmp_path_factory: pytest.TempPathFactory, caffe_install: provision.CaffeInstall
-) -> dict[str, bytes]:
-    """The valid files bad inputs are derived from, as bytes, made by crossval itself."""
-    d = tmp_path_factory.mktemp("artifacts")
+def make_artifacts(d: Path, install: provision.CaffeInstall | None = None) -> dict[str, bytes]:
+    """The valid files bad inputs are derived from, as bytes, made by crossval itself in `d`."""
     made = {
         "exp.prototxt": ("prototxt", "expectation", "--features", "16", "--deploy"),
         "sig.prototxt": ("prototxt", "sigmoid_scale", "--features", "16", "--deploy"),
@@ -51,10 +47,17 @@ def artifacts(
     proc = run_crossval("surgery", str(d / "exp.prototxt"), "-o", str(d / "exp.caffemodel"))
     assert proc.returncode == 0, proc.stderr
     # Another net's weights: the sigmoid head's, as Caffe's fillers made them.
-    with CaffeWorker(caffe_install) as worker:
+    with CaffeWorker(install) as worker:
         text = (d / "sig.prototxt").read_text()
         worker.call("save", prototxt=text, params={}, out=str(d / "sig.caffemodel"))
     return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def artifacts(
+    tmp_path_factory: pytest.TempPathFactory, caffe_install: provision.CaffeInstall
+) -> dict[str, bytes]:
+    return make_artifacts(tmp_path_factory.mktemp("artifacts"), caffe_install)
 
 
 # -- user files a case can ask for --------------------------------------------------------

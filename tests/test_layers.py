@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 
-from crossval import golden, layercheck, provision
+from crossval import golden, layercheck
 from crossval import tolerances as tol
 from crossval.compare import Comparison
 from crossval.layercheck import LayerCase, run_case
@@ -26,12 +25,6 @@ from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.worker import CaffeWorker
 from reference import layers as ref
 from reference.layers import defaults
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 def test_every_layer_type_has_a_reference_a_bound_and_cases() -> None:

@@ -6,7 +6,7 @@ on Caffe's own diffs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import Tensor
 
-from crossval import layercheck, provision
+from crossval import layercheck
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import LAYER, spec_of
 from crossval.worker import CaffeWorker
@@ -24,12 +24,6 @@ from reference import layers as ref
 from reference.layers import neuron, normalization
 
 Fn = Callable[[ref.LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 def _x(shape: tuple[int, ...], seed: int = 0, scale: float = 1.0) -> np.ndarray[Any, Any]:

@@ -5,14 +5,13 @@ ties, PROD at a zero bottom, the SigmoidCrossEntropyLoss kink, the SoftmaxWithLo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
-from crossval import provision
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import spec_of
 from crossval.worker import CaffeWorker
@@ -22,12 +21,6 @@ from reference.layers import LayerSpec
 
 F32 = np.float32
 Fn = Callable[[LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 def _x(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:

@@ -5,7 +5,7 @@ sum, the kernel-less convolution) are checked explicitly."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,18 +15,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import Tensor
 
-from crossval import layercheck, provision
+from crossval import layercheck
 from crossval.layercheck import LayerCase, run_case
 from crossval.tolerances import LIBM_ULPS, U32, gamma
 from crossval.worker import CaffeWorker
 from reference import layers as ref
 from reference.layers import vision
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 def _x(shape: tuple[int, ...], seed: int = 0, scale: float = 1.0) -> np.ndarray[Any, Any]:

@@ -14,19 +14,12 @@ from hypothesis import given, settings
 from ports import dex, heads, tiny
 from torch import Tensor, nn
 
-from crossval import provision
 from crossval import validate as vp
 from crossval.portcheck.engine import ExampleVerdict, Finding, PortChecker, PortExample
 from crossval.portcheck.refport import reference_port
 from crossval.portcheck.report import check_port, generated
 from crossval.worker import CaffeWorker
 from reference.layers import UnsupportedLayer
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 from hypothesis import example, given
 
-from crossval import provision
 from crossval.heads import HEADS, Case
 from crossval.mutants import TRAINING_MUTANTS
 from crossval.strategies import build_batches, build_case, train_cases
@@ -24,12 +22,6 @@ from crossval.training import (
 )
 from crossval.worker import CaffeWorker
 from reference.solvers import LR_POLICIES, SOLVER_TYPES, SolverConfig
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 def steps_of(case: Case, steps: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

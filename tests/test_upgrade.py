@@ -7,21 +7,12 @@ follow include / exclude phase rules; what cannot be upgraded is named.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from crossval import provision
 from crossval.worker import CaffeError, CaffeWorker
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
-
 
 V1_NET = """
 name: "v1_small"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,6 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from crossval import provision
 from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.transfer import caffe_to_state_dict, state_dict_key
 from crossval.worker import CaffeWorker
@@ -113,12 +112,6 @@ def generate_params(described: Mapping[str, Any], rng: np.random.Generator) -> d
             blobs += [rng.normal(0.0, 0.1, s) for s in shapes[1:]]
         out[lay["name"]] = [np.asarray(b, dtype=np.float32) for b in blobs]
     return out
-
-
-@pytest.fixture(scope="module")
-def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    with CaffeWorker(caffe_install) as w:
-        yield w
 
 
 _prepared: dict[str, Prepared] = {}
