@@ -73,7 +73,12 @@ class Case:
 
 @dataclass(frozen=True)
 class Loss:
-    """A loss row: what it consumes, the reference call, its value and gradient bounds."""
+    """A loss row: what it consumes, the reference call, its value and gradient bounds.
+
+    The `*_each` entries are the same computations for a batch of independent cases (a
+    leading case axis on every array; the case supplies only what the cases share): the
+    reference without the checks that read data (it runs under ``torch.func.vmap``, the case
+    generator having checked the labels), and the bounds of each case."""
 
     name: str
     caffe_type: str
@@ -81,6 +86,9 @@ class Loss:
     reference: Callable[[Tensor, Tensor, Case], Tensor]
     value_bound: Callable[[F64, F64, Case, F64, F64 | None], float]
     grad_bound: Callable[[F64, F64, Case, F64, F64 | None], F64]
+    reference_each: Callable[[Tensor, Tensor, Case], Tensor]
+    value_bound_each: Callable[[F64, F64, Case, F64, F64 | None], F64]
+    grad_bound_each: Callable[[F64, F64, Case, F64, F64 | None], F64]
 
 
 def _labels(case: Case, k: int) -> tuple[NDArray[np.int64], NDArray[np.bool_], float]:
@@ -105,6 +113,31 @@ def _swl_grad(z: F64, t: F64, case: Case, e_z: F64, p: F64 | None) -> F64:
     return tol.softmax_with_loss_grad(p, tol.softmax(z, p, e_z), lab, valid, norm)
 
 
+def _labels_each(t: F64, case: Case) -> tuple[NDArray[np.int64], NDArray[np.bool_], F64]:
+    """`_labels` of each case: t (cases, N) -> labels, valid (cases, N), normalizers (cases,)."""
+    lab = np.trunc(t).astype(np.int64).reshape(t.shape[0], -1)
+    valid = (
+        np.ones_like(lab, dtype=bool) if case.ignore_label is None else (lab != case.ignore_label)
+    )
+    norm = case.normalization or "VALID"
+    size = lab.shape[1]
+    n = valid.sum(-1) if norm == "VALID" else np.full(len(lab), {"NONE": 1}.get(norm, size))
+    return lab, valid, np.maximum(n, 1).astype(np.float64)
+
+
+def _swl_value_each(z: F64, t: F64, case: Case, e_z: F64, p: F64 | None) -> F64:
+    assert p is not None
+    lab, valid, norm = _labels_each(t, case)
+    e_p = tol.softmax(z, p, e_z, axis=-1)
+    return tol.softmax_with_loss_each(p, e_p, lab, valid, norm, ref_losses.FLT_MIN)
+
+
+def _swl_grad_each(z: F64, t: F64, case: Case, e_z: F64, p: F64 | None) -> F64:
+    assert p is not None
+    lab, valid, norm = _labels_each(t, case)
+    return tol.softmax_with_loss_grad_each(p, tol.softmax(z, p, e_z, axis=-1), lab, valid, norm)
+
+
 LOSSES: dict[str, Loss] = {
     row.name: row
     for row in (
@@ -115,6 +148,9 @@ LOSSES: dict[str, Loss] = {
             lambda a, t, c: ref_losses.euclidean_loss(a, t),
             lambda a, t, c, e, _: tol.euclidean_loss(a, t, e),
             lambda a, t, c, e, _: tol.euclidean_loss_grad(a, t, e),
+            lambda a, t, c: ref_losses.euclidean_loss(a, t),
+            lambda a, t, c, e, _: tol.euclidean_loss_each(a, t, e),
+            lambda a, t, c, e, _: tol.euclidean_loss_grad_each(a, t, e),
         ),
         Loss(
             "smooth_l1",
@@ -123,6 +159,9 @@ LOSSES: dict[str, Loss] = {
             lambda a, t, c: ref_losses.smooth_l1_loss(a, t, c.sigma),
             lambda a, t, c, e, _: tol.smooth_l1_loss(a, t, c.sigma, e),
             lambda a, t, c, e, _: tol.smooth_l1_loss_grad(a, t, c.sigma, e),
+            lambda a, t, c: ref_losses.smooth_l1_loss(a, t, c.sigma),
+            lambda a, t, c, e, _: tol.smooth_l1_loss_each(a, t, c.sigma, e),
+            lambda a, t, c, e, _: tol.smooth_l1_loss_grad_each(a, t, c.sigma, e),
         ),
         Loss(
             "softmax_with_loss",
@@ -133,6 +172,11 @@ LOSSES: dict[str, Loss] = {
             ),
             _swl_value,
             _swl_grad,
+            lambda z, t, c: ref_losses.softmax_with_loss_unchecked(
+                z, t, normalization=c.normalization or "VALID", ignore_label=c.ignore_label
+            ),
+            _swl_value_each,
+            _swl_grad_each,
         ),
     )
 }
@@ -157,7 +201,7 @@ class CaseBounds:
 
     ref: dict[str, F64]  # what the bound functions read: blobs, pool5, learnable weights
     forward: dict[str, F64]  # by blob
-    loss: float
+    loss: Any  # a float; for many cases (`Head.bounds_each`), one per case
     loss_grad: F64  # on d loss / d (the consumed blob)
     backward: dict[str, F64]  # by gradient key: pool5, params, and blobs on the way
     forward_rules: dict[str, str]  # the tolerance table's rule, by blob
@@ -236,13 +280,46 @@ class Head:
         """All bounds for `case` from the float64 reference's `blobs` and `grads` (at the
         case's weights, or `weights`)."""
         ref = self.reference_values(case, blobs, weights)
-        fwd = self.forward_bounds(ref, case)
         row = LOSSES[case.loss]
+        return self._bounds(case, ref, grads, row.value_bound, row.grad_bound)
+
+    def bounds_each(
+        self,
+        case: Case,
+        x: F32,
+        target: F32,
+        weights: dict[str, Any],
+        blobs: dict[str, Any],
+        grads: dict[str, Any],
+    ) -> CaseBounds:
+        """`bounds` of many independent cases at once: every array (the features `x`, the
+        targets, the weights, the float64 reference's blobs and grads) has a leading case
+        axis, and so has every bound (the loss's is one per case). `case` supplies what the
+        cases share (head, loss, shapes, loss parameters)."""
+        ref: dict[str, F64] = {k: np.asarray(v, dtype=np.float64) for k, v in blobs.items()}
+        ref["pool5"] = x.astype(np.float64)
+        for k in self.learnable(case):
+            ref[k] = np.asarray(weights[k], dtype=np.float64)
+        row = LOSSES[case.loss]
+        return self._bounds(
+            case, ref, grads, row.value_bound_each, row.grad_bound_each, target=target
+        )
+
+    def _bounds(
+        self,
+        case: Case,
+        ref: dict[str, F64],
+        grads: dict[str, Any],
+        value_bound: Callable[[F64, F64, Case, F64, F64 | None], Any],
+        grad_bound: Callable[[F64, F64, Case, F64, F64 | None], F64],
+        target: F32 | None = None,
+    ) -> CaseBounds:
+        fwd = self.forward_bounds(ref, case)
         consumed = self.consumed(case)
-        target = case.target.astype(np.float64)
+        t64 = (case.target if target is None else target).astype(np.float64)
         prob = ref.get("prob")
-        e_loss = row.value_bound(ref[consumed], target, case, fwd[consumed], prob)
-        e_lg = row.grad_bound(ref[consumed], target, case, fwd[consumed], prob)
+        e_loss = value_bound(ref[consumed], t64, case, fwd[consumed], prob)
+        e_lg = grad_bound(ref[consumed], t64, case, fwd[consumed], prob)
         g64 = {k: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
         return CaseBounds(
             ref,
@@ -360,7 +437,7 @@ class Expectation(Head):
         ip = self.ip_layer(case)
         x, w, b = ref["pool5"], ref[f"{ip}.weight"], ref[f"{ip}.bias"]
         e_z = tol.inner_product(x, w, b)
-        e_p = tol.softmax(ref[ip], ref["prob"], e_z)
+        e_p = tol.softmax(ref[ip], ref["prob"], e_z, axis=-1)
         e_age = tol.dot_fixed(ref["prob"], self.fixed_value(case).astype(np.float64), e_p)
         return {ip: e_z, "prob": e_p, "pred_age": e_age}
 

@@ -185,12 +185,14 @@ TABLE: dict[str, Rule] = {
 
 
 def inner_product(x: F64, w: F64, b: F64 | None, e_x: F64 | float = 0.0) -> F64:
-    """Bound for y = x @ w.T + b with x (N, D), w (M, D): see TABLE['inner_product']."""
-    d = x.shape[1]
-    mag = np.abs(x) @ np.abs(w).T
+    """Bound for y = x @ w.T + b with x (N, D), w (M, D): see TABLE['inner_product']. Leading
+    axes, if any, index independent cases (x (..., N, D), w (..., M, D), b (..., M))."""
+    d = x.shape[-1]
+    aw = np.swapaxes(np.abs(w), -1, -2)
+    mag = np.abs(x) @ aw
     if b is not None:
-        mag = mag + np.abs(b)
-    carried = np.broadcast_to(np.asarray(e_x, dtype=np.float64), x.shape) @ np.abs(w).T
+        mag = mag + np.expand_dims(np.abs(b), -2)
+    carried = np.broadcast_to(np.asarray(e_x, dtype=np.float64), x.shape) @ aw
     out: F64 = gamma(d + 1) * mag + carried + (d + 1) * ETA32
     return out
 
@@ -228,30 +230,70 @@ def dot_fixed(p: F64, k: F64, e_p: F64 | float = 0.0) -> F64:
 # ---- losses ------------------------------------------------------------------------------
 
 
+def _cases(v: F64 | float, shape: tuple[int, ...]) -> F64:
+    """`v` (a bound broadcastable to `shape`) with a leading case axis of length 1."""
+    return np.broadcast_to(np.asarray(v, dtype=np.float64), shape)[None]
+
+
+def euclidean_loss_each(a: F64, b: F64, e_a: F64 | float) -> F64:
+    """`euclidean_loss` of each case along axis 0 (a: (cases, N, ...)), as an array."""
+    d = a - b.reshape(a.shape)
+    cases, n = a.shape[0], a.shape[1]
+    m = d.size // cases
+    loss = (d * d).reshape(cases, -1).sum(-1) / n / 2
+    carried = (np.abs(d) * (e_a + U32 * np.abs(d))).reshape(cases, -1).sum(-1) / n
+    out: F64 = gamma(m + 3) * loss + carried + (m + 3) * ETA32
+    return out
+
+
 def euclidean_loss(a: F64, b: F64, e_a: F64 | float) -> float:
     """Bound for L = sum (a - b)^2 / 2N: see TABLE['euclidean_loss']."""
+    return float(euclidean_loss_each(a[None], b.reshape(a.shape)[None], _cases(e_a, a.shape))[0])
+
+
+def smooth_l1_loss_each(a: F64, b: F64, sigma: float, e_a: F64 | float) -> F64:
+    """`smooth_l1_loss` of each case along axis 0 (a: (cases, N, ...)), as an array."""
     d = a - b.reshape(a.shape)
-    n, m = a.shape[0], d.size
-    loss = float((d * d).sum() / n / 2)
-    return (
-        gamma(m + 3) * loss
-        + float((np.abs(d) * (e_a + U32 * np.abs(d))).sum() / n)
-        + (m + 3) * ETA32
+    cases, n, s2 = a.shape[0], a.shape[1], sigma * sigma
+    m = d.size // cases
+    ad = np.abs(d)
+    per = np.where(ad < 1 / s2, 0.5 * s2 * d * d, ad - 0.5 / s2)
+    slope = np.minimum(s2 * ad, 1.0)
+    out: F64 = (
+        gamma(m + 3) * np.abs(per).reshape(cases, -1).sum(-1) / n
+        + (slope * (e_a + U32 * ad)).reshape(cases, -1).sum(-1) / n
+        + (2 * m + 3) * ETA32
     )
+    return out
 
 
 def smooth_l1_loss(a: F64, b: F64, sigma: float, e_a: F64 | float) -> float:
     """Bound for the SmoothL1 loss: see TABLE['smooth_l1_loss']."""
-    d = a - b.reshape(a.shape)
-    n, m, s2 = a.shape[0], d.size, sigma * sigma
-    ad = np.abs(d)
-    per = np.where(ad < 1 / s2, 0.5 * s2 * d * d, ad - 0.5 / s2)
-    slope = np.minimum(s2 * ad, 1.0)
-    return float(
-        gamma(m + 3) * float(np.abs(per).sum()) / n
-        + float((slope * (e_a + U32 * ad)).sum() / n)
-        + (2 * m + 3) * ETA32
-    )
+    cased = _cases(e_a, a.shape)
+    return float(smooth_l1_loss_each(a[None], b.reshape(a.shape)[None], sigma, cased)[0])
+
+
+def softmax_with_loss_each(
+    p: F64,
+    e_p: F64,
+    labels: NDArray[np.int64],
+    valid: NDArray[np.bool_],
+    normalizer: F64,
+    flt_min: float,
+) -> F64:
+    """`softmax_with_loss` of each case along axis 0: p, e_p (cases, R, K), labels and valid
+    (cases, R), normalizer (cases,)."""
+    idx = np.where(valid, labels, 0)[..., None]
+    py = np.maximum(np.take_along_axis(p, idx, -1)[..., 0], flt_min)
+    ell = -np.log(py)
+    per = np.take_along_axis(e_p, idx, -1)[..., 0] / py + (LIBM_ULPS + 1) * U32 * np.abs(ell)
+    totals = []
+    for per_i, ell_i, valid_i in zip(per, ell, valid, strict=True):
+        n = int(valid_i.sum())
+        g = gamma(n) if n else 0.0
+        totals.append(float(per_i[valid_i].sum()) + g * float(np.abs(ell_i[valid_i]).sum()))
+    out: F64 = np.array(totals) / normalizer + ETA32
+    return out
 
 
 def softmax_with_loss(
@@ -263,30 +305,53 @@ def softmax_with_loss(
     flt_min: float,
 ) -> float:
     """Bound for SoftmaxWithLoss over (N, K) probabilities: see TABLE['softmax_with_loss']."""
-    rows = np.arange(p.shape[0])
-    idx = np.where(valid, labels, 0)
-    py = np.maximum(p[rows, idx], flt_min)
-    ell = -np.log(py)
-    per = e_p[rows, idx] / py + (LIBM_ULPS + 1) * U32 * np.abs(ell)
-    n = int(valid.sum())
-    total = float(per[valid].sum()) + (gamma(n) if n else 0.0) * float(np.abs(ell[valid]).sum())
-    return total / normalizer + ETA32
+    each = softmax_with_loss_each(
+        p[None], e_p[None], labels[None], valid[None], np.array([normalizer]), flt_min
+    )
+    return float(each[0])
+
+
+def euclidean_loss_grad_each(a: F64, b: F64, e_a: F64 | float) -> F64:
+    """`euclidean_loss_grad` of each case along axis 0 (a: (cases, N, ...))."""
+    d = a - b.reshape(a.shape)
+    n = a.shape[1]
+    out: F64 = (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(d) / n + ETA32
+    return out
 
 
 def euclidean_loss_grad(a: F64, b: F64, e_a: F64 | float) -> F64:
     """Bound for g = (a - b) / N: see TABLE['euclidean_loss_grad']."""
+    out: F64 = euclidean_loss_grad_each(a[None], b.reshape(a.shape)[None], _cases(e_a, a.shape))[0]
+    return out
+
+
+def smooth_l1_loss_grad_each(a: F64, b: F64, sigma: float, e_a: F64 | float) -> F64:
+    """`smooth_l1_loss_grad` of each case along axis 0 (a: (cases, N, ...))."""
     d = a - b.reshape(a.shape)
-    n = a.shape[0]
-    out: F64 = (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(d) / n + ETA32
+    n, s2 = a.shape[1], sigma * sigma
+    g = np.where(np.abs(d) < 1 / s2, s2 * d, np.sign(d)) / n
+    out: F64 = s2 * (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(g) + 2 * ETA32
     return out
 
 
 def smooth_l1_loss_grad(a: F64, b: F64, sigma: float, e_a: F64 | float) -> F64:
     """Bound for the SmoothL1 gradient: see TABLE['smooth_l1_loss_grad']."""
-    d = a - b.reshape(a.shape)
-    n, s2 = a.shape[0], sigma * sigma
-    g = np.where(np.abs(d) < 1 / s2, s2 * d, np.sign(d)) / n
-    out: F64 = s2 * (e_a + U32 * np.abs(d)) / n + 2 * U32 * np.abs(g) + 2 * ETA32
+    out: F64 = smooth_l1_loss_grad_each(
+        a[None], b.reshape(a.shape)[None], sigma, _cases(e_a, a.shape)
+    )[0]
+    return out
+
+
+def softmax_with_loss_grad_each(
+    p: F64, e_p: F64, labels: NDArray[np.int64], valid: NDArray[np.bool_], normalizer: F64
+) -> F64:
+    """`softmax_with_loss_grad` of each case along axis 0: p, e_p (cases, R, K), labels and
+    valid (cases, R), normalizer (cases,)."""
+    onehot = np.zeros_like(p)
+    np.put_along_axis(onehot, np.where(valid, labels, 0)[..., None], 1.0, -1)
+    norm = np.asarray(normalizer, dtype=np.float64).reshape(-1, 1, 1)
+    g = np.abs(p - onehot) / norm
+    out: F64 = ((e_p + U32 * np.abs(p - onehot)) / norm + 2 * U32 * g + ETA32) * valid[..., None]
     return out
 
 
@@ -294,13 +359,9 @@ def softmax_with_loss_grad(
     p: F64, e_p: F64, labels: NDArray[np.int64], valid: NDArray[np.bool_], normalizer: float
 ) -> F64:
     """Bound for g = (p - onehot) / normalizer: see TABLE['softmax_with_loss_grad']."""
-    onehot = np.zeros_like(p)
-    rows = np.arange(p.shape[0])
-    onehot[rows, np.where(valid, labels, 0)] = 1.0
-    g = np.abs(p - onehot) / normalizer
-    out: F64 = ((e_p + U32 * np.abs(p - onehot)) / normalizer + 2 * U32 * g + ETA32) * valid[
-        :, None
-    ]
+    out: F64 = softmax_with_loss_grad_each(
+        p[None], e_p[None], labels[None], valid[None], np.array([normalizer])
+    )[0]
     return out
 
 
@@ -333,11 +394,11 @@ def dot_fixed_grad(g_y: F64, k: F64, e_gy: F64) -> F64:
 
 def softmax_grad(g_p: F64, p: F64, e_gp: F64, e_p: F64) -> F64:
     """Bound for g_z = p (g_p - sum g_p p): see TABLE['softmax_grad']."""
-    k = p.shape[1]
-    s = (g_p * p).sum(axis=1, keepdims=True)
-    e_s = gamma(k) * (np.abs(g_p) * p).sum(axis=1, keepdims=True) + (
+    k = p.shape[-1]
+    s = (g_p * p).sum(axis=-1, keepdims=True)
+    e_s = gamma(k) * (np.abs(g_p) * p).sum(axis=-1, keepdims=True) + (
         np.abs(g_p) * e_p + p * e_gp
-    ).sum(axis=1, keepdims=True)
+    ).sum(axis=-1, keepdims=True)
     h = g_p - s
     e_h = e_gp + e_s + U32 * np.abs(h)
     out: F64 = p * e_h + np.abs(h) * e_p + U32 * np.abs(p * h) + 2 * ETA32
@@ -345,12 +406,14 @@ def softmax_grad(g_p: F64, p: F64, e_gp: F64, e_p: F64) -> F64:
 
 
 def inner_product_grads(x: F64, w: F64, g_y: F64, e_gy: F64) -> tuple[F64, F64, F64]:
-    """Bounds for (g_x, g_W, g_b) of y = x W^T + b: see TABLE['inner_product_grad']."""
-    n, m = g_y.shape
+    """Bounds for (g_x, g_W, g_b) of y = x W^T + b: see TABLE['inner_product_grad']. Leading
+    axes, if any, index independent cases."""
+    n, m = g_y.shape[-2:]
     ag, aw, ax = np.abs(g_y), np.abs(w), np.abs(x)
     e_x: F64 = gamma(m) * (ag @ aw) + e_gy @ aw + m * ETA32
-    e_w: F64 = gamma(n) * (ag.T @ ax) + e_gy.T @ ax + n * ETA32
-    e_b: F64 = gamma(n) * ag.sum(axis=0) + e_gy.sum(axis=0) + n * ETA32
+    ag_t, e_gy_t = np.swapaxes(ag, -1, -2), np.swapaxes(e_gy, -1, -2)
+    e_w: F64 = gamma(n) * (ag_t @ ax) + e_gy_t @ ax + n * ETA32
+    e_b: F64 = gamma(n) * ag.sum(axis=-2) + e_gy.sum(axis=-2) + n * ETA32
     return e_x, e_w, e_b
 
 
