@@ -16,6 +16,7 @@ raises ``CaffeTimeout``, and the next call starts a fresh one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import pickle
@@ -451,14 +452,56 @@ def innermost_frame(log_lines: list[str]) -> str:
     return ""
 
 
+@dataclasses.dataclass(frozen=True)
+class ManyRuns:
+    """The reply of the worker's ``run_many`` op: many independent cases run back to back on
+    one net, every array with a leading case axis (case m at index m)."""
+
+    blobs: dict[str, np.ndarray]  # every blob of the net after the case's forward pass
+    diffs: dict[str, np.ndarray]  # the input blobs' diffs after its backward pass
+    params: dict[str, list[np.ndarray]]  # every param blob, read back after the case ran
+    param_diffs: dict[str, list[np.ndarray]]
+
+    @property
+    def cases(self) -> int:
+        return len(next(iter(self.blobs.values())))
+
+
+def submit_run_many(
+    worker: CaffeWorker,
+    prototxt: str,
+    inputs: Mapping[str, np.ndarray],
+    params: Mapping[str, list[np.ndarray]],
+    surgery: str = "",
+) -> Callable[[], ManyRuns]:
+    """Forward and backward of many cases in the worker (``Ops.op_run_many``): case m with
+    ``inputs[name][m]`` and ``params[layer][i][m]``. Returns a function that waits for the
+    result (the worker runs while the caller works)."""
+    pending = worker.submit(
+        "run_many",
+        prototxt=prototxt,
+        inputs=dict(inputs),
+        params={k: list(v) for k, v in params.items()},
+        surgery=surgery,
+    )
+
+    def wait() -> ManyRuns:
+        reply = pending()
+        return ManyRuns(reply["blobs"], reply["diffs"], reply["params"], reply["param_diffs"])
+
+    return wait
+
+
 __all__ = [
     "CaffeCrash",
     "CaffeError",
     "CaffeTimeout",
     "CaffeWorker",
+    "ManyRuns",
     "SearchStopped",
     "default_limit",
     "innermost_frame",
     "searching",
     "stops_search",
+    "submit_run_many",
 ]

@@ -316,6 +316,86 @@ class Ops:
             }
         return out
 
+    def op_run_many(
+        self,
+        prototxt: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        surgery: str = "",
+        phase: str = "TRAIN",
+    ) -> dict[str, Any]:
+        """`run` (forward and backward) on many independent cases back to back, on one cached
+        net: every array of `inputs` and `params` has a leading case axis, and case m runs with
+        `inputs[...][m]` and `params[...][i][m]`. The reply stacks, per case, every blob, the
+        diffs of the inputs, and every param's data (read back after the case's run) and
+        diff; see ``crossval.worker.ManyRuns``."""
+        net = self.net(prototxt, phase, "", surgery)
+        cases = {len(v) for v in inputs.values()}
+        cases |= {len(b) for blobs in params.values() for b in blobs}
+        if len(cases) != 1:
+            raise ValueError(f"inputs and params disagree on the number of cases: {sorted(cases)}")
+        (count,) = cases
+        reshaped = False
+        for name, value in inputs.items():
+            if name not in net.blobs:
+                raise KeyError(
+                    f"input blob {name!r} is not in the net (blobs: {', '.join(net.blobs)})"
+                )
+            if net.blobs[name].data.shape != value.shape[1:]:
+                net.blobs[name].reshape(*value.shape[1:])
+                reshaped = True
+        if reshaped:
+            net.reshape()
+        for layer, blobs in params.items():
+            if layer not in net.params:
+                raise KeyError(f"layer {layer!r} has no params in the net")
+            for i, value in enumerate(blobs):
+                shape = net.params[layer][i].data.shape
+                if shape != value.shape[1:]:
+                    raise ValueError(f"{layer}/{i}: Caffe shape {shape}, given {value.shape[1:]}")
+        # Views onto the net's memory, taken once (no reshape happens below).
+        data = {name: b.data for name, b in net.blobs.items()}
+        in_diffs = {name: net.blobs[name].diff for name in inputs}
+        p_data = {name: [b.data for b in bl] for name, bl in net.params.items()}
+        p_diffs = {name: [b.diff for b in bl] for name, bl in net.params.items()}
+        out_blobs = {name: np.empty((count, *v.shape), v.dtype) for name, v in data.items()}
+        out_diffs = {name: np.empty((count, *v.shape), v.dtype) for name, v in in_diffs.items()}
+        out_params = {
+            n: [np.empty((count, *v.shape), v.dtype) for v in bl] for n, bl in p_data.items()
+        }
+        out_pdiffs = {
+            n: [np.empty((count, *v.shape), v.dtype) for v in bl] for n, bl in p_diffs.items()
+        }
+        last = len(net.layers) - 1
+        for m in range(count):
+            for name, value in inputs.items():
+                data[name][...] = value[m]
+            for layer, blobs in params.items():
+                for i, value in enumerate(blobs):
+                    p_data[layer][i][...] = value[m]
+            net._forward(0, last)
+            # pycaffe's backward accumulates param diffs (gemm with beta 1): clear them first.
+            for diffs in p_diffs.values():
+                for d in diffs:
+                    d[...] = 0
+            net._backward(last, 0)
+            for name, v in data.items():
+                out_blobs[name][m] = v
+            for name, v in in_diffs.items():
+                out_diffs[name][m] = v
+            for name, bl in p_data.items():
+                for i, v in enumerate(bl):
+                    out_params[name][i][m] = v
+            for name, bl in p_diffs.items():
+                for i, v in enumerate(bl):
+                    out_pdiffs[name][i][m] = v
+        return {
+            "blobs": out_blobs,
+            "diffs": out_diffs,
+            "params": out_params,
+            "param_diffs": out_pdiffs,
+        }
+
     def op_gradient_check(
         self,
         prototxt: str,
