@@ -1,0 +1,586 @@
+"""Batched properties: many independent cases per hypothesis example, checked vectorised.
+
+One hypothesis example draws a `Spec`: the head and loss, the shapes, the hard-region choices
+and a seed. `expand` turns it into a `CaseBatch` of `count` independent cases, each with its
+own features, weights and targets (drawn together with numpy, one generator per spec). Then
+`run_batch`:
+
+- Caffe runs the cases back to back on one cached net in the worker (``run_many``);
+- meanwhile PyTorch runs the reference on all of them at once, float32 and float64, under
+  ``torch.func.vmap`` (the reference modules and losses themselves, with the loss's
+  data-reading checks done here, where the cases are made);
+- the bounds of every case come from the same tolerance functions, on arrays with a leading
+  case axis (``Head.bounds_each``), and every comparison is made for all cases at once
+  (`BatchComparison`).
+
+A failing batch is split to its first failing case (`CaseBatch.case`), a plain `Case` that
+the per-case path (``Harness.run_case``) runs again for the report; `check_batch` raises
+with both, and hypothesis shrinks the spec as it shrinks any example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+from numpy.typing import NDArray
+from torch.func import functional_call, vmap
+
+from reference.losses import NORMALIZATIONS, check_labels
+
+from . import transfer
+from .checks import REFERENCE, CaseResult, Harness
+from .compare import Comparison
+from .heads import COMBINATIONS, HEADS, LOSSES, Case, Head, label_blob
+from .strategies import BATCHES, BINS, FEATURES, SIGMAS, SPREADS, _region
+from .tolerances import cross
+from .worker import ManyRuns, submit_run_many
+
+F32 = NDArray[np.float32]
+F64 = NDArray[np.float64]
+
+# Cases per hypothesis example, by default, and the work (N * D * K, each case's
+# multiply-adds in one matrix product) above which an example takes fewer: large shapes
+# gain little from batching, their cost being the arithmetic itself.
+COUNT = 16
+MAX_WORK = 2**20
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one hypothesis example draws; `expand` makes the cases (see `build_case` for the
+    meaning of each field: the batch shares all but the seed's draws)."""
+
+    head: str
+    loss: str
+    batch: int
+    features: int
+    bins: int = 100
+    spread: float = 1.0
+    seed: int = 0
+    sigma: float = 1.0
+    targets: str = "uniform"
+    normalization: str | None = None
+    ignoring: str = "none"
+    count: int = COUNT
+
+
+@dataclass(frozen=True)
+class CaseBatch:
+    """Independent cases of one head, loss and shape: `template` holds what they share, the
+    arrays hold each case's own values along a leading case axis."""
+
+    template: Case
+    x: F32  # (cases, N, D)
+    target: F32  # (cases, N, 1) ages, or (cases, N) labels
+    weights: dict[str, F32]  # by state_dict key, (cases, ...)
+    label: str = ""  # where the cases came from (a Spec), for reports
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+    def case(self, i: int) -> Case:
+        """Case `i` alone, as the per-case path takes it."""
+        return dataclasses.replace(
+            self.template,
+            x=self.x[i],
+            target=self.target[i],
+            weights={k: v[i] for k, v in self.weights.items()},
+        )
+
+    def only(self, i: int) -> CaseBatch:
+        """A batch of case `i` alone (to pin it with ``@example``)."""
+        return CaseBatch.of([self.case(i)], f"case {i} of {self.label}")
+
+    def describe(self, i: int) -> str:
+        return f"{self.template.describe()}; case {i} of {self.size} ({self.label})"
+
+    @classmethod
+    def of(cls, cases: Sequence[Case], label: str = "") -> CaseBatch:
+        """Cases made one by one (`build_case`, pinned examples) as a batch. They must share
+        head, loss, shapes and loss parameters."""
+        first = cases[0]
+
+        def shared(c: Case) -> tuple[Any, ...]:
+            arrays = (c.x, c.target, *c.weights.values())
+            fields = (c.head, c.loss, c.bins, c.scale, c.sigma, c.normalization, c.ignore_label)
+            return (*fields, tuple(c.weights), *(a.shape for a in arrays))
+
+        for c in cases:
+            if shared(c) != shared(first):
+                raise ValueError(f"cannot batch {c.describe()} with {first.describe()}")
+        return cls(
+            first,
+            np.stack([c.x for c in cases]),
+            np.stack([c.target for c in cases]),
+            {k: np.stack([c.weights[k] for c in cases]) for k in first.weights},
+            label or f"{len(cases)} given cases",
+        )
+
+
+def expand(spec: Spec) -> CaseBatch:
+    """The `spec.count` cases of `spec`, drawn with numpy from `spec.seed` (deterministic),
+    as `build_case` draws one: standard normal features, weights scaled so that each case
+    reaches the spread, targets or labels by the targets mode, ignored labels by the ignoring
+    mode (one ignore_label for the batch, as it is part of the net)."""
+    head, loss, m, n, d = spec.head, spec.loss, spec.count, spec.batch, spec.features
+    if m < 1:
+        raise ValueError(f"a batch needs at least one case, got count={spec.count}")
+    k = spec.bins if head == "expectation" else 1
+    rng = np.random.default_rng(spec.seed)
+    x = rng.standard_normal((m, n, d)).astype(np.float32)
+    w = rng.standard_normal((m, k, d)) / np.sqrt(d)
+    b = rng.standard_normal((m, k))
+    z = x.astype(np.float64) @ w.transpose(0, 2, 1) + b[:, None, :]
+    if head == "sigmoid_scale":
+        reach = np.abs(z).reshape(m, -1).max(1)
+    else:
+        reach = (z.max(2) - z.min(2)).max(1)
+    factor = np.where(reach > 0, spec.spread / np.where(reach > 0, reach, 1.0), 1.0)
+    w, b = w * factor[:, None, None], b * factor[:, None]
+    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
+    weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
+
+    ignore: int | None = None
+    normalization = spec.normalization
+    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
+    if loss == "softmax_with_loss":
+        if spec.targets == "ends":
+            lab = rng.choice([0, k - 1], size=(m, n)).astype(np.float64)
+        elif spec.targets == "fractional":  # Caffe truncates (static_cast<int>)
+            lab = rng.integers(0, k, size=(m, n)) + rng.uniform(0, 0.999, size=(m, n))
+        else:
+            lab = rng.integers(0, k, size=(m, n)).astype(np.float64)
+        if spec.ignoring != "none":
+            ignore = 255 if spec.ignoring == "out-of-range" else int(rng.integers(0, k))
+            all_ = spec.ignoring == "all"
+            mask = np.ones((m, n), dtype=bool) if all_ else rng.random((m, n)) < 0.4
+            lab = np.where(mask, ignore, lab)
+        target = lab.astype(np.float32)
+        # The loss's label checks, here where the labels are made, on every case at once (the
+        # vectorised reference does not read its labels back into Python).
+        check_labels(torch.zeros(m, n, k), torch.from_numpy(target), axis=2, ignore_label=ignore)
+    else:
+        normalization = None
+        if spec.targets == "ends":
+            t = rng.choice([0.0, top], size=(m, n, 1))
+        elif spec.targets == "integers":
+            t = rng.integers(0, int(top) + 1, size=(m, n, 1)).astype(np.float64)
+        else:
+            t = rng.uniform(0.0, top, size=(m, n, 1))
+        target = t.astype(np.float32)
+    template = Case(
+        head=head,
+        loss=loss,
+        x=x[0],
+        target=target[0],
+        weights={key: v[0] for key, v in weights.items()},
+        bins=spec.bins if head == "expectation" else 100,
+        sigma=spec.sigma,
+        normalization=normalization,
+        ignore_label=ignore,
+        region=_region(head, spec.spread),
+    )
+    return CaseBatch(template, x, target, weights, repr(spec))
+
+
+@st.composite
+def case_batches(
+    draw: st.DrawFn,
+    combos: tuple[tuple[str, str], ...] = COMBINATIONS,
+    count: int = COUNT,
+    spreads: st.SearchStrategy[float] = SPREADS,
+    sigmas: st.SearchStrategy[float] = SIGMAS,
+    batches: st.SearchStrategy[int] = BATCHES,
+    features: st.SearchStrategy[int] = FEATURES,
+    bins: st.SearchStrategy[int] = BINS,
+    max_work: int | None = MAX_WORK,
+) -> CaseBatch:
+    """`count` cases of one drawn spec (fewer, down to one, where N * D * K exceeds
+    `max_work` / count): the same labelled draws as `strategies.cases`."""
+    head, loss = draw(st.sampled_from(combos), label="head+loss")
+    labels = loss == "softmax_with_loss"
+    n = draw(batches, label="batch")
+    d = draw(features, label="features")
+    k = draw(bins, label="bins") if head == "expectation" else 100
+    if max_work is not None:
+        count = max(1, min(count, max_work // (n * d * (k if head == "expectation" else 1))))
+    spec = Spec(
+        head,
+        loss,
+        batch=n,
+        features=d,
+        bins=k,
+        spread=draw(spreads, label="spread"),
+        seed=draw(st.integers(0, 2**32 - 1), label="seed"),
+        sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
+        targets=draw(
+            st.sampled_from(["uniform", "ends", "fractional" if labels else "integers"]),
+            label="targets",
+        ),
+        normalization=(
+            draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
+            if labels
+            else None
+        ),
+        ignoring=(
+            draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
+            if labels
+            else "none"
+        ),
+        count=count,
+    )
+    return expand(spec)
+
+
+# ---- comparisons of many cases at once -----------------------------------------------------
+
+
+class BatchComparison:
+    """`Comparison` for every case of a batch at once (arrays with a leading case axis): the
+    same error, bound and verdict per element; `one(i)` is case i's own `Comparison`.
+
+    Made by `three_way_each` (within a bound) or `exact_each` (bit for bit). The arrays are
+    kept as given (float32 stays float32) and compared in float64; the error array of a bit
+    exact comparison is made only when asked for."""
+
+    def __init__(
+        self,
+        check: str,
+        blob: str,
+        actual: np.ndarray,
+        desired: np.ndarray,
+        bound: F64,
+        rule: str,
+        describe: Callable[[int], str],
+        *,
+        differs: NDArray[np.bool_] | None = None,
+    ) -> None:
+        self.check, self.blob, self.rule, self.describe = check, blob, rule, describe
+        self.actual, self.desired = actual, desired
+        self.bound = np.broadcast_to(bound, desired.shape)
+        self._differs = differs
+        self._err: F64 | None = None
+        if differs is None:
+            err = np.subtract(actual, desired, dtype=np.float64)
+            np.abs(err, out=err)
+            if not np.isfinite(err.max(initial=0.0)):
+                # NaN or inf somewhere: Comparison's rules for them (same special values on
+                # both sides are no error, anything else is an infinite one)
+                err = Comparison(check, blob, actual, desired, self.bound, rule).err
+            self._err = err
+            self.over: NDArray[np.bool_] = np.asarray(err > self.bound)
+        else:
+            self.over = differs
+
+    @property
+    def err(self) -> F64:
+        if self._err is None:
+            assert self._differs is not None
+            a = self.actual.astype(np.float64)
+            d = self.desired.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                gap = np.abs(a - d)
+            gap = np.where(np.isnan(gap), np.inf, gap)
+            self._err = np.where(self._differs, np.maximum(gap, np.finfo(np.float64).tiny), 0.0)
+        return self._err
+
+    @property
+    def cases(self) -> int:
+        return int(self.desired.shape[0])
+
+    def _flat(self, v: np.ndarray) -> np.ndarray:
+        return v.reshape(self.cases, -1)
+
+    @property
+    def failed_each(self) -> NDArray[np.bool_]:
+        """(cases,): whether any element of the case is over its bound."""
+        out: NDArray[np.bool_] = np.asarray(self._flat(self.over).any(1), dtype=bool)
+        return out
+
+    @property
+    def ratio_each(self) -> F64:
+        """(cases,): the largest err / bound of each case (`Comparison.ratio`)."""
+        if self.desired[0].size == 0:
+            return np.zeros(self.cases)
+        err = self.err
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(self.bound > 0, err / self.bound, np.where(err > 0, np.inf, 0.0))
+        out: F64 = self._flat(ratio).max(1)
+        return out
+
+    @property
+    def max_abs_each(self) -> F64:
+        if self.desired[0].size == 0:
+            return np.zeros(self.cases)
+        out: F64 = self._flat(self.err).max(1)
+        return out
+
+    def scale_each(self) -> F64:
+        """(cases,): the largest finite |value| on either side, per case."""
+        both = np.concatenate(
+            [self._flat(self.actual.astype(np.float64)), self._flat(self.desired)], axis=1
+        )
+        both = np.where(np.isfinite(both), np.abs(both), 0.0)
+        out: F64 = both.max(1, initial=0.0)
+        return out
+
+    def one(self, i: int) -> Comparison:
+        c = Comparison(
+            self.check,
+            self.blob,
+            self.actual[i],
+            self.desired[i],
+            self.bound[i],
+            self.rule,
+            self.describe(i),
+        )
+        c.err = self.err[i]  # carries bit-exact differences (see `exact_each`)
+        return c
+
+
+def three_way_each(
+    kind: str,
+    name: str,
+    caffe: np.ndarray,
+    torch32: np.ndarray,
+    ref: np.ndarray,
+    bound: Any,
+    rule: str,
+    describe: Callable[[int], str],
+) -> list[BatchComparison]:
+    """`compare.three_way` for every case at once."""
+    b = np.broadcast_to(np.asarray(bound, dtype=np.float64), np.shape(ref))
+    c = caffe.reshape(np.shape(ref))
+    return [
+        BatchComparison(f"{kind} caffe~ref64", name, c, ref, b, rule, describe),
+        BatchComparison(f"{kind} torch~ref64", name, torch32, ref, b, rule, describe),
+        BatchComparison(f"{kind} torch~caffe", name, torch32, c, cross(b), rule, describe),
+    ]
+
+
+def exact_each(
+    check: str, blob: str, actual: np.ndarray, desired: np.ndarray, describe: Callable[[int], str]
+) -> BatchComparison:
+    """`compare.exact` (bit for bit) for every case at once."""
+    a = np.ascontiguousarray(actual)
+    d = np.ascontiguousarray(np.broadcast_to(desired, np.shape(actual)))
+    zero = np.zeros((), dtype=np.float64)
+    if a.dtype != d.dtype:
+        differs = np.ones(d.shape, dtype=bool)
+        cmp = BatchComparison(check, blob, a, d, zero, "", describe, differs=differs)
+        cmp.rule = f"bit-exact copy; dtype {a.dtype} is not {d.dtype}"
+        cmp._err = np.full(d.shape, np.inf)
+        return cmp
+    differs = a.view(f"u{a.itemsize}") != d.view(f"u{d.itemsize}")
+    return BatchComparison(check, blob, a, d, zero, "bit-exact copy", describe, differs=differs)
+
+
+@dataclass
+class BatchResult:
+    batch: CaseBatch
+    comparisons: list[BatchComparison] = field(default_factory=list)
+
+    @property
+    def failed_each(self) -> NDArray[np.bool_]:
+        out = np.zeros(self.batch.size, dtype=bool)
+        for c in self.comparisons:
+            out |= c.failed_each
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not bool(self.failed_each.any())
+
+    @property
+    def failing(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.failed_each)]
+
+    def case_result(self, i: int) -> CaseResult:
+        """Case i's comparisons, as the per-case path reports them."""
+        return CaseResult(self.batch.case(i), [c.one(i) for c in self.comparisons])
+
+
+# ---- running a batch -------------------------------------------------------------------------
+
+
+@dataclass
+class TorchBatch:
+    blobs: dict[str, np.ndarray]  # (cases, ...)
+    loss: np.ndarray  # (cases,)
+    grads: dict[str, np.ndarray]  # d loss / d (pool5, learnable params, blobs), per case
+    fixed: np.ndarray  # the module's fixed blob (one module serves every case)
+
+
+def run_torch_batch(
+    head: Head, batch: CaseBatch, dtype: torch.dtype, module: torch.nn.Module
+) -> TorchBatch:
+    """Forward and backward of the reference `module` on every case of `batch` in `dtype`,
+    vectorised with ``torch.func.vmap`` (each case's learnable weights swapped in with
+    ``functional_call``); the loss is the loss row's vectorisable reference."""
+    case = batch.template
+    keys = head.learnable(case)
+    w = torch.from_numpy(batch.weights[keys[0]]).to(dtype).requires_grad_(True)
+    b = torch.from_numpy(batch.weights[keys[1]]).to(dtype).requires_grad_(True)
+    x = torch.from_numpy(batch.x).to(dtype).requires_grad_(True)
+    target = torch.from_numpy(batch.target).to(dtype)
+
+    def forward(w_: torch.Tensor, b_: torch.Tensor, x_: torch.Tensor) -> Any:
+        return functional_call(module, {keys[0]: w_, keys[1]: b_}, (x_,))
+
+    row = LOSSES[case.loss]
+
+    def loss_of(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return row.reference_each(a, t, case)
+
+    blobs: dict[str, torch.Tensor] = vmap(forward)(w, b, x)
+    for t in blobs.values():
+        if t.requires_grad:
+            t.retain_grad()
+    loss = vmap(loss_of)(blobs[head.consumed(case)], target)
+    loss.sum().backward()  # type: ignore[no-untyped-call]
+    grads: dict[str, np.ndarray] = {
+        "pool5": _np(x.grad),
+        keys[0]: _np(w.grad),
+        keys[1]: _np(b.grad),
+    }
+    for name, t in blobs.items():
+        grads[name] = _np(t.grad) if t.grad is not None else np.zeros(tuple(t.shape))
+    fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
+    state = module.state_dict()
+    fixed = _np(state[fixed_key]) if fixed_key in state else np.zeros(0)
+    return TorchBatch({k: _np(v) for k, v in blobs.items()}, _np(loss), grads, fixed)
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray:
+    assert t is not None
+    return t.detach().cpu().numpy()
+
+
+def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
+    """Every comparison of ``Harness.run_case`` for every case of `batch`, at once."""
+    case = batch.template
+    head = HEADS[case.head]
+    proto = harness.prototxt(head, case)
+    ip = head.ip_layer(case)
+    keys = head.learnable(case)
+    sent = [batch.weights[k] for k in keys]
+    layout = harness._layouts[proto][ip]
+    for value, shape in zip(sent, layout, strict=True):
+        if value.shape[1:] != tuple(shape):
+            raise ValueError(f"{ip}: Caffe shape {shape}, the batch's {value.shape[1:]}")
+    pending = submit_run_many(
+        harness.worker,
+        proto,
+        {"pool5": batch.x, label_blob(case): batch.target},
+        {ip: sent},
+        surgery=head.surgery,
+    )  # Caffe runs while PyTorch does
+    t32 = run_torch_batch(
+        head, batch, torch.float32, harness.module(REFERENCE, head, case, torch.float32)
+    )
+    t64 = run_torch_batch(
+        head, batch, torch.float64, harness.module(REFERENCE, head, case, torch.float64)
+    )
+    caffe: ManyRuns = pending()
+    out = BatchResult(batch)
+    add = out.comparisons.append
+    desc = batch.describe
+
+    # Copies, bit for bit: weights into Caffe and back, and the fixed blob on both sides.
+    for i, value in enumerate(sent):
+        add(exact_each("transfer", f"{ip}/{i}", caffe.params[ip][i], value, desc))
+    fixed, want = head.fixed_layer, head.fixed_value(case)
+    add(exact_each("fixed caffe", f"{fixed}/0", caffe.params[fixed][0], want[None], desc))
+    if t32.fixed.size:
+        key = transfer.state_dict_key(fixed, 0)
+        every = np.broadcast_to(t32.fixed.astype(np.float32), (batch.size, *want.shape))
+        add(exact_each("fixed torch", key, every, want[None], desc))
+
+    b = head.bounds_each(case, batch.x, batch.target, batch.weights, t64.blobs, t64.grads)
+    for blob in head.blobs(case):
+        out.comparisons += three_way_each(
+            "forward",
+            blob,
+            caffe.blobs[blob],
+            t32.blobs[blob],
+            b.ref[blob],
+            b.forward[blob],
+            b.forward_rules[blob],
+            desc,
+        )
+    out.comparisons += three_way_each(
+        "loss",
+        "loss",
+        caffe.blobs["loss"].reshape(batch.size),
+        t32.loss,
+        t64.loss,
+        b.loss,
+        "tolerances." + b.loss_rule,
+        desc,
+    )
+    caffe_grads = {"pool5": caffe.diffs["pool5"]}
+    for i, k in enumerate(keys):
+        caffe_grads[k] = caffe.param_diffs[ip][i]
+    for name in head.gradient_keys(case):
+        out.comparisons += three_way_each(
+            "gradient",
+            f"d loss/d {name}",
+            caffe_grads[name],
+            t32.grads[name],
+            t64.grads[name],
+            b.backward[name],
+            f"tolerances.{b.loss_rule}_grad -> backward chain",
+            desc,
+        )
+    return out
+
+
+class BatchFailure(AssertionError):
+    """A batch failed: the message names its first failing case and that case's failures."""
+
+
+def check_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
+    """`run_batch`, raising `BatchFailure` if any case fails: the batch is split to its first
+    failing case, which runs again alone through the per-case path (``Harness.run_case``),
+    and the message gives that run's failures (or the batch's, should the lone run pass)."""
+    result = run_batch(harness, batch)
+    failing = result.failing
+    if not failing:
+        return result
+    i = failing[0]
+    alone = harness.run_case(batch.case(i))
+    shown = alone.failures or result.case_result(i).failures
+    how = (
+        "alone too"
+        if alone.failures
+        else "ONLY IN THE BATCH (the lone run passes): the batched path disagrees"
+    )
+    lines = [str(c) for c in shown]
+    text = "\n  ".join(lines[:6]) + (f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else "")
+    raise BatchFailure(
+        f"{len(failing)} of {batch.size} cases failed; the first, case {i}, fails {how}:\n"
+        f"  {text}\ncase: {batch.describe(i)}\n"
+        f"reproduce: crossval.batched.expand({batch.label}).case({i})"
+    )
+
+
+__all__ = [
+    "COUNT",
+    "BatchComparison",
+    "BatchFailure",
+    "BatchResult",
+    "CaseBatch",
+    "Spec",
+    "case_batches",
+    "check_batch",
+    "expand",
+    "run_batch",
+    "run_torch_batch",
+]

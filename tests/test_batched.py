@@ -1,0 +1,275 @@
+"""Batched properties (crossval.batched): the cases an example expands to, the vectorised
+reference and bounds, the comparisons of many cases at once, and the split of a failing
+batch to its failing case."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_heads import PINNED
+from torch.func import vmap
+
+from crossval import batched
+from crossval.batched import (
+    BatchFailure,
+    CaseBatch,
+    Spec,
+    check_batch,
+    exact_each,
+    expand,
+    run_batch,
+    three_way_each,
+)
+from crossval.checks import Harness
+from crossval.heads import COMBINATIONS, HEADS
+from crossval.strategies import build_case
+from crossval.worker import CaffeWorker
+from reference import losses as ref_losses
+
+
+@pytest.fixture(scope="module")
+def harness(worker: CaffeWorker) -> Harness:
+    return Harness(worker)
+
+
+def _spec(head: str, loss: str, **kw: Any) -> Spec:
+    labels = loss == "softmax_with_loss"
+    base: dict[str, Any] = dict(batch=8, features=64, bins=100, spread=5.0, seed=7, count=12)
+    if labels:
+        base.update(targets="fractional", normalization="VALID", ignoring="some")
+    base.update(kw)
+    return Spec(head, loss, **base)
+
+
+# ---- the cases an example expands to --------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
+def test_expand_makes_independent_cases_that_reach_the_spread(combo: tuple[str, str]) -> None:
+    head, loss = combo
+    spec = _spec(head, loss, spread=60.0)
+    batch = expand(spec)
+    again = expand(spec)
+    assert batch.size == 12 and batch.x.shape == (12, 8, 64)
+    assert np.array_equal(batch.x, again.x) and np.array_equal(batch.target, again.target)
+    # Each case its own inputs, weights and targets.
+    for arr in (batch.x, batch.target, *batch.weights.values()):
+        flat = arr.reshape(12, -1)
+        assert len({row.tobytes() for row in flat}) == 12
+    # Each case scaled to the spread, as build_case scales one.
+    for i in range(batch.size):
+        case = batch.case(i)
+        module = HEADS[head].reference(case, torch.float64)
+        ip = HEADS[head].ip_layer(case)
+        z = module(torch.from_numpy(case.x).double())[ip].detach().numpy()
+        reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
+        assert reach == pytest.approx(60.0, rel=1e-5)
+
+
+def test_expand_labels_follow_the_modes() -> None:
+    batch = expand(_spec("expectation", "softmax_with_loss", ignoring="out-of-range"))
+    assert batch.template.ignore_label == 255
+    lab = batch.target
+    assert ((lab == 255) | ((lab >= 0) & (lab < 100))).all() and (lab == 255).any()
+    assert (np.trunc(lab) != lab).any()  # fractional labels, which Caffe truncates
+    every = expand(_spec("expectation", "softmax_with_loss", ignoring="all"))
+    assert (every.target == every.template.ignore_label).all()
+    ends = expand(_spec("sigmoid_scale", "euclidean", targets="ends"))
+    assert set(np.unique(ends.target)) == {0.0, 99.0}
+
+
+def test_a_case_of_a_batch_round_trips() -> None:
+    cases = [build_case("expectation", "euclidean", 4, 16, bins=10, seed=s) for s in range(3)]
+    batch = CaseBatch.of(cases)
+    for i, c in enumerate(cases):
+        got = batch.case(i)
+        assert np.array_equal(got.x, c.x) and np.array_equal(got.target, c.target)
+        assert all(np.array_equal(got.weights[k], v) for k, v in c.weights.items())
+    other = build_case("expectation", "euclidean", 4, 16, bins=11, seed=0)
+    with pytest.raises(ValueError, match="cannot batch"):
+        CaseBatch.of([cases[0], other])
+
+
+# ---- the vectorised reference ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalization", ["VALID", "FULL", "BATCH_SIZE", "NONE"])
+def test_vectorised_softmax_with_loss_is_the_checked_one_per_case(
+    dtype: torch.dtype, normalization: str
+) -> None:
+    """The loss without its data-reading checks, under vmap, gives each case the value and
+    gradient of the public (checked) function on that case alone."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(6, 8, 20, generator=g) * 40).to(dtype)
+    labels = torch.randint(0, 20, (6, 8), generator=g).float() + 0.5
+    labels[1, :3] = 7.0
+    labels[2] = 7.0  # every label of case 2 ignored
+
+    def each(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ref_losses.softmax_with_loss_unchecked(
+            a, t, normalization=normalization, ignore_label=7
+        )
+
+    zb = z.clone().requires_grad_(True)
+    values = vmap(each)(zb, labels)
+    values.sum().backward()  # type: ignore[no-untyped-call]
+    assert zb.grad is not None
+    for i in range(6):
+        zi = z[i].clone().requires_grad_(True)
+        one = ref_losses.softmax_with_loss(
+            zi, labels[i], normalization=normalization, ignore_label=7
+        )
+        one.backward()  # type: ignore[no-untyped-call]
+        assert zi.grad is not None
+        torch.testing.assert_close(
+            values[i], one, rtol=4e-16 if dtype == torch.float64 else 2e-7, atol=0
+        )
+        torch.testing.assert_close(
+            zb.grad[i], zi.grad, rtol=0, atol=1e-15 if dtype == torch.float64 else 1e-7
+        )
+
+
+def test_label_checks_moved_to_the_generator_keep_their_messages() -> None:
+    bad = torch.tensor([[0.0, 3.0], [1.0, 20.0]])
+    with pytest.raises(ValueError, match=r"label 20.0 \(cast to 20\) at position \(1,\)"):
+        ref_losses.softmax_with_loss(torch.zeros(2, 5), bad[1])
+    with pytest.raises(ValueError, match=r"label 20.0 \(cast to 20\) at position \(1, 1\)"):
+        ref_losses.check_labels(torch.zeros(2, 2, 5), bad, axis=2)
+    with pytest.raises(ValueError, match="finite"):
+        ref_losses.check_labels(torch.zeros(2, 5), torch.tensor([0.0, float("nan")]))
+
+
+# ---- comparisons of many cases at once -------------------------------------------------------
+
+
+def test_batch_comparisons_flag_exactly_the_broken_case() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 4, 3))
+    bound = np.full(ref.shape, 1e-6)
+    good = ref.astype(np.float32)
+    broken = good.copy()
+    broken[3, 2, 1] += 1e-3  # case 3, one element, far over its bound
+    c_ok, t_ok, cross = three_way_each("forward", "b", good, broken, ref, bound, "r", str)
+    assert not c_ok.failed_each.any()
+    assert list(np.flatnonzero(t_ok.failed_each)) == [3]
+    assert list(np.flatnonzero(cross.failed_each)) == [3]
+    one = t_ok.one(3)
+    assert not one.passed and one.worst == (2, 1) and "1 of 12 elements over" in str(one)
+    assert t_ok.one(2).passed
+    assert t_ok.ratio_each[3] > 100 and t_ok.ratio_each[2] < 1
+    # NaN against a number is an infinite error; NaN against NaN none.
+    nan = good.copy()
+    nan[1, 0, 0] = np.nan
+    c = three_way_each("forward", "b", nan, good, ref, bound, "r", str)[0]
+    assert list(np.flatnonzero(c.failed_each)) == [1] and c.max_abs_each[1] == np.inf
+
+
+def test_exact_batch_comparison_sees_every_bit() -> None:
+    want = np.zeros((4, 3), dtype=np.float32)
+    got = want.copy()
+    got[2, 1] = -0.0  # equal as numbers, not bit for bit
+    cmp = exact_each("transfer", "w", got, want, str)
+    assert list(np.flatnonzero(cmp.failed_each)) == [2]
+    assert "should be exactly" in str(cmp.one(2)) and cmp.one(0).passed
+    wrong_type = exact_each("transfer", "w", want.astype(np.float64), want, str)
+    assert wrong_type.failed_each.all() and "dtype" in wrong_type.rule
+
+
+# ---- against real Caffe ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
+def test_batched_path_agrees_with_the_per_case_path(
+    harness: Harness, combo: tuple[str, str]
+) -> None:
+    """Same comparisons, same verdicts, and the same bounds (to float64 rounding: the
+    float64 reference runs batched) as `Harness.run_case` on each case alone."""
+    batch = expand(_spec(*combo, spread=120.0, count=4))
+    result = run_batch(harness, batch)
+    assert result.passed
+    for i in range(batch.size):
+        alone = harness.run_case(batch.case(i))
+        mine = result.case_result(i)
+        assert [(c.check, c.blob) for c in mine.comparisons] == [
+            (c.check, c.blob) for c in alone.comparisons
+        ]
+        for a, b in zip(mine.comparisons, alone.comparisons, strict=True):
+            assert a.passed == b.passed
+            np.testing.assert_allclose(a.bound, b.bound, rtol=1e-9, atol=0)
+            np.testing.assert_allclose(a.desired, b.desired, rtol=1e-9, atol=1e-300)
+
+
+def test_pinned_cases_pass_both_paths(harness: Harness) -> None:
+    pinned = [case for cases in PINNED.values() for case in cases]
+    assert pinned
+    for case in pinned:
+        assert harness.run_case(case).passed, case.describe()
+        assert run_batch(harness, CaseBatch.of([case])).passed, case.describe()
+
+
+def test_a_broken_case_is_split_out_and_named(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caffe given wrong weights for one case of twelve: that case, and only it, fails; the
+    failure names it and says that it passes alone (the fault was in the batch)."""
+    batch = expand(_spec("expectation", "euclidean"))
+    real = batched.submit_run_many
+
+    def corrupt(worker: Any, prototxt: str, inputs: Any, params: Any, surgery: str = "") -> Any:
+        bad = {k: [v.copy() for v in vs] for k, vs in params.items()}
+        bad["fc100"][0][5, 3, 2] *= 1.01
+        return real(worker, prototxt, inputs, bad, surgery)
+
+    monkeypatch.setattr(batched, "submit_run_many", corrupt)
+    result = run_batch(harness, batch)
+    assert result.failing == [5]
+    kinds = {c.check for c in result.case_result(5).failures}
+    assert {"transfer", "forward caffe~ref64"} <= kinds
+    with pytest.raises(BatchFailure) as info:
+        check_batch(harness, batch)
+    text = str(info.value)
+    assert "1 of 12 cases failed; the first, case 5" in text
+    assert "ONLY IN THE BATCH" in text and "transfer: fc100/0[3, 2]" in text
+    assert "expand(Spec(head='expectation'" in text and ".case(5)" in text
+
+
+def test_a_wrong_float32_side_is_caught_per_case(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The float32 PyTorch side wrong in one case's age: torch~ref64 and torch~caffe fail for
+    that case only, Caffe~ref64 nowhere."""
+    batch = expand(_spec("sigmoid_scale", "smooth_l1", count=6))
+    real = batched.run_torch_batch
+
+    def skew(head: Any, b: CaseBatch, dtype: torch.dtype, module: Any) -> Any:
+        out = real(head, b, dtype, module)
+        if dtype == torch.float32:
+            out.blobs["pred_age"][4, 0, 0] += 0.01
+        return out
+
+    monkeypatch.setattr(batched, "run_torch_batch", skew)
+    result = run_batch(harness, batch)
+    assert result.failing == [4]
+    pairs = {c.check for c in result.case_result(4).failures}
+    assert pairs == {"forward torch~ref64", "forward torch~caffe"}
+
+
+def test_a_real_failure_is_found_alone_too(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong reference (the fixed scale 100 instead of Caffe's 99) fails in the batch and
+    when the failing case runs alone: the split reports the lone run's failures."""
+    head = HEADS["sigmoid_scale"]
+    batch = expand(_spec("sigmoid_scale", "euclidean", count=3))
+    monkeypatch.setattr(
+        type(head), "fixed_value", lambda self, case: np.array([100.0], dtype=np.float32)
+    )
+    with pytest.raises(BatchFailure) as info:
+        check_batch(harness, batch)
+    text = str(info.value)
+    assert "3 of 3 cases failed; the first, case 0, fails alone too" in text
+    assert "fixed caffe: pred_age/0[0]=99, but should be exactly 100" in text
