@@ -29,3 +29,27 @@ class NeedsRoot(ProvisionError):
 
 class CaffeNotAvailable(ProvisionError):
     """No usable pycaffe: none provisioned, or the selected one does not import."""
+
+
+# Ctrl-C and SIGTERM. The handler raises KeyboardInterrupt, but Python drops an exception
+# raised while it runs a garbage-collector callback or a __del__ ("Exception ignored in
+# ..."), and the run would go on to pass. So the signal is also remembered, and the places
+# a run must pass through (each worker request, each published output, the end of main)
+# raise it again.
+_interrupted_by: int | None = None
+
+
+def on_interrupt(signum: int, frame: object) -> None:
+    global _interrupted_by
+    _interrupted_by = signum
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    if _interrupted_by is not None:
+        raise KeyboardInterrupt
+
+
+def clear_interrupt() -> None:
+    global _interrupted_by
+    _interrupted_by = None

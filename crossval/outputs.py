@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CrossvalError
+from .errors import CrossvalError, raise_if_interrupted
 
 
 class OutputError(CrossvalError):
@@ -189,7 +189,8 @@ def _fsync_dir(directory: Path) -> None:
 
 def _publish(t: Target, tmp: str) -> None:
     """Move the complete, fsynced `tmp` to `t.path`: replacing it with force, exclusively
-    (the loser of a race gets OutputError) without."""
+    (the loser of a race gets OutputError) without. Nothing is published after Ctrl-C."""
+    raise_if_interrupted()
     os.chmod(tmp, _mode(t.path))
     if t.force:
         if t.path.is_dir():

@@ -37,7 +37,7 @@ from typing import IO, Any, NoReturn, TypeVar, cast
 import numpy as np
 
 from . import provision
-from .errors import CrossvalError
+from .errors import CrossvalError, raise_if_interrupted
 
 _HEADER = struct.Struct("<Q")
 DIR_PREFIX = "crossval-worker-"
@@ -350,6 +350,7 @@ class CaffeWorker:
         """Send `op` to the worker and return a function that waits for its result, so the
         caller can work meanwhile (the worker runs on the other core). One request at a time:
         collect the result before the next submit. The time limit runs from here."""
+        raise_if_interrupted()
         if self._proc is not None and self._proc.poll() is not None:
             self._retire()  # died between calls (killed from outside)
         proc = self._proc or self._start()
