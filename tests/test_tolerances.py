@@ -7,6 +7,7 @@ import pkgutil
 import re
 
 import numpy as np
+import torch
 
 from crossval import tolerances as tol
 
@@ -49,3 +50,25 @@ def test_gamma_refuses_meaningless_lengths() -> None:
         assert "undefined" in str(exc)
     else:
         raise AssertionError("gamma(2**24) must be refused")
+
+
+def test_softmax_layer_backward_bound_covers_its_own_rounding() -> None:
+    """Softmax's backward bound sums over the softmax axis (axis 1), not the trailing one: at
+    least the rounding of each result, u |g_z|, must be allowed. Summing over the trailing
+    axis of (N, K, 1) gave 0.16 ulp and a false alarm on a correct port (validate-port, tiny
+    net, prob's d/d fc2)."""
+    from crossval.tolerances.layers import LAYER_BOUNDS
+    from reference import layers as ref
+    from reference.layers import LayerSpec
+
+    rng = np.random.default_rng(0)
+    spec = LayerSpec("prob", "Softmax", ("z",), ("p",), {"softmax_param": {"axis": 1, "engine": 0}})
+    for shape in [(2, 7), (3, 5, 2, 2)]:
+        z = torch.from_numpy(rng.standard_normal(shape))
+        g = torch.from_numpy(rng.standard_normal(shape))
+        (p,), (gz,), _ = ref.vjp(spec, [z], [], [g])
+        (bound,), _ = LAYER_BOUNDS["Softmax"].backward(
+            spec, [z.numpy()], [], [p.detach().numpy()], [g.numpy()]
+        )
+        assert gz is not None
+        assert np.all(bound >= tol.U32 * np.abs(gz.detach().numpy())), shape

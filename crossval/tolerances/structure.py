@@ -181,7 +181,10 @@ def _softmax_backward(
     """See TABLE['layer_softmax'] (TABLE['softmax_grad'] along the axis)."""
     z, p, g = (_three_d(spec, a) for a in (bottoms[0], tops[0], top_diffs[0]))
     e_p = softmax(z, p, 0.0, axis=1)
-    return [softmax_grad(g, p, np.zeros_like(g), e_p).reshape(np.shape(tops[0]))], []
+    # softmax_grad sums over the last axis: put the softmax axis there, and back.
+    last = [np.moveaxis(a, 1, -1) for a in (g, p, e_p)]
+    e = np.moveaxis(softmax_grad(last[0], last[1], np.zeros_like(last[0]), last[2]), -1, 1)
+    return [e.reshape(np.shape(tops[0]))], []
 
 
 LAYER_BOUNDS["Softmax"] = LayerBound(
