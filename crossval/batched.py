@@ -51,6 +51,13 @@ COUNT = 16
 MAX_WORK = 2**20
 
 
+def batched_examples(profile_examples: int) -> int:
+    """Hypothesis examples of a batched head x loss property for a profile's count of
+    examples per property: a quarter (at least 5), each of up to `COUNT` cases, so about 2
+    to 4 times the profile's count of cases in less time than one case per example took."""
+    return max(5, profile_examples // 4)
+
+
 @dataclass(frozen=True)
 class Spec:
     """What one hypothesis example draws; `expand` makes the cases (see `build_case` for the
@@ -573,11 +580,13 @@ def check_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
 
 __all__ = [
     "COUNT",
+    "MAX_WORK",
     "BatchComparison",
     "BatchFailure",
     "BatchResult",
     "CaseBatch",
     "Spec",
+    "batched_examples",
     "case_batches",
     "check_batch",
     "expand",

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from . import outputs
+from .batched import BatchComparison, batched_examples, case_batches, run_batch
 from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
@@ -72,6 +73,29 @@ class Row:
             if not self.first_failure:
                 self.first_failure = str(c)
 
+    def add_each(self, c: BatchComparison, keep_ratio: bool = False) -> None:
+        """`add` for every case of a batch comparison at once."""
+        self.comparisons += c.cases
+        ratios, max_abs, failed = c.ratio_each, c.max_abs_each, c.failed_each
+        finite = np.isfinite(max_abs)
+        if finite.any():
+            self.max_abs = max(self.max_abs, float(max_abs[finite].max()))
+        scale = c.scale_each()
+        ok = finite & (scale > 0)
+        if ok.any():
+            spacing = np.spacing(scale[ok].astype(np.float32)).astype(np.float64)
+            self.max_ulp = max(self.max_ulp, float((max_abs[ok] / spacing).max()))
+        worst = int(np.argmax(ratios))
+        if ratios[worst] > self.max_ratio:
+            self.max_ratio = float(ratios[worst])
+            self.rule = c.rule
+        if keep_ratio:
+            self.ratios += [float(r) for r in ratios[np.isfinite(ratios)]]
+        if failed.any():
+            self.failures += int(failed.sum())
+            if not self.first_failure:
+                self.first_failure = str(c.one(int(np.argmax(failed))))
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("ratios")
@@ -102,22 +126,24 @@ def fixed_settings(n: int) -> Any:
 
 
 def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict[str, Row]:
+    """The head x loss rows over `examples` profile examples, batched as the tests batch
+    them (``batched.batched_examples``); a row's examples are the cases it verified."""
     name = "+".join(combo)
     by_kind: dict[str, Row] = {}
 
-    @fixed_settings(examples)  # type: ignore[untyped-decorator]
-    @given(case=cases(combos=(combo,)))
+    @fixed_settings(batched_examples(examples))  # type: ignore[untyped-decorator]
+    @given(batch=case_batches(combos=(combo,)))
     @stops_search()  # a Caffe crash ends the search at once, unshrunk
-    def prop(case: Any) -> None:
-        result = harness.run_case(case)
+    def prop(batch: Any) -> None:
+        result = run_batch(harness, batch)
         seen: set[str] = set()
         for c in result.comparisons:
             kind = c.check.split()[0]
             row = by_kind.setdefault(kind, Row(f"{name} {kind}"))
             if kind not in seen:
-                row.examples += 1
+                row.examples += batch.size
                 seen.add(kind)
-            row.add(c, keep_ratio=c.check.endswith("torch~caffe"))
+            row.add_each(c, keep_ratio=c.check.endswith("torch~caffe"))
 
     with searching():
         prop()
@@ -131,8 +157,9 @@ def head_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
         for kind in ("forward", "loss", "gradient", "transfer", "fixed"):
             if kind in by_kind:
                 rows.append(by_kind[kind])
+        cases = max(r.examples for r in by_kind.values())
         say(
-            f"{'+'.join(combo)}: {examples} examples, "
+            f"{'+'.join(combo)}: {cases} cases ({batched_examples(examples)} examples), "
             + ", ".join(f"{r.check.split()[-1]} {r.verdict}" for r in by_kind.values())
         )
     return rows

@@ -9,6 +9,7 @@ import numpy as np
 from crossval_cli import run_crossval
 
 from crossval import provision
+from crossval.batched import three_way_each
 from crossval.compare import Comparison
 from crossval.report import Row, table
 
@@ -68,3 +69,22 @@ def test_a_failing_comparison_fails_its_row() -> None:
     assert row.first_failure.startswith("forward torch~caffe: prob[0]=0.6")
     assert "| demo forward | 1 |" in table([row]) and "FAIL |" in table([row])
     assert Row("nothing ran").verdict == "FAIL"  # a check with no examples is no pass
+
+
+def test_a_batch_adds_to_a_row_as_its_cases_one_by_one() -> None:
+    """Row.add_each (the batched head rows) keeps the figures Row.add keeps per case."""
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((6, 3, 4)) * 50
+    bound = np.abs(ref) * 1e-6
+    got = (ref + rng.uniform(-1, 1, ref.shape) * bound * 0.9).astype(np.float32)
+    got[4, 1, 2] = np.float32(ref[4, 1, 2] * 1.01)  # case 4 over its bound
+    batch = three_way_each("forward", "prob", got, got, ref, bound, "tolerances.softmax", str)[0]
+    each, one = Row("batched"), Row("one by one")
+    each.add_each(batch, keep_ratio=True)
+    for i in range(6):
+        one.add(batch.one(i), keep_ratio=True)
+    assert each.failures == one.failures == 1 and each.comparisons == one.comparisons == 6
+    assert each.max_abs == one.max_abs and each.max_ulp == one.max_ulp
+    assert each.max_ratio == one.max_ratio > 1 and each.rule == one.rule
+    assert each.first_failure == one.first_failure and "prob[1, 2]" in each.first_failure
+    assert each.ratios == one.ratios
