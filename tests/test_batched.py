@@ -24,6 +24,7 @@ from crossval.batched import (
     three_way_each,
 )
 from crossval.checks import Harness
+from crossval.compare import Comparison
 from crossval.heads import COMBINATIONS, HEADS
 from crossval.strategies import build_case
 from crossval.worker import CaffeWorker
@@ -273,3 +274,24 @@ def test_a_real_failure_is_found_alone_too(
     text = str(info.value)
     assert "3 of 3 cases failed; the first, case 0, fails alone too" in text
     assert "fixed caffe: pred_age/0[0]=99, but should be exactly 100" in text
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 15])
+def test_batch_verdicts_are_comparison_verdicts_in_any_chunking(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batched.BatchComparison, "CHUNK", chunk)
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal((9, 5))
+    bound = np.full(ref.shape, 0.5)
+    got = (ref + rng.uniform(-0.6, 0.6, ref.shape)).astype(np.float32)
+    got[2, 0], ref[2, 0] = np.nan, np.nan  # the same special value: no error
+    got[6, 3] = np.inf
+    for factor in (1.0, 2.0):
+        c = batched.BatchComparison("f", "b", got, ref, bound, "r", str, factor=factor)
+        want = [
+            not Comparison("f", "b", got[i], ref[i], bound[i] * factor, "r").passed
+            for i in range(9)
+        ]
+        assert c.failed_each.tolist() == want and any(want) and not all(want)
+        assert [c.one(i).passed for i in range(9)] == [not w for w in want]

@@ -192,8 +192,12 @@ def inner_product(x: F64, w: F64, b: F64 | None, e_x: F64 | float = 0.0) -> F64:
     mag = np.abs(x) @ aw
     if b is not None:
         mag = mag + np.expand_dims(np.abs(b), -2)
+    if np.ndim(e_x) == 0 and float(e_x) == 0.0:
+        # No input error: the carried term is exactly zero (no product of zeros to compute).
+        out: F64 = gamma(d + 1) * mag + (d + 1) * ETA32
+        return out
     carried = np.broadcast_to(np.asarray(e_x, dtype=np.float64), x.shape) @ aw
-    out: F64 = gamma(d + 1) * mag + carried + (d + 1) * ETA32
+    out = gamma(d + 1) * mag + carried + (d + 1) * ETA32
     return out
 
 
