@@ -10,9 +10,16 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CrossvalError
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CrossvalError,
+    clear_interrupt,
+    on_interrupt,
+    raise_if_interrupted,
+)
 from .inputs import finite_float, nonnegative_int, positive_float, positive_int
 
 
@@ -186,13 +193,14 @@ def _validate_port(args: argparse.Namespace) -> int:
         replay=Path(args.replay) if args.replay else None,
         argv=sys.argv[1:],
         generate=args.generate,
+        layer_plugins=args.layer_plugin or [],
     )
     print(report.text())
     if json_out is not None:
-        from . import validate as v
+        from .portcheck.command import write_json
 
-        v.write_json(report, json_out)
-    return 0 if report.verdict == "match" else 1
+        write_json(report, json_out)
+    return report.exit_code
 
 
 def _port_source(spec: str) -> str | None:
@@ -474,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="append the seed's expectation head (pred_age) to the net's Softmax",
     )
     vp.add_argument("--bins", type=positive_int, default=None, help="K for --head expectation")
+    vp.add_argument(
+        "--layer-plugin",
+        metavar="MODULE",
+        action="append",
+        help="a module registering the reference and bounds of your own Caffe Python layers "
+        "(crossval.portcheck.plugins); may be given again",
+    )
     vp.add_argument("--examples", type=positive_int, default=25, help="generated examples (25)")
     vp.add_argument("--seed", type=nonnegative_int, default=0, help="hypothesis seed (0)")
     vp.add_argument(
@@ -655,13 +670,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
 
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    previous = {}
+    if in_main:
+        clear_interrupt()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_interrupt)
     try:
-        return func(args)
+        code = func(args)
+        raise_if_interrupted()
+        return code
     except CrossvalError as exc:
         print(f"crossval: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -671,5 +689,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         return _internal_error(exc)
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -2,8 +2,8 @@
 
 The parent (the CLI) runs ``python -m crossval.isolation DIR FD`` in a session of its own,
 with a private directory DIR (the job in, the example being run out). That child runs
-``validate.validate``: the user's port (import, factory, forward, backward) and its own Caffe
-worker. Before each call into the port's code it tells the parent, over the pipe FD, which
+``portcheck.command.validate``: the user's port (import, factory, forward, backward) and its
+own Caffe worker. Before each call into the port's code it tells the parent, over the pipe FD, which
 call and which example (whose arrays it first writes to DIR/example.npz), and after it that
 the call returned; at the end it sends the Report or the error.
 
@@ -44,7 +44,8 @@ from .worker import (
 )
 
 if TYPE_CHECKING:
-    from .validate import Example, Report
+    from .portcheck.command import Report
+    from .portcheck.engine import PortExample
 
 PREFIX = "crossval-port-"
 EXAMPLE_FILE = "example.npz"
@@ -52,7 +53,7 @@ EXAMPLE_FILE = "example.npz"
 
 @dataclass
 class Job:
-    """What the child runs: `validate.validate(worker, net, port, **options)`, the worker
+    """What the child runs: `command.validate(worker, net, port, **options)`, the worker
     with `timeout`, each port call limited to `timeout` (default: `default_limit`)."""
 
     net: Path
@@ -65,7 +66,7 @@ class Job:
 class _PortCall:
     where: str
     index: int
-    example: Example | None
+    example: PortExample | None
     limit: float
 
 
@@ -84,7 +85,7 @@ def _how(rc: int) -> str:
 def validate_isolated(
     net: Path, port: str, *, timeout: float | None = None, **options: Any
 ) -> Report:
-    """`validate.validate` on `net` and `port` in a child process (options as there, the
+    """`command.validate` on `net` and `port` in a child process (options as there, the
     worker made in the child with `timeout`). A port that crashes, exits or hangs gives a
     Report with verdict "crash"; the child's CrossvalErrors are raised here as they were."""
     directory = private_dir(PREFIX)
@@ -121,7 +122,7 @@ def validate_isolated(
         )
         os.close(write_end)
         write_end = -1
-        from . import validate  # noqa: F401  (torch: while the child starts; the result needs it)
+        from .portcheck import command  # noqa: F401  (torch, while the child starts)
 
         report = _supervise(proc, read_end, directory, net, port, options)
         finished = True
@@ -208,7 +209,7 @@ def _crashed(
 ) -> Report:
     import numpy as np
 
-    from .validate import ExampleResult, Report, _save
+    from .portcheck.command import Report, save
 
     report = Report(str(net), port, verdict="crash", crash=message, examples_run=call.index)
     saved = Path(directory) / EXAMPLE_FILE
@@ -227,8 +228,10 @@ def _crashed(
                 if k.startswith("param/"):
                     layer, i = k[len("param/") :].rsplit("/", 1)
                     params.setdefault(layer, []).insert(int(i), data[k])
-        kept = ExampleResult(call.example, inputs=inputs, params=params)
-        report.saved, report.replay = _save(kept, save_to, options.get("argv") or [])
+        seed = call.example.seed if call.example is not None else options.get("seed", 0)
+        report.saved, report.replay = save(
+            (inputs, params), seed, save_to, options.get("argv") or []
+        )
     elif replay is not None:
         report.saved = str(replay)
         report.replay = "crossval " + " ".join(options.get("argv") or [])
@@ -241,7 +244,8 @@ def _crashed(
 def _child(directory: str, fd: int) -> None:
     import numpy as np
 
-    from .validate import PortGuard, validate
+    from .portcheck.command import validate
+    from .portcheck.port import PortGuard
     from .worker import CaffeWorker
 
     pipe: IO[bytes] = os.fdopen(fd, "wb")
@@ -254,7 +258,7 @@ def _child(directory: str, fd: int) -> None:
 
         def __init__(self) -> None:
             super().__init__()
-            self.example: Example | None = None
+            self.example: PortExample | None = None
             self.limit = job.timeout or default_limit("port", {"prototxt": "x" * net_chars})
             self.writing: threading.Thread | None = None
 
@@ -262,7 +266,7 @@ def _child(directory: str, fd: int) -> None:
             self,
             index: int,
             desc: str,
-            ex: Example | None,
+            ex: PortExample | None,
             inputs: dict[str, np.ndarray],
             params: dict[str, list[np.ndarray]],
         ) -> None:

@@ -24,10 +24,13 @@ def test_assert_port_matches(tmp_path: Path, caffe_install: provision.CaffeInsta
         with CaffeWorker(caffe_install) as worker:
             net = tmp_path / "tiny.prototxt"
             net.write_text(worker.call("prototxt", head="tiny_cnn", batch=2, bins=7))
-            report = assert_port_matches(worker, net, tiny.make, examples_n=10)
-            assert report.verdict == "match"
-            with pytest.raises(AssertionError, match="first diverging blob: 'drop1'"):
-                assert_port_matches(worker, net, tiny.make_dropout_active, examples_n=10)
+            # The CLI's option names; paths as str or Path.
+            report = assert_port_matches(worker, str(net), tiny.make, examples=10, seed=3)
+            assert report.verdict == "match" and report.examples_run == 10
+            with pytest.raises(AssertionError, match=r"first failing layer: drop1 \(Dropout\)"):
+                assert_port_matches(worker, net, tiny.make_functional_dropout, examples=10)
+            with pytest.raises(TypeError, match="examples_n"):
+                assert_port_matches(worker, net, tiny.make, examples_n=10)  # type: ignore[call-arg]
     finally:
         sys.path.remove(str(TESTS))
 

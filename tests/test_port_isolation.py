@@ -67,8 +67,23 @@ class Guard(caffe.Layer):
         top[0].data[...] = bottom[0].data
 
     def backward(self, top, propagate_down, bottom):
-        pass
+        bottom[0].diff[...] = top[0].diff
 '''
+
+# The reference of the guard (the identity, exact both ways), for --layer-plugin.
+GUARD_PLUGIN = """
+import numpy as np
+
+from crossval.portcheck.plugins import register_python_layer
+
+register_python_layer(
+    "guard_layer",
+    "Guard",
+    forward=lambda spec, bottoms: [bottoms[0] * 1],
+    forward_bound=lambda spec, bottoms, blobs, tops: [np.zeros(np.shape(tops[0]))],
+    backward_bound=lambda spec, bottoms, blobs, tops, diffs: ([np.zeros(np.shape(bottoms[0]))], []),
+)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +170,7 @@ def test_a_port_that_crashes_on_import_is_a_finding(sigmoid_net: Path, tmp_path:
 def _guarded_net(net: Path, tmp_path: Path, fault: str) -> Path:
     """The sigmoid head behind a Python layer that fails on large inputs."""
     what = "aborts" if "abort" in fault else "hangs"
+    (tmp_path / "guard_plugin.py").write_text(GUARD_PLUGIN)
     (tmp_path / "guard_layer.py").write_text(
         GUARD_LAYER.replace("{fault}", fault).replace("{what}", what)
     )
@@ -177,6 +193,8 @@ def test_a_caffe_abort_in_the_search_is_reported_at_once(sigmoid_net: Path, tmp_
         str(net),
         "--port",
         "ports.heads:sigmoid",
+        "--layer-plugin",
+        "guard_plugin",
         "--examples",
         "12",
         "--save-failure",
@@ -198,7 +216,16 @@ def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
     sigmoid_net: Path, tmp_path: Path
 ) -> None:
     net = _guarded_net(sigmoid_net, tmp_path, "time.sleep(3600)")
-    rc, out, err, took = _run(tmp_path, str(net), "--port", "ports.heads:sigmoid", "--timeout", "3")
+    rc, out, err, took = _run(
+        tmp_path,
+        str(net),
+        "--port",
+        "ports.heads:sigmoid",
+        "--layer-plugin",
+        "guard_plugin",
+        "--timeout",
+        "3",
+    )
     assert rc != 0 and rc != 1, out + err
     assert re.search(
         r"Caffe did not return within 3 s during run_generated \(it was in forward "
@@ -206,6 +233,13 @@ def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
         err,
     ), err
     assert took < 30, took
+
+
+def test_a_python_layer_without_a_reference_is_refused(sigmoid_net: Path, tmp_path: Path) -> None:
+    net = _guarded_net(sigmoid_net, tmp_path, "os.abort()")
+    rc, out, err, _ = _run(tmp_path, str(net), "--port", "ports.heads:sigmoid")
+    assert rc == 2, out + err
+    assert "no layer for guard (Python layer guard_layer.Guard)" in err and "--layer-plugin" in err
 
 
 def test_sigterm_to_crossval_leaves_nothing_behind(sigmoid_net: Path, tmp_path: Path) -> None:

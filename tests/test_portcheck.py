@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from ports import dex, heads, tiny
 from torch import Tensor, nn
 
-from crossval import validate as vp
+from crossval.portcheck.command import port_examples
 from crossval.portcheck.engine import ExampleVerdict, Finding, PortChecker, PortExample
+from crossval.portcheck.port import UsageError
 from crossval.portcheck.refport import reference_port
 from crossval.portcheck.report import check_port, generated
 from crossval.worker import CaffeWorker
@@ -301,7 +302,7 @@ def test_frozen_learnable_param_is_a_finding(worker: CaffeWorker, nets: dict[str
 
 
 def test_missing_port_tensor_is_bad_usage(worker: CaffeWorker, nets: dict[str, str]) -> None:
-    with pytest.raises(vp.UsageError, match=r"fc1/0 .* has no port tensor 'fc1.weight'"):
+    with pytest.raises(UsageError, match=r"fc1/0 .* has no port tensor 'fc1.weight'"):
         PortChecker(worker, nets["sigmoid"], heads.renamed())
 
 
@@ -344,11 +345,10 @@ def test_no_false_alarm(worker: CaffeWorker, nets: dict[str, str], net: str) -> 
     ]
 
     @settings(max_examples=max(settings().max_examples // 2, 10), database=None)
-    @given(ex=vp.examples())
-    def prop(ex: vp.Example) -> None:
-        example = PortExample(ex.seed, ex.input_scale, ex.weight_scale)
+    @given(ex=port_examples(2))
+    def prop(ex: PortExample) -> None:
         for checker in checkers:
-            _clean(checker, checker.run(example))
+            _clean(checker, checker.run(ex))
 
     prop()
 

@@ -265,11 +265,14 @@ class Ops:
         return_params: bool = True,
         all_diffs: bool = False,
         top_diffs: dict[str, np.ndarray] | None = None,
+        top_diff_seed: tuple[int, list[str]] | None = None,
     ) -> dict[str, Any]:
         """Set params and inputs, forward (and backward), and return every blob, the inputs'
         diffs (every blob's with `all_diffs`) and the param diffs. `top_diffs` seeds the
         backward pass: each named blob's diff is set to its value first (a net without a loss
-        needs `force_backward: true` for the diffs to reach its inputs)."""
+        needs `force_backward: true` for the diffs to reach its inputs). `top_diff_seed`
+        (seed, blobs) draws them here instead, standard normal in float32 at each blob's shape
+        after the forward pass, in the order given; the reply's "top_diffs" holds them."""
         net = self.net(prototxt, phase, weights, surgery)
         reshaped = False
         for name, value in inputs.items():
@@ -297,6 +300,13 @@ class Ops:
                 target[...] = value
         net.forward()
         out: dict[str, Any] = {"blobs": {name: b.data.copy() for name, b in net.blobs.items()}}
+        if top_diff_seed is not None:
+            rng = np.random.default_rng(top_diff_seed[0])
+            top_diffs = {
+                name: rng.standard_normal(net.blobs[name].data.shape).astype(np.float32)
+                for name in top_diff_seed[1]
+            }
+            out["top_diffs"] = top_diffs
         if return_params:
             out["params"] = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
         if backward:
@@ -532,6 +542,8 @@ class Ops:
         weights: str = "",
         surgery: str = "",
         backward: bool = False,
+        all_diffs: bool = False,
+        top_diff_seed: tuple[int, list[str]] | None = None,
     ) -> dict[str, Any]:
         """`run` on an example generated here (crossval.examplegen) instead of shipped: the
         reply carries the digest of every param the net ran with."""
@@ -549,6 +561,8 @@ class Ops:
             weights=weights,
             surgery=surgery,
             return_params=False,
+            all_diffs=all_diffs,
+            top_diff_seed=top_diff_seed,
         )
         net = self.net(prototxt, phase, weights, surgery)
         used = {name: [b.data for b in bl] for name, bl in net.params.items()}

@@ -17,15 +17,17 @@ from torch.overrides import TorchFunctionMode
 from reference import param_name
 
 from .. import examplegen
-from .. import validate as vp
 from ..buildcheck import Layer as LocLayer
 from ..buildcheck import localize
 from ..compare import Comparison, exact
 from ..errors import CrossvalError
+from ..inputs import closest
 from ..tolerances import segments as segtol
 from ..transfer import state_dict_key
-from ..worker import CaffeWorker
+from ..worker import CaffeError, CaffeWorker
+from . import plugins
 from .net import Net, NetLayer, Segment, read_net, segments
+from .port import Binding, PortFailure, PortGuard, UsageError, squeeze
 
 F64 = NDArray[np.float64]
 RANDOM_OPS = ("dropout", "bernoulli", "rand", "normal", "multinomial", "poisson")
@@ -85,10 +87,6 @@ class ExampleVerdict:
     @property
     def caffe_findings(self) -> list[Finding]:
         return [f for f in self.findings if f.side == "caffe"]
-
-
-Binding = vp.Binding
-_squeeze = vp.squeeze
 
 
 def _f64(a: Any) -> F64:
@@ -169,17 +167,37 @@ class PortChecker:
         mapping: Mapping[str, str] | None = None,
         weights: str = "",
         generate: bool = True,
+        *,
+        surgery: str = "",
+        guard: PortGuard | None = None,
     ) -> None:
+        """`surgery`: a layer whose kernel Caffe's side sets to arange(K) (the seed's
+        expectation head appended by validate-port's --head); `guard` runs the port's own
+        code (see ``port.PortGuard``)."""
         if "force_backward" not in prototxt.split("layer", 1)[0]:
             prototxt = "force_backward: true\n" + prototxt
         self.worker, self.prototxt, self.port = worker, prototxt, port
         self.net: Net = read_net(worker, prototxt, "TEST")
-        self.info = vp.describe(worker, prototxt, "TEST")
+        unknown = plugins.unsupported(lay.spec for lay in self.net.compute_layers)
+        if unknown:
+            raise UsageError(
+                f"the reference has no layer for {', '.join(unknown)}, so crossval cannot judge "
+                "the net there; a Python layer of your own needs a plugin that registers its "
+                "reference and bounds (--layer-plugin MODULE, see crossval.portcheck.plugins)"
+            )
+        self.recipe = self.net.recipe()
         self.mapping = dict(mapping or {})
         self.weights, self.generate = weights, generate or not weights
-        self.base = worker.call("params", prototxt=prototxt, phase="TEST", weights=weights)[
-            "params"
-        ]
+        self.surgery = surgery
+        self.guard = guard or PortGuard()
+        self.started = 0  # examples begun
+        self.current: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None = None
+        try:
+            self.base = worker.call(
+                "params", prototxt=prototxt, phase="TEST", weights=weights, surgery=surgery
+            )["params"]
+        except CaffeError as exc:
+            raise UsageError(str(exc).replace("params failed in the Caffe worker: ", "")) from None
         self.notes: list[str] = []
         trained = [
             f"{n or 'the port'} ({type(m).__name__})" for n, m in port.named_modules() if m.training
@@ -193,7 +211,6 @@ class PortChecker:
         if still:
             self.notes.append(f"modules still in training mode after eval(): {', '.join(still)}")
         self.bindings, self.static = self._bind()
-        self._shape_cache: dict[Any, dict[str, tuple[int, ...]]] = {}
 
     # ---- params -------------------------------------------------------------------------
 
@@ -212,6 +229,13 @@ class PortChecker:
                     key = state_dict_key(lay.name, p.index, self.mapping)
                 except CrossvalError as exc:
                     missing.append(str(exc))
+                    continue
+                if key not in tensors and p.lr_mult == 0:
+                    self.notes.append(
+                        f"Caffe {lay.name}/{p.index} is fixed (lr_mult 0) and the port has no "
+                        f"tensor {key!r} for it: its constant is checked through "
+                        f"{lay.name}'s values only"
+                    )
                     continue
                 if key not in tensors:
                     missing.append(
@@ -274,8 +298,15 @@ class PortChecker:
                     )
                     if not cmp.passed:
                         findings.append(Finding("fixed", "port", *where, str(cmp), key))
+        names = [f"{x.name}/{p.index}" for x in self.net.compute_layers for p in x.params]
+        for k in self.mapping:
+            if k not in names:
+                missing.append(
+                    f"--map key {k!r} names no Caffe param (keys are layer/index)"
+                    + closest(k, names)
+                )
         if missing:
-            raise vp.UsageError(
+            raise UsageError(
                 "weights do not map between Caffe and the port:\n  " + "\n  ".join(missing)
             )
         bound_keys = {b.key for b in out}
@@ -301,7 +332,7 @@ class PortChecker:
 
     def arrays(self, ex: PortExample) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
         return examplegen.generate(
-            vp.recipe(self.info),
+            self.recipe,
             ex.seed,
             ex.input_scale,
             ex.weight_scale,
@@ -310,30 +341,52 @@ class PortChecker:
             self.generate,
         )
 
-    def _blob_shapes(
-        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, list[np.ndarray]]
-    ) -> dict[str, tuple[int, ...]]:
-        """Caffe's blob shapes for these input shapes (one forward per input shape: a top's
-        shape does not follow the batch by any rule crossval could guess)."""
-        key = tuple(sorted((k, v.shape) for k, v in inputs.items()))
-        if key not in self._shape_cache:
-            if all(tuple(v.shape) == self.net.inputs.get(k) for k, v in inputs.items()):
-                self._shape_cache[key] = dict(self.net.blobs)
-            else:
-                got = self.worker.call(
-                    "run",
-                    prototxt=self.prototxt,
-                    inputs=dict(inputs),
-                    params=dict(params),
-                    phase="TEST",
-                    return_params=False,
-                )
-                self._shape_cache[key] = {k: tuple(np.shape(v)) for k, v in got["blobs"].items()}
-        return self._shape_cache[key]
-
     def _producer(self, blob: str) -> NetLayer | None:
         writers = self.net.writers(blob)
         return writers[-1] if writers else None
+
+    def _caffe(
+        self,
+        ex: PortExample,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        generated: bool,
+    ) -> dict[str, Any]:
+        """Caffe forward and backward on the example, the top diffs drawn in the worker from
+        the example's seed. A generated example is made by the worker itself (no 550 MB of
+        VGG-16 weights through a pipe), which proves by digest that its weights are these."""
+        seeds = (ex.seed ^ 0x5EED, list(self.net.outputs))
+        common: dict[str, Any] = dict(
+            prototxt=self.prototxt,
+            phase="TEST",
+            backward=True,
+            all_diffs=True,
+            surgery=self.surgery,
+            top_diff_seed=seeds,
+        )
+        if not generated:
+            return dict(
+                self.worker.call("run", inputs=inputs, params=params, return_params=False, **common)
+            )
+        got = dict(
+            self.worker.call(
+                "run_generated",
+                recipe=self.recipe,
+                seed=ex.seed,
+                input_scale=ex.input_scale,
+                weight_scale=ex.weight_scale,
+                batch=ex.batch,
+                learnable=self.generate,
+                weights=self.weights,
+                **common,
+            )
+        )
+        if got["digest"] != examplegen.digest(params):
+            raise CrossvalError(
+                "the Caffe worker generated other weights than the port got (different "
+                "numpy?); rerun with --replay"
+            )
+        return got
 
     def run(
         self,
@@ -342,23 +395,13 @@ class PortChecker:
     ) -> ExampleVerdict:
         """One example: generated from `ex`, or the given (inputs, params) `arrays`."""
         verdict = ExampleVerdict(ex, findings=list(self.static), notes=list(self.notes))
-        desc = ex.describe() if arrays is None else f"given arrays, batch {ex.batch}"
+        desc = ex.describe() if arrays is None else f"replayed example, batch {ex.batch}"
         inputs, params = self.arrays(ex) if arrays is None else arrays
-        rng = np.random.default_rng(ex.seed ^ 0x5EED)
-        outputs = self.net.outputs
-        shapes = self._blob_shapes(inputs, params)
-        top_diffs = {o: rng.standard_normal(shapes[o]).astype(np.float32) for o in outputs}
-        caffe = self.worker.call(
-            "run",
-            prototxt=self.prototxt,
-            inputs=inputs,
-            params=params,
-            phase="TEST",
-            backward=True,
-            top_diffs=top_diffs,
-            all_diffs=True,
-            return_params=False,
-        )
+        self.started += 1
+        self.current = (inputs, params)
+        self.guard.begin_example(self.started, desc, ex, inputs, params)
+        caffe = self._caffe(ex, inputs, params, arrays is None)
+        top_diffs: dict[str, np.ndarray] = caffe["top_diffs"]
         self._check_caffe(verdict, caffe, params, desc)
         got = self._run_port(verdict, inputs, params, top_diffs)
         if got is None:
@@ -374,6 +417,7 @@ class PortChecker:
             (verdict.local_layers if seg.local else verdict.segment_layers).extend(
                 lay.name for lay in seg.layers
             )
+        self._unverified(verdict, segs)
         seen = {k: _f64(v) for k, v in values.items() if k in shaped}
         for k, v in inputs.items():  # the net's inputs are the port's, returned or not
             seen.setdefault(k, _f64(v))
@@ -391,6 +435,27 @@ class PortChecker:
             diff_ok=lambda b: True,
         )
         return verdict
+
+    def _unverified(self, verdict: ExampleVerdict, segs: list[Segment]) -> None:
+        """Layers after the last blob the port returns are verified by nothing: a finding,
+        or a port that drops a net's output would pass on the blobs before it."""
+        for seg in segs:
+            if seg.outputs or not any(lay.spec.tops for lay in seg.layers):
+                continue
+            tops = [t for lay in seg.layers for t in lay.spec.tops]
+            verdict.findings.append(
+                Finding(
+                    "unreturned",
+                    "port",
+                    seg.layers[0].describe() if seg.local else seg.label,
+                    self._position(seg.layers[0].name),
+                    "not verified: the port returns none of the blobs "
+                    f"{', '.join(dict.fromkeys(tops))} (return the net's outputs, and to "
+                    "localise every blob, by name)",
+                    tops[-1],
+                    seg.local,
+                )
+            )
 
     def _run_port(
         self,
@@ -419,19 +484,27 @@ class PortChecker:
         xs = {k: torch.from_numpy(v).requires_grad_(True) for k, v in inputs.items()}
         running = _Running(self.port)
         try:
-            try:
-                out = self.port(**xs)
-            except Exception as exc:
-                self._raised(verdict, exc, running.stack, "forward")
-                return None
+            with self.guard.call("its forward"):
+                try:
+                    out = self.port(**xs)
+                except Exception as exc:
+                    self._raised(verdict, exc, running.stack, "forward")
+                    return None
+            where = self.guard.where("its forward")
             if not isinstance(out, Mapping):
-                raise vp.UsageError(
+                raise PortFailure(
                     f"the port's forward returned {type(out).__name__}, not a dict from Caffe "
-                    "blob names to tensors"
+                    f"blob names to tensors, in {where}"
+                )
+            wrong = [f"{k!r}: {type(v).__name__}" for k, v in out.items() if not torch.is_tensor(v)]
+            if wrong:
+                raise PortFailure(
+                    f"the port's forward returned values that are not tensors ({', '.join(wrong)})"
+                    f" in {where}"
                 )
             unknown = [n for n in out if n not in self.net.blobs]
             if unknown:
-                raise vp.UsageError(
+                raise UsageError(
                     f"the port returned blobs {unknown}, which the net does not have "
                     f"(blobs: {', '.join(self.net.blobs)})"
                 )
@@ -444,12 +517,13 @@ class PortChecker:
                 for o, g in top_diffs.items()
                 if o in values and values[o].requires_grad and values[o].numel() == g.size
             ]
-            try:
-                if seeded:
-                    torch.autograd.backward([t for t, _ in seeded], [g for _, g in seeded])
-            except Exception as exc:
-                self._raised(verdict, exc, [], "backward")
-                return None
+            with self.guard.call("its backward"):
+                try:
+                    if seeded:
+                        torch.autograd.backward([t for t, _ in seeded], [g for _, g in seeded])
+                except Exception as exc:
+                    self._raised(verdict, exc, [], "backward")
+                    return None
             self._determinism(verdict, xs, values, running)
         finally:
             running.close()
@@ -472,14 +546,15 @@ class PortChecker:
         module = stack[-1] if stack else ""
         owner = module.split(".")[-1]
         lay = next((x for x in self.net.compute_layers if param_name(x.name) == owner), None)
-        where = f" in its module {module!r}" if module else ""
+        where = f" (module {module!r})" if module else ""
         verdict.findings.append(
             Finding(
                 "exception",
                 "port",
                 lay.describe() if lay else (module or "the port"),
                 self._position(lay.name) if lay else 0,
-                f"the port raised {type(exc).__name__}: {exc} in its {what}{where}",
+                f"the port raised {type(exc).__name__}: {exc} in "
+                + self.guard.where(f"its {what}{where}"),
             )
         )
 
@@ -492,12 +567,14 @@ class PortChecker:
     ) -> None:
         """Run the port again on the same inputs: every returned blob must be bit-identical."""
         mode = _RandomCalls(running)
-        with torch.no_grad(), mode:
+        with torch.no_grad(), mode, self.guard.call("its second forward"):
             try:
                 again = self.port(**{k: v.detach() for k, v in xs.items()})
             except Exception as exc:
                 self._raised(verdict, exc, running.stack, "second forward")
                 return
+        if not isinstance(again, Mapping):
+            return  # the first forward's result was checked
         for blob in self.net.blobs:
             if blob not in first or blob not in again:
                 continue
@@ -541,7 +618,7 @@ class PortChecker:
         for blob, t in values.items():
             want = tuple(np.shape(caffe["blobs"][blob]))
             got = tuple(t.shape)
-            if got == want or (t.numel() == int(np.prod(want)) and _squeeze(got) == _squeeze(want)):
+            if got == want or (t.numel() == int(np.prod(want)) and squeeze(got) == squeeze(want)):
                 ok.add(blob)
                 continue
             lay = self._producer(blob)

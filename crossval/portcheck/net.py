@@ -10,6 +10,7 @@ from typing import Any
 from reference.layers import LayerSpec
 
 from ..worker import CaffeError, CaffeWorker
+from .port import UsageError
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,69 @@ class Net:
     def layer(self, name: str) -> NetLayer:
         return next(lay for lay in self.layers if lay.name == name)
 
+    def recipe(self) -> dict[str, Any]:
+        """What ``examplegen.generate`` needs to know of the net: each input's shape (and
+        its number of classes when it holds SoftmaxWithLoss labels), each layer's params,
+        and whether the layer feeds a squashing layer (its weights are scaled up to
+        saturate it)."""
+        label_of: dict[str, int] = {}
+        for lay in self.compute_layers:
+            if lay.type == "SoftmaxWithLoss" and len(lay.spec.bottoms) > 1:
+                label_of[lay.spec.bottoms[1]] = self.blobs[lay.spec.bottoms[0]][1]
+        squashed = {
+            b for lay in self.compute_layers if lay.type in SQUASHING for b in lay.spec.bottoms
+        }
+        return {
+            "inputs": [(n, tuple(s), label_of.get(n, 0)) for n, s in self.inputs.items()],
+            "params": [
+                (
+                    lay.name,
+                    [(p.shape, p.lr_mult) for p in lay.params],
+                    any(t in squashed for t in lay.spec.tops),
+                )
+                for lay in self.compute_layers
+                if lay.params
+            ],
+        }
+
+
+SQUASHING = ("Softmax", "Sigmoid", "TanH")
+
+
+def append_expectation_head(prototxt: str, net: Net, bins: int) -> str:
+    """The seed's expectation head on the net's (last) Softmax output: pred_age, a
+    Convolution with lr_mult 0 and no bias whose kernel net surgery sets to arange(K)."""
+    softmaxes = [lay for lay in net.compute_layers if lay.type == "Softmax"]
+    if not softmaxes:
+        raise UsageError(
+            "--head expectation needs a Softmax layer in the net; it has none "
+            f"(layers: {', '.join(lay.type for lay in net.compute_layers)})"
+        )
+    prob = softmaxes[-1].spec.tops[0]
+    channels = net.blobs[prob][1] if len(net.blobs[prob]) > 1 else 1
+    if channels != bins:
+        raise UsageError(
+            f"--bins {bins}, but the net's Softmax output {prob!r} has "
+            f"{channels} bins (shape {net.blobs[prob]})"
+        )
+    if "pred_age" in net.blobs:
+        raise UsageError("the net already has a blob named 'pred_age'")
+    head = (
+        "layer {\n"
+        '  name: "pred_age"\n'
+        '  type: "Convolution"\n'
+        f'  bottom: "{prob}"\n'
+        '  top: "pred_age"\n'
+        "  param { lr_mult: 0 }\n"
+        "  convolution_param { num_output: 1 bias_term: false }\n"
+        "}\n"
+    )
+    return prototxt + head
+
 
 def read_net(worker: CaffeWorker, prototxt: str, phase: str = "TEST") -> Net:
     """The net as Caffe instantiates it in `phase` (`describe`), each layer's parameter
     messages with Caffe's defaults (`layer_specs`)."""
-    from ..validate import UsageError
-
     try:
         got = worker.call("describe", prototxt=prototxt, phase=phase)
         specs = worker.call("layer_specs", prototxt=prototxt)

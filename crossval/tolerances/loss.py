@@ -66,6 +66,12 @@ RULES = (
         "subtraction, g / normalizer and the product each round once",
     ),
     Rule(
+        "layer_python",
+        "a Python layer: the bound registered for its python_param module and layer",
+        "layer_smooth_l1 for crossval's SmoothL1Loss; for a user's layer, the forward and "
+        "backward bounds its plugin registers with its float64 reference",
+    ),
+    Rule(
         "layer_smooth_l1",
         "L = sum f(a - b) / N, f the Fast R-CNN SmoothL1 with sigma (crossval's Python layer)",
         "(gamma(M + 3) sum |f| + sum min(s2 |d|, 1) u |d| + sum_{|d| >= (1 - 4u) / s2} u / s2) "
@@ -264,6 +270,35 @@ def _smooth_l1_backward(
     return [e, np.reshape(e, np.shape(bottoms[1]))], []
 
 
+# Python layers by (python_param.module, python_param.layer): crossval's own, and those a
+# user's plugin registers (``crossval.portcheck.plugins.register_python_layer``).
+PYTHON_BOUNDS: dict[tuple[str, str], LayerBound] = {
+    ("crossval.caffe_side.layers", "SmoothL1Loss"): LayerBound(
+        "layer_smooth_l1", _smooth_l1_forward, "layer_smooth_l1_grad", _smooth_l1_backward
+    ),
+}
+
+
+def _python_bound(spec: LayerSpec) -> LayerBound:
+    p = spec.param("python_param")
+    key = (str(p["module"]), str(p["layer"]))
+    if key not in PYTHON_BOUNDS:
+        raise UnsupportedLayer(spec.name, f"Python ({key[0]}.{key[1]})")
+    return PYTHON_BOUNDS[key]
+
+
+def _python_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
+    """The bound of the Python layer `spec` names (PYTHON_BOUNDS)."""
+    return _python_bound(spec).forward(spec, bottoms, blobs, tops)
+
+
+def _python_backward(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
+) -> tuple[list[F64 | None], list[F64 | None]]:
+    """The bound of the Python layer `spec` names (PYTHON_BOUNDS)."""
+    return _python_bound(spec).backward(spec, bottoms, blobs, tops, top_diffs)
+
+
 LAYER_BOUNDS["Python"] = LayerBound(
-    "layer_smooth_l1", _smooth_l1_forward, "layer_smooth_l1_grad", _smooth_l1_backward
+    "layer_python", _python_forward, "layer_python", _python_backward
 )

@@ -163,18 +163,19 @@ def _smooth_l1(spec: LayerSpec, bottoms: Sequence[Tensor]) -> Tensor:
         raise _bad(spec, str(exc)) from None
 
 
-# The Python layers crossval ships, by (python_param.module, python_param.layer).
-PYTHON_LAYERS: dict[tuple[str, str], Callable[[LayerSpec, Sequence[Tensor]], Tensor]] = {
-    ("crossval.caffe_side.layers", "SmoothL1Loss"): _smooth_l1,
+# The Python layers the reference knows, by (python_param.module, python_param.layer):
+# crossval's own, and those a user's plugin registers. Each gives the layer's tops.
+PYTHON_LAYERS: dict[tuple[str, str], Callable[[LayerSpec, Sequence[Tensor]], list[Tensor]]] = {
+    ("crossval.caffe_side.layers", "SmoothL1Loss"): lambda spec, b: [_smooth_l1(spec, b)],
 }
 
 
 @register("Python")
 def python(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
-    """y = the Python layer python_param names, among those crossval knows (SmoothL1Loss)."""
+    """y = the Python layer python_param names, among those registered (PYTHON_LAYERS)."""
     p = spec.param("python_param")
     key = (str(p["module"]), str(p["layer"]))
     fn = PYTHON_LAYERS.get(key)
     if fn is None:
         raise UnsupportedLayer(spec.name, f"Python ({key[0]}.{key[1]})")
-    return [fn(spec, bottoms)]
+    return fn(spec, bottoms)

@@ -21,6 +21,7 @@ __all__ = [
     "TinyCNN",
     "make",
     "make_dropout_active",
+    "make_functional_dropout",
     "make_pool_floor",
     "make_softmax_dim0",
 ]
@@ -74,6 +75,17 @@ class _FloorPooling(TinyCNN):
     ceil_mode = False
 
 
+class _FunctionalDropout(TinyCNN):
+    def __init__(self, size: int = 9, bins: int = 7) -> None:
+        super().__init__(size, bins)
+        self.drop1 = _AlwaysDropout()
+
+
+class _AlwaysDropout(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, 0.5)  # training=True by default, whatever eval() says
+
+
 class _SoftmaxOnSqueezed(TinyCNN):
     def softmax(self, logits: Tensor) -> Tensor:
         # Written and tried on one image: squeeze() leaves (K,), where dim 0 is the bins. With
@@ -97,11 +109,22 @@ def make_pool_floor(*, size: int = 9, bins: int = 7) -> nn.Module:
 
 
 def make_dropout_active(*, size: int = 9, bins: int = 7) -> nn.Module:
-    """Left in train mode: drop1 zeroes half the values and doubles the rest at inference.
+    """Left in train mode: drop1 zeroes half the values and doubles the rest at inference
+    (validate-port runs ports in eval(), as deployed, and says so; run as made, it
+    diverges).
 
     Diverges first at: ``drop1`` (random: reseed torch to reproduce a run).
     """
     return TinyCNN(size, bins).train()
+
+
+def make_functional_dropout(*, size: int = 9, bins: int = 7) -> nn.Module:
+    """``F.dropout(x, 0.5)`` in drop1: its ``training`` argument defaults to True, so it
+    drops at inference whatever ``eval()`` says.
+
+    Diverges first at: ``drop1`` (random: reseed torch to reproduce a run).
+    """
+    return _FunctionalDropout(size, bins).eval()
 
 
 def make_softmax_dim0(*, size: int = 9, bins: int = 7) -> nn.Module:
