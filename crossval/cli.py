@@ -691,3 +691,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if in_main:
+            clear_interrupt()  # the caller (a test calling main) goes on undisturbed
