@@ -523,6 +523,8 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     t64 = run_torch_batch(
         head, batch, torch.float64, harness.module(REFERENCE, head, case, torch.float64)
     )
+    # The bounds need only the float64 reference: made while Caffe may still be running.
+    b = head.bounds_each(case, batch.x, batch.target, batch.weights, t64.blobs, t64.grads)
     caffe: ManyRuns = pending()
     out = BatchResult(batch)
     add = out.comparisons.append
@@ -538,7 +540,6 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
         every = np.broadcast_to(t32.fixed.astype(np.float32), (batch.size, *want.shape))
         add(exact_each("fixed torch", key, every, want[None], desc))
 
-    b = head.bounds_each(case, batch.x, batch.target, batch.weights, t64.blobs, t64.grads)
     for blob in head.blobs(case):
         out.comparisons += three_way_each(
             "forward",
