@@ -414,9 +414,10 @@ def inner_product_grads(x: F64, w: F64, g_y: F64, e_gy: F64) -> tuple[F64, F64, 
     axes, if any, index independent cases."""
     n, m = g_y.shape[-2:]
     ag, aw, ax = np.abs(g_y), np.abs(w), np.abs(x)
-    e_x: F64 = gamma(m) * (ag @ aw) + e_gy @ aw + m * ETA32
-    ag_t, e_gy_t = np.swapaxes(ag, -1, -2), np.swapaxes(e_gy, -1, -2)
-    e_w: F64 = gamma(n) * (ag_t @ ax) + e_gy_t @ ax + n * ETA32
+    # gamma |g_y| |W| + e_gy |W| as one product, (gamma |g_y| + e_gy) |W| (and likewise for
+    # g_W): the same bound, two matrix products instead of four.
+    e_x: F64 = (gamma(m) * ag + e_gy) @ aw + m * ETA32
+    e_w: F64 = np.swapaxes(gamma(n) * ag + e_gy, -1, -2) @ ax + n * ETA32
     e_b: F64 = gamma(n) * ag.sum(axis=-2) + e_gy.sum(axis=-2) + n * ETA32
     return e_x, e_w, e_b
 
