@@ -477,7 +477,11 @@ def submit_run_many(
 ) -> Callable[[], ManyRuns]:
     """Forward and backward of many cases in the worker (``Ops.op_run_many``): case m with
     ``inputs[name][m]`` and ``params[layer][i][m]``. Returns a function that waits for the
-    result (the worker runs while the caller works)."""
+    result (the worker runs while the caller works).
+
+    The params sent are read back and compared bit for bit in the worker, which returns only
+    the cases whose read-back differs: the result's params are the values sent (as float32,
+    Caffe's type) with those cases' read-back values put in."""
     pending = worker.submit(
         "run_many",
         prototxt=prototxt,
@@ -488,7 +492,12 @@ def submit_run_many(
 
     def wait() -> ManyRuns:
         reply = pending()
-        return ManyRuns(reply["blobs"], reply["diffs"], reply["params"], reply["param_diffs"])
+        back = {k: [np.asarray(v, dtype=np.float32).copy() for v in vs] for k, vs in params.items()}
+        for layer, i, case, value in reply["sent_back"]:
+            back[layer][i][case] = value
+        return ManyRuns(
+            reply["blobs"], reply["diffs"], {**reply["params"], **back}, reply["param_diffs"]
+        )
 
     return wait
 

@@ -295,3 +295,22 @@ def test_batch_verdicts_are_comparison_verdicts_in_any_chunking(
         ]
         assert c.failed_each.tolist() == want and any(want) and not all(want)
         assert [c.one(i).passed for i in range(9)] == [not w for w in want]
+
+
+def test_params_caffe_cannot_hold_come_back_as_read(harness: Harness) -> None:
+    """The worker compares the params it was sent with Caffe's read-back bit for bit and
+    returns the cases that differ: float64 weights come back as Caffe holds them (float32)."""
+    batch = expand(_spec("sigmoid_scale", "euclidean", count=3, features=4))
+    case = batch.template
+    head = HEADS[case.head]
+    proto = harness.prototxt(head, case)
+    w = np.full((3, 1, 4), 0.5)
+    w[1, 0, 2] = 0.1  # not a float32
+    sent = [w, batch.weights["fc1.bias"].astype(np.float64)]
+    inputs = {"pool5": batch.x, "true_age": batch.target}
+    runs = batched.submit_run_many(harness.worker, proto, inputs, {"fc1": sent})()
+    back = runs.params["fc1"][0]
+    assert back.dtype == np.float32 and back[1, 0, 2] == np.float32(0.1) and back[0, 0, 0] == 0.5
+    assert runs.params["pred_age"][0].shape == (3, 1) and (runs.params["pred_age"][0] == 99).all()
+    wrong = exact_each("transfer", "fc1/0", back, w, str)
+    assert wrong.failed_each.all() and "dtype" in wrong.rule

@@ -338,7 +338,10 @@ class Ops:
         net: every array of `inputs` and `params` has a leading case axis, and case m runs with
         `inputs[...][m]` and `params[...][i][m]`. The reply stacks, per case, every blob, the
         diffs of the inputs, and every param's data (read back after the case's run) and
-        diff; see ``crossval.worker.ManyRuns``."""
+        diff; see ``crossval.worker.ManyRuns``. The params that were sent are read back and
+        compared bit for bit here: the reply's "params" leave them out, and "sent_back" holds
+        (layer, i, case, read-back value) for each case whose read-back differs at all (the
+        client puts those back into the values it sent)."""
         net = self.net(prototxt, phase, "", surgery)
         cases = {len(v) for v in inputs.values()}
         cases |= {len(b) for blobs in params.values() for b in blobs}
@@ -371,8 +374,11 @@ class Ops:
         out_blobs = {name: np.empty((count, *v.shape), v.dtype) for name, v in data.items()}
         out_diffs = {name: np.empty((count, *v.shape), v.dtype) for name, v in in_diffs.items()}
         out_params = {
-            n: [np.empty((count, *v.shape), v.dtype) for v in bl] for n, bl in p_data.items()
+            n: [np.empty((count, *v.shape), v.dtype) for v in bl]
+            for n, bl in p_data.items()
+            if n not in params
         }
+        sent_back: list[tuple[str, int, int, np.ndarray]] = []
         out_pdiffs = {
             n: [np.empty((count, *v.shape), v.dtype) for v in bl] for n, bl in p_diffs.items()
         }
@@ -395,7 +401,10 @@ class Ops:
                 out_diffs[name][m] = v
             for name, bl in p_data.items():
                 for i, v in enumerate(bl):
-                    out_params[name][i][m] = v
+                    if name not in params:
+                        out_params[name][i][m] = v
+                    elif v.tobytes() != params[name][i][m].tobytes():
+                        sent_back.append((name, i, m, v.copy()))
             for name, bl in p_diffs.items():
                 for i, v in enumerate(bl):
                     out_pdiffs[name][i][m] = v
@@ -403,6 +412,7 @@ class Ops:
             "blobs": out_blobs,
             "diffs": out_diffs,
             "params": out_params,
+            "sent_back": sent_back,
             "param_diffs": out_pdiffs,
         }
 
