@@ -600,10 +600,11 @@ def check_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     )
     lines = [str(c) for c in shown]
     text = "\n  ".join(lines[:6]) + (f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else "")
+    made = batch.label.startswith("Spec(")
+    again = f"crossval.batched.expand({batch.label}).case({i})" if made else batch.label
     raise BatchFailure(
         f"{len(failing)} of {batch.size} cases failed; the first, case {i}, fails {how}:\n"
-        f"  {text}\ncase: {batch.describe(i)}\n"
-        f"reproduce: crossval.batched.expand({batch.label}).case({i})"
+        f"  {text}\ncase: {batch.describe(i)}\nreproduce: {again}"
     )
 
 
