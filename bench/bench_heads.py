@@ -1,21 +1,25 @@
-"""Benchmark: cross-framework examples per second for each head+loss property, against the
-raw cost of one Caffe and one PyTorch forward+backward of the same case.
+"""Benchmark: verified cases per second for each head+loss property, batched (many cases per
+hypothesis example, crossval.batched) and one case per example (the per-case path), against
+the raw cost of one Caffe and one PyTorch forward+backward of the same case.
 
-    python bench/bench_heads.py [--examples 300] [--batch 8] [--features 64] [--bins 100]
+    python bench/bench_heads.py [--examples 20] [--cases 64] [--single 300]
+                                [--batch 8] [--features 64] [--bins 100]
 
-Prints a markdown table (the README's figures come from it). Not a test: nothing here
-asserts a time.
+Prints a markdown table (docs/performance.md's figures come from it). Not a test: nothing
+here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crossval.batched import case_batches, check_batch
 from crossval.checks import Harness
 from crossval.heads import COMBINATIONS, HEADS, LOSSES
 from crossval.report import fixed_settings
@@ -56,9 +60,10 @@ def raw_costs(
     return caffe, best
 
 
-def examples_per_second(
+def single_cases_per_second(
     harness: Harness, combo: tuple[str, str], examples: int, n: int, d: int, k: int
 ) -> float:
+    """The per-case path: one case per hypothesis example (``Harness.run_case``)."""
     strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
     count = 0
 
@@ -68,6 +73,31 @@ def examples_per_second(
         nonlocal count
         count += 1
         assert harness.run_case(case).passed  # type: ignore[arg-type]
+
+    t0 = time.perf_counter()
+    prop()
+    return count / (time.perf_counter() - t0)
+
+
+def batched_cases_per_second(
+    harness: Harness, combo: tuple[str, str], examples: int, per: int, n: int, d: int, k: int
+) -> float:
+    """Batched: `per` cases per hypothesis example, every one verified (``check_batch``)."""
+    strategy = case_batches(
+        combos=(combo,),
+        count=per,
+        batches=st.just(n),
+        features=st.just(d),
+        bins=st.just(k),
+        max_work=None,
+    )
+    count = 0
+
+    @fixed_settings(examples)  # type: ignore[untyped-decorator]
+    @given(batch=strategy)
+    def prop(batch: object) -> None:
+        nonlocal count
+        count += check_batch(harness, batch).batch.size  # type: ignore[arg-type]
 
     t0 = time.perf_counter()
     prop()
@@ -90,7 +120,9 @@ def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=300)
+    ap.add_argument("--examples", type=int, default=20, help="hypothesis examples, batched")
+    ap.add_argument("--cases", type=int, default=64, help="cases per example, batched")
+    ap.add_argument("--single", type=int, default=300, help="examples of the per-case path")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--bins", type=int, default=100)
@@ -99,21 +131,26 @@ def main() -> None:
     with CaffeWorker() as worker:
         harness = Harness(worker)
         print(
-            f"batch {n}, features {d}, K {k}, {args.examples} examples per property, "
-            f"torch threads {torch.get_num_threads()}\n"
+            f"{datetime.date.today()}: batch {n}, features {d}, K {k}; batched: "
+            f"{args.examples} examples x {args.cases} cases per property; per case: "
+            f"{args.single} examples; torch threads {torch.get_num_threads()}\n"
         )
         print(
-            "| property | examples/s | ms/example | raw Caffe fwd+bwd | raw PyTorch fwd+bwd "
-            "| overhead (x raw) |"
+            "| property | cases/s, batched | us/case | overhead (x raw) "
+            "| cases/s, one per example | overhead (x raw) "
+            "| raw Caffe fwd+bwd | raw PyTorch fwd+bwd |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for combo in COMBINATIONS:
             caffe, pt = raw_costs(harness, *combo, n, d, k)
-            rate = examples_per_second(harness, combo, args.examples, n, d, k)
-            per = 1.0 / rate
+            batched_cases_per_second(harness, combo, 2, args.cases, n, d, k)  # warm up
+            rate = batched_cases_per_second(harness, combo, args.examples, args.cases, n, d, k)
+            single = single_cases_per_second(harness, combo, args.single, n, d, k)
+            raw = caffe + pt
             print(
-                f"| {'+'.join(combo)} | {rate:.0f} | {per * 1e3:.2f} | {caffe * 1e6:.0f} us "
-                f"| {pt * 1e6:.0f} us | {per / (caffe + pt):.1f} |"
+                f"| {'+'.join(combo)} | {rate:.0f} | {1e6 / rate:.0f} | "
+                f"{1 / rate / raw:.2f} | {single:.0f} | {1 / single / raw:.1f} | "
+                f"{caffe * 1e6:.0f} us | {pt * 1e6:.0f} us |"
             )
         combo = ("expectation", "euclidean")
         strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
