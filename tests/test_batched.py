@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_heads import PINNED
 from torch.func import vmap
 
@@ -314,3 +316,34 @@ def test_params_caffe_cannot_hold_come_back_as_read(harness: Harness) -> None:
     assert runs.params["pred_age"][0].shape == (3, 1) and (runs.params["pred_age"][0] == 99).all()
     wrong = exact_each("transfer", "fc1/0", back, w, str)
     assert wrong.failed_each.all() and "dtype" in wrong.rule
+
+
+@pytest.mark.thorough  # about 10 s: every shrinking step runs a batch and its case alone
+def test_a_failing_property_shrinks_its_spec(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong reference (scale 100) fails the batched property; hypothesis shrinks the spec
+    (the smallest batch and features) and the failure names the first failing case, alone."""
+    head = HEADS["sigmoid_scale"]
+    monkeypatch.setattr(
+        type(head), "fixed_value", lambda self, case: np.array([100.0], dtype=np.float32)
+    )
+
+    @settings(max_examples=20, database=None, derandomize=True, deadline=None)
+    @given(
+        batch=batched.case_batches(
+            combos=(("sigmoid_scale", "euclidean"),),
+            count=4,
+            spreads=st.just(1.0),
+            batches=st.integers(1, 3),
+            features=st.integers(1, 3),
+        )
+    )
+    def prop(batch: CaseBatch) -> None:
+        check_batch(harness, batch)
+
+    with pytest.raises(BatchFailure) as info:
+        prop()
+    text = str(info.value)
+    assert "the first, case 0, fails alone too" in text
+    assert "sigmoid_scale+euclidean N=1 D=1 " in text and "batch=1, features=1" in text
