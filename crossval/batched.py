@@ -146,18 +146,22 @@ def expand(spec: Spec) -> CaseBatch:
     rng = np.random.default_rng(spec.seed)
     x = rng.standard_normal((m, n, d)).astype(np.float32)
     # Uniform weights with build_case's variance (1 / D): a quarter of the cost of normal ones
-    # to draw, and they are scaled to the spread below all the same.
-    w = (rng.random((m, k, d)) - 0.5) * np.sqrt(12.0 / d)
+    # to draw, and they are scaled to the spread below all the same. In float32 throughout
+    # (the spread is a region to reach, not a value to hit exactly).
+    w = rng.random((m, k, d), dtype=np.float32)
+    w -= np.float32(0.5)
+    w *= np.float32(np.sqrt(12.0 / d))
     b = rng.standard_normal((m, k))
-    z = x.astype(np.float64) @ w.transpose(0, 2, 1) + b[:, None, :]
+    z = (x @ w.transpose(0, 2, 1)).astype(np.float64) + b[:, None, :]
     if head == "sigmoid_scale":
         reach = np.abs(z).reshape(m, -1).max(1)
     else:
         reach = (z.max(2) - z.min(2)).max(1)
     factor = np.where(reach > 0, spec.spread / np.where(reach > 0, reach, 1.0), 1.0)
-    w, b = w * factor[:, None, None], b * factor[:, None]
+    w *= factor.astype(np.float32)[:, None, None]
+    b = b * factor[:, None]
     ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
-    weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
+    weights = {f"{ip}.weight": w, f"{ip}.bias": b.astype(np.float32)}
 
     ignore: int | None = None
     normalization = spec.normalization
