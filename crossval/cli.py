@@ -18,6 +18,7 @@ from .errors import (
     CrossvalError,
     clear_interrupt,
     on_interrupt,
+    quiet_interrupts,
     raise_if_interrupted,
 )
 from .inputs import finite_float, nonnegative_int, positive_float, positive_int
@@ -672,10 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
+    unraisable = sys.unraisablehook
     if in_main:
         clear_interrupt()
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_interrupt)
+        sys.unraisablehook = quiet_interrupts(unraisable)
     try:
         code = func(args)
         raise_if_interrupted()
@@ -692,4 +695,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if in_main:
+            sys.unraisablehook = unraisable
             clear_interrupt()  # the caller (a test calling main) goes on undisturbed

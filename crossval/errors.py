@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 EXIT_PASS = 0
 EXIT_FINDING = 1  # a finding about the thing under test (a mismatch, a regression, a crash)
 EXIT_USAGE = 2  # bad usage or input
@@ -43,6 +46,19 @@ def on_interrupt(signum: int, frame: object) -> None:
     global _interrupted_by
     _interrupted_by = signum
     raise KeyboardInterrupt
+
+
+def quiet_interrupts(hook: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An unraisable-exception hook that drops the KeyboardInterrupt of a remembered signal
+    (Python would print it as "Exception ignored in ..." with a traceback) and passes
+    everything else to `hook`."""
+
+    def quiet(info: Any) -> object:
+        if _interrupted_by is not None and isinstance(info.exc_value, KeyboardInterrupt):
+            return None
+        return hook(info)
+
+    return quiet
 
 
 def raise_if_interrupted() -> None:

@@ -230,8 +230,9 @@ def test_port_returning_nothing_is_a_finding(
     )
     assert code == EXIT_FINDING, out + err
     assert "MATCH:" not in out and "MISMATCH" in out
-    assert "NOTHING COMPARED: the port returned none of the net's output blobs (prob)" in out
-    assert "it returned no blob at all" in out
+    assert "first failing layer: conv1 (Convolution)" in out  # the first unverified layer
+    assert "not verified: the port returns none of the blobs conv1, relu1, pool1" in out
+    assert "blobs the port did not return: conv1, relu1, pool1, fc1" in out
 
 
 def test_port_returning_non_tensors_is_a_finding(
@@ -260,7 +261,8 @@ def test_input_blob_divergence_is_named_as_an_input(
         capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_changes_input"
     )
     assert code == EXIT_FINDING, out + err
-    assert "first diverging blob: 'data', an input of the net" in out
+    assert "first failing layer: input data" in out
+    assert "the port returned its input 'data' changed (does it modify its input in place?)" in out
     assert "written by ;" not in out and "its inputs []" not in out
 
 

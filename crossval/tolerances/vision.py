@@ -45,7 +45,10 @@ RULES = (
         "Backward: each q = g y / s within |q| (F(r, -beta - 1) + (LIBM_ULPS + 6) u (1 + F)), "
         "their window sum adds the same running-sum term (Caffe) or gamma(size) (direct), "
         "both included; g s^-beta within (F(r, -beta) + (LIBM_ULPS + 2) u (1 + F)); the "
-        "product 2 a beta x Q adds 4 u and the difference u of each part. r >= 1/2 means "
+        "product 2 a beta x Q adds 4 u and the difference u of each part; a product of the "
+        "second term that underflows is off by ETA32 and later factors scale that up, so "
+        "6 ETA32 max(1, |x|) sum_window max(1, |x|) max(1, k^(-beta-1)) max(1, 2 a beta) "
+        "(gradients in the subnormal range, met at saturated outputs). r >= 1/2 means "
         "float32 cannot resolve s (k too small for the squares): an error, not a bound",
     ),
 )
@@ -243,7 +246,13 @@ def _lrn_backward(
     coef = 2 * q.a * beta * np.abs(x)
     term2 = coef * a_win
     e_term2 = coef * e_acc + 4 * U32 * term2
-    return [e_term1 + e_term2 + U32 * (term1 + term2) + 8 * ETA32], []
+    # Underflow: a product of the second term that falls below the normal range is off by
+    # up to ETA32, and the factors applied after it (x at the window position, x at the
+    # centre; 2 a beta and s^(-beta-1) are below 1 for k >= 1) scale that error up.
+    big = np.maximum(1.0, np.abs(x))
+    lift = max(1.0, q.k ** (-beta - 1)) * max(1.0, 2 * q.a * beta)
+    e_under = 6 * ETA32 * big * _window(q, big) * lift
+    return [e_term1 + e_term2 + U32 * (term1 + term2) + e_under + 8 * ETA32], []
 
 
 LAYER_BOUNDS["LRN"] = LayerBound("layer_lrn", _lrn_forward, "layer_lrn", _lrn_backward)
