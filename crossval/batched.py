@@ -479,18 +479,21 @@ def run_torch_batch(
         return row.reference_each(a, t, case)
 
     blobs: dict[str, torch.Tensor] = vmap(forward)(w, b, x)
-    for t in blobs.values():
-        if t.requires_grad:
-            t.retain_grad()
     loss = vmap(loss_of)(blobs[head.consumed(case)], target)
-    loss.sum().backward()  # type: ignore[no-untyped-call]
+    # Each case's loss depends on its own inputs only: the gradient of the sum is every
+    # case's gradient. autograd.grad hands them over as computed (backward() would copy the
+    # weight's, transposed by the batched product, into the parameter's layout).
+    names = [name for name, t in blobs.items() if t.requires_grad]
+    wrt = [x, w, b, *(blobs[name] for name in names)]
+    got = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
     grads: dict[str, np.ndarray] = {
-        "pool5": _np(x.grad),
-        keys[0]: _np(w.grad),
-        keys[1]: _np(b.grad),
+        "pool5": _np(got[0]),
+        keys[0]: _np(got[1]),
+        keys[1]: _np(got[2]),
     }
     for name, t in blobs.items():
-        grads[name] = _np(t.grad) if t.grad is not None else np.zeros(tuple(t.shape))
+        g = got[3 + names.index(name)] if name in names else None
+        grads[name] = _np(g) if g is not None else np.zeros(tuple(t.shape))
     fixed_key = transfer.state_dict_key(head.fixed_layer, 0)
     state = module.state_dict()
     fixed = _np(state[fixed_key]) if fixed_key in state else np.zeros(0)
