@@ -653,7 +653,8 @@ class PortChecker:
             if got == want or (t.numel() == int(np.prod(want)) and squeeze(got) == squeeze(want)):
                 ok.add(blob)
                 continue
-            lay = self._producer(blob)
+            writers = self.net.writers(blob)  # in place or not, the first one sets the shape
+            lay = writers[0] if writers else None
             hint = ""
             if lay is not None and lay.type == "Pooling" and len(got) == len(want) == 4:
                 smaller = got[2] < want[2] or got[3] < want[3]
@@ -730,14 +731,13 @@ class PortChecker:
         diff_sum: dict[str, list[Any]] = {}
         # a blob some reader's backward is not checked for: its diff sum is not known whole
         incomplete: set[str] = set()
+        misshaped: list[str] = []
         comparisons: list[tuple[Comparison, Segment, str, str]] = []
         for seg in segs:
             label = seg.label if not seg.local else seg.layers[0].describe()
             bad = [b for b in [*seg.inputs, *seg.outputs] if b not in values]
             if bad:
-                verdict.notes.append(
-                    f"{side}: {seg.label} not checked: {bad} has another shape than Caffe's"
-                )
+                misshaped.append(seg.name)
                 incomplete.update(seg.inputs)
                 continue
             specs = [lay.spec for lay in seg.layers]
@@ -827,6 +827,11 @@ class PortChecker:
             seg, _ = segs_in[-1]
             label = " and ".join(lbl for _, lbl in segs_in)
             comparisons.append((cmp, seg, label, "backward"))
+        if misshaped:
+            verdict.notes.append(
+                f"{side}: not checked, a blob they read or write has another shape than "
+                f"Caffe's: {', '.join(misshaped)}"
+            )
         order = {id(s): i for i, s in enumerate(segs)}
         for cmp, seg, label, kind in sorted(comparisons, key=lambda c: order[id(c[1])]):
             verdict.comparisons.append(cmp)

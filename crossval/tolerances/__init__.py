@@ -159,27 +159,6 @@ TABLE: dict[str, Rule] = {
             "element's terms exceed 2^3 max |v|, and 2^-40 is still 2^16 below float32's u, "
             "so the float32 bounds these values feed cannot change",
         ),
-        Rule(
-            "deep_net",
-            "any blob of a net of standard layers (validate-port)",
-            "LAMBDA sqrt(A_b) u M_b, after the probabilistic model of Higham and Mary (2019): "
-            "independent roundings add in quadrature, so n of them stay within LAMBDA sqrt(n) "
-            "u of the magnitude they act on except with probability below 2 exp(-LAMBDA^2/2) "
-            "(1e-14 for LAMBDA 8); the heads' worst-case gamma(n), compounded over 16 VGG "
-            "layers, would allow years of error on an age. A_b sums the accumulation lengths "
-            "along the longest path from the inputs (prod(kernel shape[1:]) + 1 for "
-            "Convolution and InnerProduct, the window for average pooling, K + LIBM_ULPS for "
-            "Softmax, LIBM_ULPS + 2 for exp-like layers, 2 for the rest): relative error "
-            "passes through ReLU, pooling and fan-in-scaled linear maps and grows with each "
-            "layer's roundings. M_b, per sample, is max |b|, raised where the computation is "
-            "larger than its result: ||W_i||_2 ||x_patch||_2 + |b| for Convolution and "
-            "InnerProduct (cancellation), M_in / 4 for Sigmoid, 2 p M_in for Softmax "
-            "(|dp| <= 2 p |dz|), |s| M_in for Scale. Gradients: 2 LAMBDA sqrt(2 A) u kappa "
-            "max |g|, with twice the loss's A (forward and back), kappa the largest M_b / "
-            "max |b| of the forward pass (the backward pass meets the same cancellations) "
-            "and 2 for products such as p h in Softmax's backward, which carry the error of "
-            "both factors",
-        ),
     )
 }
 
@@ -503,20 +482,6 @@ def solver_update(
         e_upd = lr * corr * (e_m + np.abs(m) * e_den / den) / den + 6 * U32 * np.abs(upd)
         return np.where(np.isfinite(e_upd), e_upd, np.inf) + ETA32, e_m, e_v
     raise ValueError(f"unknown solver type {kind!r}")
-
-
-LAMBDA = 8.0  # probabilistic rounding-error bound: exceeded with probability < 1e-14
-
-
-def deep_net(blob: F64, magnitude: F64, accumulation: float) -> F64:
-    """Bound for blob `blob` (batch first) with per-sample magnitude `magnitude` (N,): see
-    TABLE['deep_net']."""
-    shape = np.shape(blob)
-    m = np.asarray(magnitude, dtype=np.float64)
-    m = m.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else m.reshape(())
-    rel = LAMBDA * np.sqrt(max(accumulation, 1.0)) * U32
-    out: F64 = rel * np.broadcast_to(m, shape) + ETA32 * (accumulation + 1)
-    return out
 
 
 def regenerated_f64(stored: F64) -> F64:

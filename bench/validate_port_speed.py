@@ -1,0 +1,72 @@
+"""validate-port's cost per example on the DEX VGG-16 at 224 (batch 1, forward and backward)
+against the raw cost of one Caffe forward+backward and one port forward+backward.
+
+    python bench/validate_port_speed.py [--size 224] [--examples 2]
+
+Prints Markdown (the figures in docs/validate-port.md come from here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from ports import dex  # noqa: E402
+
+from crossval.portcheck.engine import PortChecker, PortExample  # noqa: E402
+from crossval.worker import CaffeWorker  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--examples", type=int, default=2)
+    args = ap.parse_args()
+    with CaffeWorker() as worker:
+        text = worker.call("prototxt", head="dex_vgg16", bins=101, size=args.size)
+        port = dex.make(size=args.size)
+        checker = PortChecker(worker, text, port)
+        ex = PortExample(0, batch=1)
+        inputs, params = checker.arrays(ex)
+        raw_caffe = worker.call(
+            "time_raw", prototxt=checker.prototxt, inputs=inputs, params=params, repeat=2
+        )["forward_backward"]
+        x = {k: torch.from_numpy(v).requires_grad_(True) for k, v in inputs.items()}
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = port(**x)
+            torch.autograd.backward(
+                [out["prob"]], [torch.from_numpy(np.ones(out["prob"].shape, np.float32))]
+            )
+            best = min(best, time.perf_counter() - t0)
+        raw_port = best
+        times = []
+        for i in range(args.examples):
+            t0 = time.perf_counter()
+            v = checker.run(PortExample(i, batch=1))
+            times.append(time.perf_counter() - t0)
+            assert checker.fault(v) is None, [str(f) for f in v.findings]
+    per = min(times)
+    raw = raw_caffe + raw_port
+    print(f"Measured {time.strftime('%Y-%m-%d')} by `python bench/validate_port_speed.py`:")
+    print()
+    print("| DEX VGG-16, batch 1 | seconds |")
+    print("|---|---|")
+    print(f"| raw Caffe forward+backward | {raw_caffe:.2f} |")
+    print(f"| raw port forward+backward | {raw_port:.2f} |")
+    print(f"| validate-port, one example (best of {args.examples}) | {per:.2f} |")
+    print(f"| ratio | {per / raw:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
