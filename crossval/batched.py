@@ -393,13 +393,17 @@ def three_way_each(
     bound: Any,
     rule: str,
     describe: Callable[[int], str],
+    torch_ref: BatchComparison | None = None,
 ) -> list[BatchComparison]:
-    """`compare.three_way` for every case at once."""
+    """`compare.three_way` for every case at once (`torch_ref`: the torch~ref64 comparison,
+    if already made)."""
     b = np.broadcast_to(np.asarray(bound, dtype=np.float64), np.shape(ref))
     c = caffe.reshape(np.shape(ref))
+    if torch_ref is None:
+        torch_ref = BatchComparison(f"{kind} torch~ref64", name, torch32, ref, b, rule, describe)
     return [
         BatchComparison(f"{kind} caffe~ref64", name, c, ref, b, rule, describe),
-        BatchComparison(f"{kind} torch~ref64", name, torch32, ref, b, rule, describe),
+        torch_ref,
         BatchComparison(f"{kind} torch~caffe", name, torch32, c, b, rule, describe, factor=2.0),
     ]
 
@@ -530,12 +534,39 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     t64 = run_torch_batch(
         head, batch, torch.float64, harness.module(REFERENCE, head, case, torch.float64)
     )
-    # The bounds need only the float64 reference: made while Caffe may still be running.
+    # The bounds, and the comparisons of the float32 side with the float64 reference, need
+    # no Caffe: made while Caffe may still be running.
     b = head.bounds_each(case, batch.x, batch.target, batch.weights, t64.blobs, t64.grads)
+    desc = batch.describe
+    grad_rule = f"tolerances.{b.loss_rule}_grad -> backward chain"
+    triples: list[tuple[str, str, str, np.ndarray, np.ndarray, Any, str]] = [
+        (
+            "forward",
+            blob,
+            blob,
+            t32.blobs[blob],
+            b.ref[blob],
+            b.forward[blob],
+            b.forward_rules[blob],
+        )
+        for blob in head.blobs(case)
+    ]
+    triples.append(
+        ("loss", "loss", "loss", t32.loss, t64.loss, b.loss, "tolerances." + b.loss_rule)
+    )
+    triples += [
+        ("gradient", f"d loss/d {k}", k, t32.grads[k], t64.grads[k], b.backward[k], grad_rule)
+        for k in head.gradient_keys(case)
+    ]
+    early = [
+        BatchComparison(
+            f"{kind} torch~ref64", name, t, r, np.asarray(bd, dtype=np.float64), rule, desc
+        )
+        for kind, name, _, t, r, bd, rule in triples
+    ]
     caffe: ManyRuns = pending()
     out = BatchResult(batch)
     add = out.comparisons.append
-    desc = batch.describe
 
     # Copies, bit for bit: weights into Caffe and back, and the fixed blob on both sides.
     for i, value in enumerate(sent):
@@ -547,40 +578,17 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
         every = np.broadcast_to(t32.fixed.astype(np.float32), (batch.size, *want.shape))
         add(exact_each("fixed torch", key, every, want[None], desc))
 
-    for blob in head.blobs(case):
-        out.comparisons += three_way_each(
-            "forward",
-            blob,
-            caffe.blobs[blob],
-            t32.blobs[blob],
-            b.ref[blob],
-            b.forward[blob],
-            b.forward_rules[blob],
-            desc,
-        )
-    out.comparisons += three_way_each(
-        "loss",
-        "loss",
-        caffe.blobs["loss"].reshape(batch.size),
-        t32.loss,
-        t64.loss,
-        b.loss,
-        "tolerances." + b.loss_rule,
-        desc,
-    )
     caffe_grads = {"pool5": caffe.diffs["pool5"]}
     for i, k in enumerate(keys):
         caffe_grads[k] = caffe.param_diffs[ip][i]
-    for name in head.gradient_keys(case):
+    caffe_side = {
+        "forward": caffe.blobs,
+        "loss": {"loss": caffe.blobs["loss"].reshape(batch.size)},
+        "gradient": caffe_grads,
+    }
+    for (kind, name, key, t, r, bd, rule), torch_ref in zip(triples, early, strict=True):
         out.comparisons += three_way_each(
-            "gradient",
-            f"d loss/d {name}",
-            caffe_grads[name],
-            t32.grads[name],
-            t64.grads[name],
-            b.backward[name],
-            f"tolerances.{b.loss_rule}_grad -> backward chain",
-            desc,
+            kind, name, caffe_side[kind][key], t, r, bd, rule, desc, torch_ref=torch_ref
         )
     return out
 
