@@ -277,7 +277,7 @@ def test_dex_style_net_with_expectation_head(nets: dict[str, Path], port: str, b
         "--bins",
         "101",
         "--examples",
-        "4",
+        "2",
     )
     assert proc.returncode == (1 if blob else 0), proc.stdout + proc.stderr
     assert first_failing(proc.stdout) == blob, proc.stdout
