@@ -25,27 +25,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_zoo_nets import BUGS, NETS, generate_params, load_weights  # noqa: E402
 
-from crossval.portcheck.engine import PortChecker, PortExample  # noqa: E402
+from crossval.portcheck.command import generated as examples  # noqa: E402
+from crossval.portcheck.engine import PortChecker  # noqa: E402
 from crossval.portcheck.port import UsageError  # noqa: E402
 from crossval.portcheck.refport import reference_port  # noqa: E402
 from crossval.worker import CaffeWorker  # noqa: E402
-
-
-def examples(n: int, seed: int, batch: int) -> list[PortExample]:
-    """As validate-port's search draws them: unit scale first, then inputs 1e-3..1e3 and
-    weights 0.1..10 times their fan-in scale, log-uniform."""
-    rng = np.random.default_rng(seed)
-    out = [PortExample(seed, 1.0, 1.0, batch)]
-    for _ in range(n - 1):
-        out.append(
-            PortExample(
-                int(rng.integers(0, 2**32 - 1)),
-                float(10 ** rng.uniform(-3, 3)),
-                float(10 ** rng.uniform(-1, 1)),
-                batch,
-            )
-        )
-    return out
 
 
 def main() -> int:

@@ -14,11 +14,10 @@ from hypothesis import given, settings
 from ports import dex, heads, tiny
 from torch import Tensor, nn
 
-from crossval.portcheck.command import port_examples
+from crossval.portcheck.command import check_port, generated, port_examples
 from crossval.portcheck.engine import ExampleVerdict, Finding, PortChecker, PortExample
 from crossval.portcheck.port import UsageError
 from crossval.portcheck.refport import reference_port
-from crossval.portcheck.report import check_port, generated
 from crossval.worker import CaffeWorker
 from reference.layers import UnsupportedLayer
 
@@ -312,7 +311,7 @@ def test_report_text_and_exit(worker: CaffeWorker, nets: dict[str, str]) -> None
     assert "MATCH" in good.text() and "run in eval()" in good.text()
     bad = check_port(worker, nets["tiny"], tiny.make_softmax_dim0(), generated(3))
     assert bad.exit_code == 1 and bad.examples_run == 1
-    assert "MISMATCH at layer prob (Softmax)" in bad.text(), bad.text()
+    assert "first failing layer: prob (Softmax)" in bad.text(), bad.text()
 
 
 # -- no false alarms -----------------------------------------------------------------------
@@ -393,7 +392,7 @@ def test_caffe_side_reports_a_disagreement_distinctly(
     monkeypatch.setitem(ref.LAYERS, "Softmax", ref.LayerType("Softmax", wrong, right.formula))
     report = check_port(worker, nets["tiny"], tiny.make(), generated(1))
     assert report.exit_code == 1
-    assert report.caffe_findings and report.caffe_findings[0].layer.startswith("prob (Softmax)")
+    assert report.caffe_findings and report.caffe_findings[0]["layer"].startswith("prob (Softmax)")
     assert "Caffe disagrees with Caffe's semantics" in report.text(), report.text()
 
 
@@ -409,10 +408,9 @@ def test_port_exception_is_a_finding_at_its_module(
     port.fc2.__class__ = _Raises
     report = check_port(worker, nets["tiny"], port, generated(2))
     assert report.exit_code == 1 and report.fault is not None
-    assert report.fault.kind == "exception" and report.fault.layer.startswith("fc2 (InnerProduct)")
-    assert (
-        "RuntimeError: mat1 and mat2" in report.fault.text and "module 'fc2'" in report.fault.text
-    )
+    fault = report.fault
+    assert fault["kind"] == "exception" and fault["layer"].startswith("fc2 (InnerProduct)")
+    assert "RuntimeError: mat1 and mat2" in fault["text"] and "module 'fc2'" in fault["text"]
 
 
 @pytest.mark.parametrize("loss", ["euclidean", "softmax_with_loss", "smooth_l1"])
@@ -456,5 +454,5 @@ def test_in_place_blob_is_checked_as_caffe_holds_it(worker: CaffeWorker) -> None
     assert report.exit_code == 0, report.text()
     assert report.segment_layers == ["conv1", "relu1"] and report.local_layers == ["pool1"]
     report = check_port(worker, _IN_PLACE, _InPlacePort(True), generated(3))
-    assert report.fault is not None and report.fault.layer.startswith("conv1 (Convolution)")
-    assert "holds the output of relu1 (ReLU)" in report.fault.text, report.text()
+    assert report.fault is not None and report.fault["layer"].startswith("conv1 (Convolution)")
+    assert "holds the output of relu1 (ReLU)" in report.fault["text"], report.text()

@@ -14,7 +14,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,47 @@ def validate(
     elif report.verdict != "match" and replay is not None:
         report.saved, report.replay = str(replay), _command(argv or [])
     return report
+
+
+def check_port(
+    worker: CaffeWorker,
+    prototxt: str,
+    port: nn.Module,
+    examples: Iterable[PortExample],
+    *,
+    mapping: Mapping[str, str] | None = None,
+    weights: str = "",
+    generate: bool = True,
+) -> Report:
+    """`examples` through the engine, in process (no search, no isolation), until the first
+    that fails; the report as validate-port makes it. With `weights` (a caffemodel) and
+    `generate` false, the learnable params are the caffemodel's."""
+    checker = PortChecker(worker, prototxt, port, mapping, weights, generate)
+    runs: list[Run] = []
+    for ex in examples:
+        runs.append(_run(checker, ex))
+        if runs[-1].failed:
+            break
+    report = Report("net", "port")
+    _summarise(report, runs)
+    return report
+
+
+def generated(n: int, seed: int = 0, batch: int = 2) -> list[PortExample]:
+    """`n` examples: the first at scale 1, then inputs from 1e-3 to 1e3 and weights from 0.1
+    to 10 times their fan-in scale (log-uniform), the ranges of `port_examples`."""
+    rng = np.random.default_rng(seed)
+    out = [PortExample(seed, 1.0, 1.0, batch)]
+    for _ in range(n - 1):
+        out.append(
+            PortExample(
+                int(rng.integers(0, 2**32 - 1)),
+                float(10 ** rng.uniform(-3, 3)),
+                float(10 ** rng.uniform(-1, 1)),
+                batch,
+            )
+        )
+    return out
 
 
 def _run(checker: PortChecker, ex: PortExample, arrays: Arrays | None = None) -> Run:
