@@ -31,13 +31,13 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch.func import functional_call, vmap
 
-from reference.losses import NORMALIZATIONS, check_labels
+from reference.losses import check_labels
 
 from . import transfer
 from .checks import REFERENCE, CaseResult, Harness
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS, LOSSES, Case, Head, label_blob
-from .strategies import BATCHES, BINS, FEATURES, SIGMAS, SPREADS, _region
+from .strategies import BATCHES, BINS, FEATURES, SIGMAS, SPREADS, _region, label_choices
 from .tolerances import cross
 from .worker import ManyRuns, submit_run_many
 
@@ -236,20 +236,7 @@ def case_batches(
         spread=draw(spreads, label="spread"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
         sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
-        targets=draw(
-            st.sampled_from(["uniform", "ends", "fractional" if labels else "integers"]),
-            label="targets",
-        ),
-        normalization=(
-            draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
-            if labels
-            else None
-        ),
-        ignoring=(
-            draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
-            if labels
-            else "none"
-        ),
+        **label_choices(draw, labels),
         count=count,
     )
     return expand(spec)

@@ -137,6 +137,27 @@ def build_batches(
     return tuple((c.x, c.target) for c in made)
 
 
+def label_choices(draw: st.DrawFn, labels: bool) -> dict[str, Any]:
+    """The targets, and for a loss with class labels the normalization and the ignored
+    labels, drawn as labelled choices (`build_case` and `batched.expand` read them)."""
+    return dict(
+        targets=draw(
+            st.sampled_from(["uniform", "ends", "fractional" if labels else "integers"]),
+            label="targets",
+        ),
+        normalization=(
+            draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
+            if labels
+            else None
+        ),
+        ignoring=(
+            draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
+            if labels
+            else "none"
+        ),
+    )
+
+
 @st.composite
 def cases(
     draw: st.DrawFn,
@@ -162,20 +183,7 @@ def cases(
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
         sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
         small=draw(small, label="small scale") if small is not None else None,
-        targets=draw(
-            st.sampled_from(["uniform", "ends", "fractional" if labels else "integers"]),
-            label="targets",
-        ),
-        normalization=(
-            draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
-            if labels
-            else None
-        ),
-        ignoring=(
-            draw(st.sampled_from(["none", "some", "all", "out-of-range"]), label="ignore")
-            if labels
-            else "none"
-        ),
+        **label_choices(draw, labels),
         near_prediction=near_prediction,
     )
 
