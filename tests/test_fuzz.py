@@ -1107,7 +1107,8 @@ def test_two_surgeries_racing_for_one_new_path(artifacts: dict[str, bytes], tmp_
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], results
     loser = results[[p.returncode for p in procs].index(2)]
-    assert "exists" in loser[1], loser
+    # refused before it wrote ("exists") or at publishing, when the other run won the name
+    assert "exists" in loser[1] or "was created by something else" in loser[1], loser
     assert out.read_bytes() == artifacts["exp.caffemodel"]
 
 
