@@ -204,6 +204,12 @@ def _validate_port(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    from .conformance.command import main as conformance
+
+    return conformance(args)
+
+
 def _port_source(spec: str) -> str | None:
     """The file of the port's module, found without importing anything (its import may
     crash): it is one of validate-port's inputs."""
@@ -510,6 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an existing --json or saved failure"
     )
     vp.set_defaults(func=_validate_port)
+
+    from .conformance.options import add_arguments as conformance_arguments
+
+    cf = sub.add_parser(
+        "conformance",
+        help="a converter's Caffe-semantics conformance table: every layer type's cases "
+        "and the zoo nets, each through validate-port's checks",
+    )
+    conformance_arguments(cf, positive_float)
+    cf.set_defaults(func=_conformance)
 
     rp = sub.add_parser(
         "report", help="run the whole matrix against the Caffe in use; table, JSON, MD, plots"
