@@ -17,6 +17,7 @@ holding generated weights (BatchNorm statistics with a scale factor other than 1
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +25,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from reference.layers.vision import pool_geometry
+
 from ..errors import CrossvalError
 from ..inputs import closest
 from ..layercheck import CASES
 from ..layercheck.golden import draw
-from ..layercheck.run import LAYER, LayerCase, param_shapes
+from ..layercheck.run import LAYER, LayerCase, param_shapes, spec_of
 from ..portcheck.command import generated
 from ..portcheck.engine import PortExample
 from ..worker import CaffeWorker
@@ -45,6 +48,7 @@ class Profile:
     zoo_examples: int
 
 
+POOL = 48  # cases drawn per layer type, the profiles' cases picked among them
 PROFILES = {"ci": Profile("ci", 3, 2), "thorough": Profile("thorough", 10, 6)}
 
 
@@ -113,10 +117,69 @@ def selection(layers: Sequence[str] | None) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(want_types)), list(dict.fromkeys(want_nets))
 
 
+def _tokens(worker: CaffeWorker, lc: LayerCase) -> set[str]:
+    """What a case covers: each parameter value it sets, its rank and bottom count, its
+    region, and for Pooling the regions where Caffe's pooling is its own (a ceil-rounded
+    size larger than the floor one; an AVE window over padding, counted in the divisor)."""
+    found = {f"{k}: {v}" for k, v in re.findall(r"(\w+):\s*([^\s}]+)", lc.params)}
+    found |= {f"rank {lc.bottoms[0].ndim}", f"bottoms {len(lc.bottoms)}"}
+    if lc.region:
+        found.add(f"region {lc.region}")
+    if lc.type == "Pooling":
+        spec = spec_of(worker, lc)
+        shape = lc.bottoms[0].shape
+        try:
+            ceil = pool_geometry(spec.with_param("pooling_param", round_mode="CEIL"), shape)
+            floor = pool_geometry(spec.with_param("pooling_param", round_mode="FLOOR"), shape)
+        except ValueError:
+            return found
+        p = spec.param("pooling_param")
+        if str(p["round_mode"]) == "CEIL" and ceil.out != floor.out:
+            found.add("region pooled size rounded up")
+        if str(p["pool"]) == "AVE" and max(ceil.pad) > 0:
+            found.add("region AVE window over padding")
+    return found
+
+
+def _engine_takes(worker: CaffeWorker, lc: LayerCase) -> bool:
+    if any(b.ndim == 0 for b in lc.bottoms):
+        return False
+    blobs = lc.blobs if lc.blobs is not None else ()
+    shapes = [np.shape(b) for b in blobs] or list(param_shapes(worker, lc.prototxt()))
+    return all(len(s) > 0 for s in shapes)
+
+
+def pick(worker: CaffeWorker, pool: Sequence[LayerCase], n: int) -> list[int]:
+    """`n` cases of `pool` (indices): each in turn the one that covers the most regions, then
+    parameter values, not covered yet (ties: more than one element, then the earlier).
+    Cases with a 0-d bottom or param blob are left out (validate-port's engine takes no
+    0-d blob)."""
+    tokens = {i: _tokens(worker, c) for i, c in enumerate(pool) if _engine_takes(worker, c)}
+    chosen: list[int] = []
+    covered: set[str] = set()
+    while len(chosen) < n and tokens:
+        best = max(
+            tokens,
+            key=lambda i: (
+                len({t for t in tokens[i] - covered if t.startswith("region ")}),
+                len(tokens[i] - covered),
+                sum(b.size for b in pool[i].bottoms) > 1,
+                -i,
+            ),
+        )
+        chosen.append(best)
+        covered |= tokens.pop(best)
+    return chosen
+
+
 def layer_cases(worker: CaffeWorker, type_name: str, profile: Profile) -> list[Case]:
-    """The type's first `profile.per_type` cases, each with its caffemodel's params."""
+    """`profile.per_type` cases of the type, picked from the first POOL its strategy
+    generates (derandomized: the same on every run; a case's id is its index there), each
+    with its caffemodel's params."""
     out = []
-    for i, lc in enumerate(draw(type_name, profile.per_type)):
+    pool = draw(type_name, POOL)
+    for i in pick(worker, pool, profile.per_type):
+        lc = pool[i]
         text = lc.prototxt()
         blobs = _layer_blobs(worker, lc, text)
         inputs = {f"b{j}": b for j, b in enumerate(lc.bottoms)}

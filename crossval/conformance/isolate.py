@@ -16,6 +16,7 @@ a timeout naming the call.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib
 import os
 import select
@@ -273,6 +274,11 @@ def _child(
     os.dup2(devnull, 0)
     os.dup2(output_w, 1)
     os.dup2(output_w, 2)
+    # Python-level output too (the caller's sys.stdout may be a capture, not fd 1), and a
+    # fatal error's traceback (faulthandler may hold another descriptor)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)
+    faulthandler.enable(file=sys.stderr)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     torch.set_num_threads(1)  # forked after the parent's OpenMP pool: one thread only
@@ -417,8 +423,11 @@ def _supervise(
             if result.verdict == "usage":
                 raise ConverterUsage(result.detail)
             return finish(result)
-        else:  # "internal": crossval's own code failed in the child
-            raise RuntimeError("a conformance case failed inside crossval:\n" + frame[1])
+        else:  # "internal": crossval's own code failed on the case (a bug of crossval)
+            last = (frame[1].strip().splitlines() or [""])[-1]
+            out = Outcome("error", one_line(f"crossval failed on this case: {last}"))
+            out.notes.append(frame[1])
+            return finish(out)
 
 
 def _serve(worker: CaffeWorker, replies: IO[bytes], op: str, kwargs: dict[str, Any]) -> None:

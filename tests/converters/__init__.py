@@ -1,0 +1,1 @@
+"""Converters written for the conformance tests (``crossval conformance --converter``)."""
