@@ -120,9 +120,10 @@ def test_faulty_converter_over_the_thorough_grid(worker: CaffeWorker) -> None:
 
 def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> None:
     """One case per type: ReLU aborts in convert, Sigmoid hangs past the limit, TanH prints
-    50 MB, AbsVal's module exits in its forward, ELU is refused; Power converts correctly.
-    Each is reported, and the next case runs."""
-    types = ["ReLU", "Sigmoid", "TanH", "AbsVal", "ELU", "Power"]
+    50 MB, AbsVal's module exits in its forward, ELU is refused, PReLU's slopes are loaded
+    wrong (which only the check of the loaded weights sees: the engine sets the learnable
+    params itself); Power converts correctly. Each is reported, and the next case runs."""
+    types = ["ReLU", "Sigmoid", "TanH", "AbsVal", "ELU", "PReLU", "Power"]
     ids = [grid.layer_cases(worker, t, grid.PROFILES["ci"])[0].id for t in types]
     result = command.run(worker, MISBEHAVING, cases=ids, timeout=2.0)
     got = {r.type: r.outcome for r in result.rows}
@@ -132,6 +133,7 @@ def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> 
         "TanH": "pass",
         "AbsVal": "crash",
         "ELU": "unsupported",
+        "PReLU": "fail",
         "Power": "pass",
     }
     assert "SIGABRT" in got["ReLU"].detail and "its convert()" in got["ReLU"].detail
@@ -139,6 +141,7 @@ def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> 
     assert got["TanH"].output_bytes == 50 * 1024 * 1024
     assert "exited with status 3" in got["AbsVal"].detail and "forward" in got["AbsVal"].detail
     assert "ELU is not supported" in got["ELU"].detail
+    assert "does not hold the caffemodel's layer/0" in got["PReLU"].detail
     assert result.exit_code == EXIT_FINDING
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from crossval.conformance import Unsupported
@@ -31,7 +32,8 @@ class _Exits(nn.Module):
 def convert(prototxt_path: str, caffemodel_path: str) -> nn.Module:
     """ReLU: crashes the process in convert (a segfault-like abort); Sigmoid: sleeps past
     any short time limit; TanH: prints 50 MB and then converts; AbsVal: the module's
-    forward exits the process; ELU: refused (Unsupported); everything else: correct."""
+    forward exits the process; ELU: refused (Unsupported); PReLU: its slopes loaded
+    doubled; everything else: correct."""
     text = _types(prototxt_path)
     if 'type: "ReLU"' in text:
         os.abort()
@@ -47,4 +49,7 @@ def convert(prototxt_path: str, caffemodel_path: str) -> nn.Module:
     module = reference(prototxt_path, caffemodel_path)
     if 'type: "AbsVal"' in text:
         return _Exits(module)
+    if 'type: "PReLU"' in text:
+        with torch.no_grad():
+            module.layer.weight.mul_(2)  # type: ignore[operator, union-attr]
     return module
