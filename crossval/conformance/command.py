@@ -216,7 +216,7 @@ def _keep(keep: outputs.Directory, case: grid.Case, net: Path, weights: Path, re
 def main(args: argparse.Namespace) -> int:
     """The CLI's `crossval conformance`."""
     json_out = outputs.target(args.json, "--json", force=args.force) if args.json else None
-    keep = outputs.directory(args.out, "--out", force=args.force) if args.out else None
+    keep = outputs.directory(args.out, "--out", force=args.force, empty=True) if args.out else None
     layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
     if keep is not None:
         keep.make()
