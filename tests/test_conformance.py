@@ -79,10 +79,13 @@ def implied(worker: CaffeWorker, case: Case) -> str:
     inputs, params = arrays
     bottoms = _t64([inputs[b] for b in spec.bottoms])
     blobs = _t64(params.get(LAYER, []))
-    (want,) = ref.forward(spec, bottoms, blobs)
+    want = ref.forward(spec, bottoms, blobs)
     with torch.no_grad():
-        (got,) = fault(spec, bottoms, blobs)
-    same = got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        got = fault(spec, bottoms, blobs)
+    same = len(got) == len(want) and all(
+        g.shape == w.shape and torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0))
+        for g, w in zip(got, want, strict=True)
+    )
     return "pass" if same else "fail"
 
 

@@ -39,11 +39,11 @@ def pooling(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor])
     """pool_floor and ave_exclude_pad."""
     p = spec.param("pooling_param")
     floored = spec if p["global_pooling"] else spec.with_param("pooling_param", round_mode="FLOOR")
-    (out,) = ref.forward(floored, bottoms, blobs)
+    tops = ref.forward(floored, bottoms, blobs)  # MAX may have a second top, the mask
     if str(p["pool"]) == "AVE":
-        (share,) = ref.forward(floored, [torch.ones_like(bottoms[0])], blobs)
-        out = out / share  # Caffe's sum over the window / the cells inside the image
-    return [out]
+        share = ref.forward(floored, [torch.ones_like(bottoms[0])], blobs)[0]
+        tops[0] = tops[0] / share  # Caffe's sum over the window / the cells inside the image
+    return tops
 
 
 def eltwise(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
