@@ -32,6 +32,7 @@ class Row:
     params: str
     outcome: Outcome
     kept: str = ""
+    case: grid.Case | None = field(default=None, repr=False)  # what ran (not in the JSON)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def run(
             net.write_text(case.prototxt)
             worker.call("save", prototxt=case.prototxt, params=case.weights, out=str(weights))
             outcome = run_case(worker, case, converter, net, weights, timeout)
-            row = Row(case.id, case.type, case.params, outcome)
+            row = Row(case.id, case.type, case.params, outcome, case=case)
             if outcome.verdict != PASS and keep is not None:
                 row.kept = _keep(
                     keep, case, net, weights, replay_command(converter, profile, case.id)
