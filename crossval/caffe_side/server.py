@@ -301,11 +301,12 @@ class Ops:
         net.forward()
         out: dict[str, Any] = {"blobs": {name: b.data.copy() for name, b in net.blobs.items()}}
         if top_diff_seed is not None:
-            rng = np.random.default_rng(top_diff_seed[0])
-            top_diffs = {
-                name: rng.standard_normal(net.blobs[name].data.shape).astype(np.float32)
-                for name in top_diff_seed[1]
-            }
+            from crossval import examplegen
+
+            top_diffs = examplegen.top_diffs(
+                top_diff_seed[0],
+                [(name, tuple(net.blobs[name].data.shape)) for name in top_diff_seed[1]],
+            )
             out["top_diffs"] = top_diffs
         if return_params:
             out["params"] = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
