@@ -14,8 +14,10 @@ reference computes both, so no layer's index arithmetic is written twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from . import ETA32, F64, TABLE, Rule, gamma
 
 Arrays = Sequence[F64]
 ForwardBound = Callable[[LayerSpec, Arrays, Arrays, Arrays], list[F64]]
+BackwardTerms = Callable[[LayerSpec, Arrays, Arrays, Arrays], tuple[list[int], list[int]]]
 BackwardBound = Callable[
     [LayerSpec, Arrays, Arrays, Arrays, Arrays], tuple[list[F64 | None], list[F64 | None]]
 ]
@@ -41,6 +44,11 @@ class LayerBound:
     forward: ForwardBound
     backward_rule: str
     backward: BackwardBound
+    # a linear layer's: how many terms each bottom and param diff sums (its backward bound
+    # is gamma(n) times the magnitudes of the diff plus n ETA32)
+    backward_terms: (
+        Callable[[LayerSpec, Arrays, Arrays, Arrays], tuple[list[int], list[int]]] | None
+    ) = None
 
 
 LAYER_BOUNDS: dict[str, LayerBound] = {}
@@ -58,8 +66,64 @@ RULES = (
 TABLE.update({r.name: r for r in RULES})
 
 
+class WideCache:
+    """float64 copies of big arrays (and of their absolute values), made once: the bounds of
+    a layer read its weights several times, a sampled check (``tolerances.sampled``) several
+    restricted problems of one layer, and with a user's trained weights every example reads
+    the same. Caches only inside ``active()`` (validate-port's engine, which reads arrays
+    and never writes them); elsewhere every use widens afresh. An entry keeps its source
+    array alive, so no other array can take its address while it is cached."""
+
+    SMALLEST = 1 << 16  # elements: smaller arrays are widened on every use
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, ...], tuple[np.ndarray, torch.Tensor]] = {}
+        self.on = False
+
+    @contextmanager
+    def active(self, keep: Sequence[np.ndarray] = ()) -> Iterator[None]:
+        """Cache within; on leaving, forget every entry but those of `keep` (arrays the next
+        use will read again, unchanged: a trained net's weights) and of their copies."""
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+            kept = {id(a) for a in keep}
+            hold = {k: e for k, e in self.entries.items() if id(e[0]) in kept}
+            wide = {e[1].data_ptr() for e in hold.values()}
+            hold.update(
+                {
+                    k: e
+                    for k, e in self.entries.items()
+                    if e[0].__array_interface__["data"][0] in wide
+                }
+            )
+            self.entries = hold
+
+    def get(self, a: Any, absolute: bool) -> torch.Tensor:
+        arr = np.asarray(a)
+        if not self.on or arr.size < self.SMALLEST:
+            return self._widen(arr, absolute)
+        where = arr.__array_interface__["data"][0]
+        key = (where, arr.shape, arr.strides, arr.dtype.str, absolute)
+        hit = self.entries.get(key)
+        if hit is None:
+            hit = (arr, self._widen(arr, absolute))
+            self.entries[key] = hit
+        return hit[1]
+
+    @staticmethod
+    def _widen(arr: np.ndarray, absolute: bool) -> torch.Tensor:
+        wide = np.ascontiguousarray(arr, dtype=np.float64)
+        return torch.from_numpy(np.abs(wide) if absolute else wide)
+
+
+WIDE = WideCache()
+
+
 def _t(a: F64) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(np.abs(np.asarray(a, dtype=np.float64))))
+    return WIDE.get(a, absolute=True)
 
 
 def magnitudes(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> list[F64]:
@@ -105,7 +169,7 @@ def linear(
             ],
         )
 
-    return LayerBound("layer_linear", fwd, "layer_linear", bwd)
+    return LayerBound("layer_linear", fwd, "layer_linear", bwd, terms_backward)
 
 
 # The families register their bounds (and rules) on import.

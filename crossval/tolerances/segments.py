@@ -55,13 +55,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 from reference import layers as ref
 from reference.layers import LayerSpec
 
-from . import F64, TABLE, Rule
-from .layers import LAYER_BOUNDS, diff_magnitudes
+from . import ETA32, F64, TABLE, Rule, gamma
+from .layers import LAYER_BOUNDS, WIDE, diff_magnitudes
 
 SEGMENT_SAMPLES = 8
 SEGMENT_SAFETY = 10.0
@@ -112,6 +113,11 @@ class SegmentResult:
     param_diffs: dict[tuple[str, int], F64] = field(default_factory=dict)
     param_diff_bounds: dict[tuple[str, int], F64] = field(default_factory=dict)
     rule: str = ""
+    # sampled (crossval.tolerances.sampled): the arrays above hold a sample of the elements;
+    # ("v", blob), ("x", blob) or ("p", (layer, index)) -> their flat indices in the whole
+    # array, and the whole array's shape
+    positions: dict[Any, NDArray[np.int64]] = field(default_factory=dict)
+    shapes: dict[Any, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +130,7 @@ class _Run:
 
 def _tensors(arrays: Mapping[str, Any]) -> dict[str, Any]:
     def t(a: Any) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+        return WIDE.get(a, absolute=False)
 
     return {
         k: [t(a) for a in v] if isinstance(v, list | tuple) else t(v) for k, v in arrays.items()
@@ -138,9 +144,13 @@ def _compose(
     grad: bool,
     fwd_noise: list[list[Tensor | None]] | None = None,
     bwd_noise: list[list[Tensor | None]] | None = None,
+    bottom_diffs: bool = True,
+    param_diffs: bool = True,
 ) -> _Run:
-    xs = {k: v.detach().requires_grad_(grad) for k, v in inputs.items()}
-    ps = {k: [p.detach().requires_grad_(grad) for p in v] for k, v in params.items()}
+    xs = {k: v.detach().requires_grad_(grad and bottom_diffs) for k, v in inputs.items()}
+    ps = {
+        k: [p.detach().requires_grad_(grad and param_diffs) for p in v] for k, v in params.items()
+    }
     leaves = {id(x) for x in xs.values()}
     blobs: dict[str, Tensor] = dict(xs)
     records = []
@@ -186,27 +196,52 @@ def segment(
     outputs: Sequence[str],
     top_diffs: Mapping[str, F64] | None = None,
     seed: int = 0,
+    bottom_diffs: bool = True,
+    param_diffs: bool = True,
 ) -> SegmentResult:
     """The float64 reference of `layers` composed from `inputs` (blob -> float32 values as
     float64), and the bound of each of `outputs`; with `top_diffs` (the diff of each output,
     zero where absent) also every input's and param's diff and its bound. One layer: its own
     bound (``tolerances.layers``); several: see the module docstring."""
+    with ref.diffs_of(bottom_diffs, param_diffs):  # the others are constants
+        return _segment(layers, params, inputs, outputs, top_diffs, seed, bottom_diffs, param_diffs)
+
+
+def _segment(
+    layers: Sequence[LayerSpec],
+    params: Mapping[str, Sequence[F64]],
+    inputs: Mapping[str, F64],
+    outputs: Sequence[str],
+    top_diffs: Mapping[str, F64] | None,
+    seed: int,
+    bottom_diffs: bool,
+    param_diffs: bool,
+) -> SegmentResult:
     backward = top_diffs is not None
     diffs = dict(top_diffs or {})
     t_params: dict[str, list[Tensor]] = _tensors({k: list(v) for k, v in params.items()})
     t_inputs: dict[str, Tensor] = _tensors(inputs)
-    base = _compose(layers, t_params, t_inputs, backward)
+    base = _compose(layers, t_params, t_inputs, backward, None, None, bottom_diffs, param_diffs)
     fwd_b: list[list[F64]] = []
     bwd_b: list[tuple[list[F64 | None], list[F64 | None]]] = []
     if backward:
         _backward(base, diffs)
+    chain = len(layers) > 1 and is_chain(layers)
     for spec, (bottoms, blobs, tops) in zip(layers, base.records, strict=True):
         bound = LAYER_BOUNDS[spec.type]
         b_np = [_np(b) for b in bottoms]
         p_np = [_np(p) for p in blobs]
         t_np = [_np(t) for t in tops]
         fwd_b.append(bound.forward(spec, b_np, p_np, t_np))  # type: ignore[arg-type]
-        if backward:
+        if backward and chain and spec is layers[0]:
+            # a chain's linear layer gets its backward bound from _chain_bounds: placeholders
+            bwd_b.append(
+                (
+                    [None if not b.requires_grad else np.zeros(b.shape) for b in bottoms],
+                    [None if not p.requires_grad else np.zeros(p.shape) for p in blobs],
+                )
+            )
+        elif backward:
             g_np = [np.zeros(t.shape) if t.grad is None else t.grad.detach().numpy() for t in tops]
             bwd_b.append(bound.backward(spec, b_np, p_np, t_np, g_np))  # type: ignore[arg-type]
     last_writer = {name: i for i, spec in enumerate(layers) for name in spec.tops}
@@ -243,7 +278,7 @@ def segment(
                 out.param_diff_bounds[(name, j)] = np.asarray(pb)
     if len(layers) == 1:
         return out
-    if _chain(layers):
+    if chain:
         return _chain_bounds(layers, base, fwd_b, bwd_b, out, backward)
     gen = torch.Generator().manual_seed(seed)
 
@@ -276,7 +311,16 @@ def segment(
         else:  # the antithetic run: every sign flipped
             fn = [[None if n is None else -n for n in ns] for ns in fn]
             bn = [[None if n is None else -n for n in ns] for ns in bn]
-        run = _compose(layers, t_params, t_inputs, backward, fn, bn if backward else None)
+        run = _compose(
+            layers,
+            t_params,
+            t_inputs,
+            backward,
+            fn,
+            bn if backward else None,
+            bottom_diffs,
+            param_diffs,
+        )
         for k in outputs:
             add(("v", k), run.blobs[k], out.values[k])
         if backward:
@@ -301,7 +345,7 @@ def segment(
     return out
 
 
-def _chain(layers: Sequence[LayerSpec]) -> bool:
+def is_chain(layers: Sequence[LayerSpec]) -> bool:
     """A linear layer with only ReLUs (slope in [0, 1]) and TEST Dropouts in place on its top."""
     head = layers[0]
     if head.type not in CHAIN_HEADS or len(head.tops) != 1:
@@ -352,22 +396,27 @@ def _chain_bounds(
     bottoms, blobs, tops = base.records[0]
     g0_t = tops[0].grad
     g0 = np.zeros(err.shape) if g0_t is None else np.abs(_np(g0_t))  # type: ignore[arg-type]
-    b_np = [_np(b) for b in bottoms]
-    p_np = [_np(p) for p in blobs]
-    t_np = [_np(t) for t in tops]
-    own_b, own_p = LAYER_BOUNDS[layers[0].type].backward(
-        layers[0],
-        b_np,  # type: ignore[arg-type]
-        p_np,  # type: ignore[arg-type]
-        t_np,  # type: ignore[arg-type]
-        [g0 + err],
-    )
-    mag_b, mag_p = diff_magnitudes(layers[0], b_np, p_np, [err])  # type: ignore[arg-type]
-    for j, name in enumerate(layers[0].bottoms):
-        if name in out.input_diff_bounds and own_b[j] is not None and mag_b[j] is not None:
-            out.input_diff_bounds[name] = np.asarray(own_b[j]) + np.asarray(mag_b[j])
-    for j in range(len(blobs)):
-        key = (layers[0].name, j)
-        if key in out.param_diff_bounds and own_p[j] is not None and mag_p[j] is not None:
-            out.param_diff_bounds[key] = np.asarray(own_p[j]) + np.asarray(mag_p[j])
+    b_np: list[F64] = [_np(b) for b in bottoms]  # type: ignore[misc]
+    p_np: list[F64] = [_np(p) for p in blobs]  # type: ignore[misc]
+    head = layers[0]
+    # its own bound at |g| + err, gamma(n) f*(|g| + err) + n ETA32, plus the carried error
+    # f*(err): f* (the vjp on absolute values) is linear in the top diff, so the sum is
+    # f*(gamma(n) (|g| + err) + err) + n ETA32, one vjp per count of terms
+    nb, npar = LAYER_BOUNDS[head.type].backward_terms(head, b_np, p_np, [g0])  # type: ignore[misc]
+    wanted = [
+        *[(n, "b", j) for j, n in enumerate(nb) if head.bottoms[j] in out.input_diff_bounds],
+        *[(n, "p", j) for j, n in enumerate(npar) if (head.name, j) in out.param_diff_bounds],
+    ]
+    for n in sorted({w[0] for w in wanted}):
+        kinds = {(k, j) for m, k, j in wanted if m == n}
+        with ref.diffs_of(any(k == "b" for k, _ in kinds), any(k == "p" for k, _ in kinds)):
+            mag_b, mag_p = diff_magnitudes(head, b_np, p_np, [gamma(n) * (g0 + err) + err])
+        for k, j in kinds:
+            m = mag_b[j] if k == "b" else mag_p[j]
+            assert m is not None
+            bound = np.asarray(m) + n * ETA32
+            if k == "b":
+                out.input_diff_bounds[head.bottoms[j]] = bound
+            else:
+                out.param_diff_bounds[(head.name, j)] = bound
     return out

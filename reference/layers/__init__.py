@@ -15,7 +15,9 @@ them); ``LAYERS`` maps each supported type to its implementation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +137,24 @@ def forward(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor])
     return lookup(spec).forward(spec, bottoms, blobs)
 
 
+_DIFFS: ContextVar[tuple[bool, bool]] = ContextVar("diffs", default=(True, True))
+
+
+@contextmanager
+def diffs_of(bottoms: bool = True, params: bool = True) -> Iterator[None]:
+    """Within: ``vjp`` computes only these diffs and treats the other blobs as constants
+    (their diffs None), for a caller that needs, of a big layer, only one kind."""
+    token = _DIFFS.set((bottoms, params))
+    try:
+        yield
+    finally:
+        _DIFFS.reset(token)
+
+
+def _own(t: Tensor, copy: bool) -> Tensor:
+    return t.detach().clone() if copy else t.detach()
+
+
 def vjp(
     spec: LayerSpec,
     bottoms: Sequence[Tensor],
@@ -145,8 +165,11 @@ def vjp(
     """Tops, and Caffe's diffs of every floating bottom and param blob for the given top
     diffs (None where the layer computes none: integer label bottoms). `fn` replaces the
     reference (a port of the layer, or a deliberately wrong one)."""
-    bs = [b.detach().clone().requires_grad_(b.is_floating_point()) for b in bottoms]
-    ps = [p.detach().clone().requires_grad_(True) for p in blobs]
+    # a port or a wrong layer (`fn`) may write to its inputs: it gets copies
+    copy = fn is not None
+    want_b, want_p = _DIFFS.get()
+    bs = [_own(b, copy).requires_grad_(b.is_floating_point() and want_b) for b in bottoms]
+    ps = [_own(p, copy).requires_grad_(want_p) for p in blobs]
     tops = (fn or lookup(spec).forward)(spec, bs, ps)
     leaves = [*bs, *ps]
     wanted = [t for t in leaves if t.requires_grad]
