@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,17 +26,26 @@ from crossval.portcheck.engine import PortChecker, PortExample  # noqa: E402
 from crossval.worker import CaffeWorker  # noqa: E402
 
 
+def _per_example(checker: PortChecker, examples: int) -> float:
+    times = []
+    for i in range(examples):
+        t0 = time.perf_counter()
+        v = checker.run(PortExample(i, batch=1))
+        times.append(time.perf_counter() - t0)
+        assert checker.fault(v) is None, [str(f) for f in v.findings]
+    return min(times)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--examples", type=int, default=2)
     args = ap.parse_args()
-    with CaffeWorker() as worker:
+    with CaffeWorker() as worker, tempfile.TemporaryDirectory() as tmp:
         text = worker.call("prototxt", head="dex_vgg16", bins=101, size=args.size)
         port = dex.make(size=args.size)
         checker = PortChecker(worker, text, port)
-        ex = PortExample(0, batch=1)
-        inputs, params = checker.arrays(ex)
+        inputs, params = checker.arrays(PortExample(0, batch=1))
         raw_caffe = worker.call(
             "time_raw", prototxt=checker.prototxt, inputs=inputs, params=params, repeat=2
         )["forward_backward"]
@@ -49,22 +59,31 @@ def main() -> int:
             )
             best = min(best, time.perf_counter() - t0)
         raw_port = best
-        times = []
-        for i in range(args.examples):
-            t0 = time.perf_counter()
-            v = checker.run(PortExample(i, batch=1))
-            times.append(time.perf_counter() - t0)
-            assert checker.fault(v) is None, [str(f) for f in v.findings]
-    per = min(times)
+        # a trained net's weights, as a user runs it (--weights), and fresh weights drawn
+        # for every example (no --weights): drawing VGG-16's 138 M weights is part of it
+        model = worker.call(
+            "save", prototxt=text, params=params, out=str(Path(tmp, "w.caffemodel"))
+        )
+        trained = _per_example(
+            PortChecker(worker, text, port, weights=model, generate=False), args.examples
+        )
+        drawn = _per_example(checker, args.examples)
     raw = raw_caffe + raw_port
     print(f"Measured {time.strftime('%Y-%m-%d')} by `python bench/validate_port_speed.py`:")
     print()
-    print("| DEX VGG-16, batch 1 | seconds |")
-    print("|---|---|")
-    print(f"| raw Caffe forward+backward | {raw_caffe:.2f} |")
-    print(f"| raw port forward+backward | {raw_port:.2f} |")
-    print(f"| validate-port, one example (best of {args.examples}) | {per:.2f} |")
-    print(f"| ratio | {per / raw:.1f}x |")
+    print("| DEX VGG-16 at 224, batch 1 | seconds | against raw |")
+    print("|---|---|---|")
+    print(f"| raw Caffe forward+backward | {raw_caffe:.2f} | |")
+    print(f"| raw port forward+backward | {raw_port:.2f} | |")
+    print(f"| raw, both | {raw:.2f} | 1x |")
+    print(
+        f"| validate-port, one example, --weights (best of {args.examples}) | {trained:.2f} | "
+        f"{trained / raw:.1f}x |"
+    )
+    print(
+        f"| validate-port, one example, weights drawn (best of {args.examples}) | {drawn:.2f} | "
+        f"{drawn / raw:.1f}x |"
+    )
     return 0
 
 

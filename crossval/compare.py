@@ -32,6 +32,9 @@ class Comparison:
     bound: NDArray[np.float64]
     rule: str
     case: str = ""
+    # a sample of a bigger array: the flat index of each element in an array of `shape`
+    positions: NDArray[np.int64] | None = None
+    shape: tuple[int, ...] = ()
     err: NDArray[np.float64] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,8 +72,8 @@ class Comparison:
         return self.mismatches == 0
 
     @property
-    def worst(self) -> tuple[int, ...]:
-        """Index of the element furthest over (or nearest to) its bound."""
+    def _worst_at(self) -> tuple[int, ...]:
+        """Index in the compared arrays of the element furthest over (or nearest to) its bound."""
         if self.err.size == 0:
             return ()
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -80,11 +83,21 @@ class Comparison:
         return tuple(int(i) for i in np.unravel_index(int(np.argmax(ratio)), self.err.shape))
 
     @property
+    def worst(self) -> tuple[int, ...]:
+        """Index of the element furthest over (or nearest to) its bound, in the whole array
+        when the compared elements are a sample of it."""
+        i = self._worst_at
+        if self.positions is None or not i:
+            return i
+        flat = int(self.positions.reshape(self.err.shape)[i])
+        return tuple(int(j) for j in np.unravel_index(flat, self.shape))
+
+    @property
     def ratio(self) -> float:
         """Largest err / bound (below 1 passes): the margin this comparison had."""
         if self.err.size == 0:
             return 0.0
-        i = self.worst
+        i = self._worst_at
         e, b = float(self.err[i]), float(self.bound[i])
         return e / b if b > 0 else (0.0 if e == 0 else float("inf"))
 
@@ -99,9 +112,15 @@ class Comparison:
         finite = np.isfinite(self.desired) & np.isfinite(self.actual)
         return float(ulp_distance(self.actual[finite], self.desired[finite]).max(initial=0.0))
 
+    @property
+    def _count(self) -> str:
+        if self.positions is None:
+            return f"{self.err.size} elements"
+        return f"{self.err.size} sampled elements (of {int(np.prod(self.shape))})"
+
     def __str__(self) -> str:
-        i = self.worst
-        idx = "[" + ", ".join(map(str, i)) + "]" if i else ""
+        i = self._worst_at
+        idx = "[" + ", ".join(map(str, self.worst)) + "]" if i else ""
         a, d = (float(self.actual[i]), float(self.desired[i])) if self.err.size else (0.0, 0.0)
         e, b = (float(self.err[i]), float(self.bound[i])) if self.err.size else (0.0, 0.0)
         rel = e / abs(d) if d else float("inf") if e else 0.0
@@ -113,7 +132,7 @@ class Comparison:
         return (
             f"{self.check}: {self.blob}{idx}={a:.9g}, {verdict} {d:.9g} "
             f"(|err| {e:.3g} {'>' if e > b else '<='} {b:.3g} allowed, rel {rel:.3g}, "
-            f"{ulp:.3g} ulp; {self.mismatches} of {self.err.size} elements over; "
+            f"{ulp:.3g} ulp; {self.mismatches} of {self._count} over; "
             f"{self.rule}) [{self.case}]"
         )
 

@@ -22,7 +22,9 @@ from ..buildcheck import localize
 from ..compare import Comparison, exact
 from ..errors import CrossvalError
 from ..inputs import closest
+from ..tolerances import sampled
 from ..tolerances import segments as segtol
+from ..tolerances.layers import WIDE
 from ..transfer import state_dict_key
 from ..worker import CaffeError, CaffeWorker
 from . import plugins
@@ -93,6 +95,71 @@ def _f64(a: Any) -> F64:
     if isinstance(a, Tensor):
         return a.detach().to(torch.float64).cpu().numpy()
     return np.asarray(a, dtype=np.float64)
+
+
+def _np(a: Any) -> np.ndarray:
+    """The values as numpy, in their own precision (the reference widens what it reads)."""
+    if isinstance(a, Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _compared(
+    check: str,
+    blob: str,
+    actual: Any,
+    desired: F64,
+    bound: F64,
+    rule: str,
+    case: str,
+    positions: NDArray[np.int64] | None,
+) -> Comparison:
+    """`actual` (the whole array) against `desired`: the whole, or the sampled elements at
+    `positions` (flat indices; ``tolerances.sampled``)."""
+    whole = np.asarray(actual)
+    if positions is None:
+        return Comparison(check, blob, whole.reshape(desired.shape), desired, bound, rule, case)
+    return Comparison(
+        check,
+        blob,
+        whole.reshape(-1)[positions],
+        desired,
+        bound,
+        rule,
+        case,
+        positions=positions,
+        shape=whole.shape,
+    )
+
+
+@dataclass
+class _DiffSum:
+    """A bottom diff summed over the segments reading the blob (autograd and Caffe's Split
+    both sum them): the reference, its bound, the contributing segments and, when sampled,
+    the flat positions of the elements it holds."""
+
+    desired: F64
+    bound: F64
+    segs: list[tuple[Segment, str]]
+    rule: str
+    positions: NDArray[np.int64] | None
+
+    def add(self, d: F64, bound: F64, positions: NDArray[np.int64] | None, seg: Any) -> bool:
+        """Add one reader's diff; False when it holds other elements than the sum (two
+        readers sampled at different positions): the sum is then not known whole."""
+        self.segs.append(seg)
+        if positions is not None and self.positions is None:  # whole so far: keep the sample
+            self.desired = self.desired.reshape(-1)[positions]
+            self.bound = self.bound.reshape(-1)[positions]
+            self.positions = positions
+        elif positions is None and self.positions is not None:
+            d, bound = d.reshape(-1)[self.positions], np.asarray(bound).reshape(-1)[self.positions]
+        elif positions is not None and self.positions is not None:
+            if not np.array_equal(positions, self.positions):
+                return False
+        self.desired = self.desired + d
+        self.bound = self.bound + bound
+        return True
 
 
 class _Running:
@@ -345,79 +412,134 @@ class PortChecker:
         writers = self.net.writers(blob)
         return writers[-1] if writers else None
 
-    def _caffe(
+    def _submit_caffe(
         self,
         ex: PortExample,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]],
-        generated: bool,
-    ) -> dict[str, Any]:
-        """Caffe forward and backward on the example, the top diffs drawn in the worker from
-        the example's seed. A generated example is made by the worker itself (no 550 MB of
-        VGG-16 weights through a pipe), which proves by digest that its weights are these."""
-        seeds = (ex.seed ^ 0x5EED, list(self.net.outputs))
+        arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None,
+    ) -> Callable[[dict[str, list[np.ndarray]]], dict[str, Any]]:
+        """Start Caffe's forward and backward on the example in the worker (the top diffs
+        drawn there from the example's seed) and return what waits for it. A generated example
+        (`arrays` None) is made by the worker itself (no 550 MB of VGG-16 weights through a
+        pipe) while this process makes it too; the waiting function takes the weights this
+        process made and checks by digest that Caffe ran with them."""
         common: dict[str, Any] = dict(
             prototxt=self.prototxt,
             phase="TEST",
             backward=True,
             all_diffs=True,
             surgery=self.surgery,
-            top_diff_seed=seeds,
+            top_diff_seed=(ex.seed ^ 0x5EED, list(self.net.outputs)),
         )
-        if not generated:
-            return dict(
-                self.worker.call("run", inputs=inputs, params=params, return_params=False, **common)
+        if arrays is not None:
+            inputs, params = arrays
+            wait = self.worker.submit(
+                "run", inputs=inputs, params=params, return_params=False, **common
             )
-        got = dict(
-            self.worker.call(
-                "run_generated",
-                recipe=self.recipe,
-                seed=ex.seed,
-                input_scale=ex.input_scale,
-                weight_scale=ex.weight_scale,
-                batch=ex.batch,
-                learnable=self.generate,
-                weights=self.weights,
-                **common,
-            )
+            return lambda _: dict(wait())
+        wait = self.worker.submit(
+            "run_generated",
+            recipe=self.recipe,
+            seed=ex.seed,
+            input_scale=ex.input_scale,
+            weight_scale=ex.weight_scale,
+            batch=ex.batch,
+            learnable=self.generate,
+            weights=self.weights,
+            **common,
         )
-        if got["digest"] != examplegen.digest(params):
-            raise CrossvalError(
-                "the Caffe worker generated other weights than the port got (different "
-                "numpy?); rerun with --replay"
-            )
-        return got
+
+        def collect(params: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+            got = dict(wait())
+            if got["digest"] != examplegen.digest(params):
+                raise CrossvalError(
+                    "the Caffe worker generated other weights than the port got (different "
+                    "numpy?); rerun with --replay"
+                )
+            return got
+
+        return collect
 
     def run(
         self,
         ex: PortExample,
         arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None = None,
     ) -> ExampleVerdict:
-        """One example: generated from `ex`, or the given (inputs, params) `arrays`."""
-        verdict = ExampleVerdict(ex, findings=list(self.static), notes=list(self.notes))
+        """One example: generated from `ex`, or the given (inputs, params) `arrays`. Caffe
+        runs in the worker meanwhile, on the other core."""
+        # float64 copies made once per example; the net's given weights (a trained net's,
+        # fixed kernels) once per run
+        fixed = [a for blobs in self.base.values() for a in blobs]
+        with WIDE.active(keep=fixed):
+            return self._run(ex, arrays)
+
+    def _run(
+        self,
+        ex: PortExample,
+        arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None,
+    ) -> ExampleVerdict:
         desc = ex.describe() if arrays is None else f"replayed example, batch {ex.batch}"
-        inputs, params = self.arrays(ex) if arrays is None else arrays
         self.started += 1
-        self.current = (inputs, params)
-        self.guard.begin_example(self.started, desc, ex, inputs, params)
-        caffe = self._caffe(ex, inputs, params, arrays is None)
-        top_diffs: dict[str, np.ndarray] = caffe["top_diffs"]
-        self._check_caffe(verdict, caffe, params, desc)
+        pending = self._submit_caffe(ex, arrays)
+        try:
+            inputs, params = self.arrays(ex) if arrays is None else arrays
+            self.current = (inputs, params)
+            self.guard.begin_example(self.started, desc, ex, inputs, params)
+            # the shapes Caffe should give every blob (the declared ones at this batch): the
+            # port is run and checked on them while Caffe runs
+            batch = next(iter(inputs.values())).shape[0] if inputs else ex.batch
+            expected = {b: (batch, *s[1:]) if s else s for b, s in self.net.blobs.items()}
+            top_diffs = self._top_diffs(ex, expected)
+            verdict = self._port_side(ex, desc, inputs, params, top_diffs, expected)
+        except BaseException:
+            try:
+                pending({})
+            except Exception:
+                pass  # the port's own failure is the one to report
+            raise
+        caffe = pending(params)
+        shapes = {b: tuple(np.shape(v)) for b, v in caffe["blobs"].items() if b in expected}
+        drawn: dict[str, np.ndarray] = caffe["top_diffs"]
+        if shapes != {b: expected[b] for b in shapes} or not all(
+            k in top_diffs and np.array_equal(drawn[k], top_diffs[k]) for k in drawn
+        ):
+            # a blob whose shape does not follow the batch: the port again, on Caffe's shapes
+            verdict = self._port_side(ex, desc, inputs, params, drawn, shapes)
+        self._check_caffe(verdict, caffe, params, desc, ex.seed)
+        return verdict
+
+    def _top_diffs(
+        self, ex: PortExample, shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, np.ndarray]:
+        """The diffs the backward starts from at the net's outputs, drawn from the example's
+        seed as the Caffe worker draws them (at Caffe's shapes)."""
+        return examplegen.top_diffs(ex.seed ^ 0x5EED, [(o, shapes[o]) for o in self.net.outputs])
+
+    def _port_side(
+        self,
+        ex: PortExample,
+        desc: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        top_diffs: dict[str, np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]],
+    ) -> ExampleVerdict:
+        """The port run on the example and checked, Caffe's blobs having `shapes`."""
+        verdict = ExampleVerdict(ex, findings=list(self.static), notes=list(self.notes))
         got = self._run_port(verdict, inputs, params, top_diffs)
         if got is None:
             return verdict
         values, grads, pgrads, _ = got
         self._inputs_kept(verdict, inputs, values)
-        shaped = self._shapes(verdict, values, caffe)
+        shaped = self._shapes(verdict, values, shapes)
         returned = [b for b in self.net.blobs if b in values]
         verdict.not_returned = [
             b for b in self.net.blobs if b not in values and b not in self.net.inputs
         ]
         segs = segments(self.net, returned)
         self._unverified(verdict, segs)
-        seen = {k: _f64(v) for k, v in values.items() if k in shaped}
+        seen = {k: _np(v) for k, v in values.items() if k in shaped}
         for k, v in inputs.items():  # the net's inputs are the port's, returned or not
-            seen.setdefault(k, _f64(v))
+            seen.setdefault(k, v)
             grads.setdefault(k, got[3].get(k))
         skipped = self._check_side(
             verdict,
@@ -430,6 +552,7 @@ class PortChecker:
             top_diffs,
             desc,
             diff_ok=lambda b: True,
+            seed=ex.seed,
         )
         for seg in segs:
             if seg.outputs and seg.name not in skipped:
@@ -563,16 +686,16 @@ class PortChecker:
         grads: dict[str, F64 | None] = {}
         for k, t in values.items():
             g = xs[k].grad if k in xs else t.grad
-            grads[k] = None if g is None else _f64(g)
+            grads[k] = None if g is None else _np(g)
         named = dict(self.port.named_parameters())
         pgrads: dict[tuple[str, int], F64 | None] = {}
         for b in self.bindings:
             if b.lr_mult > 0 and b.key in named and b.fits:
                 g = named[b.key].grad
                 pgrads[(b.layer, b.index)] = (
-                    np.zeros(b.caffe_shape) if g is None else _f64(g).reshape(b.caffe_shape)
+                    np.zeros(b.caffe_shape) if g is None else _np(g).reshape(b.caffe_shape)
                 )
-        xgrads = {k: None if x.grad is None else _f64(x.grad) for k, x in xs.items()}
+        xgrads = {k: None if x.grad is None else _np(x.grad) for k, x in xs.items()}
         return values, grads, pgrads, xgrads
 
     def _raised(self, verdict: ExampleVerdict, exc: Exception, stack: list[str], what: str) -> None:
@@ -643,13 +766,16 @@ class PortChecker:
             return
 
     def _shapes(
-        self, verdict: ExampleVerdict, values: Mapping[str, Tensor], caffe: Mapping[str, Any]
+        self,
+        verdict: ExampleVerdict,
+        values: Mapping[str, Tensor],
+        shapes: Mapping[str, tuple[int, ...]],
     ) -> set[str]:
         """Blobs whose shape matches Caffe's (up to singleton axes); the others are findings
         at the layer that produced them."""
         ok = set()
         for blob, t in values.items():
-            want = tuple(np.shape(caffe["blobs"][blob]))
+            want = tuple(shapes[blob])
             got = tuple(t.shape)
             if got == want or (t.numel() == int(np.prod(want)) and squeeze(got) == squeeze(want)):
                 ok.add(blob)
@@ -681,6 +807,7 @@ class PortChecker:
         caffe: Mapping[str, Any],
         params: Mapping[str, list[np.ndarray]],
         desc: str,
+        seed: int,
     ) -> None:
         """Caffe's own blobs against the reference, layer by layer; a blob Caffe rewrites in
         place keeps only its first value's diff, so diffs are compared where they are whole."""
@@ -691,10 +818,10 @@ class PortChecker:
                 "caffe: diffs not compared at blobs rewritten in place (Caffe keeps only the "
                 f"first value's diff): {', '.join(whole)}"
             )
-        values = {k: _f64(v) for k, v in caffe["blobs"].items() if k in self.net.blobs}
-        grads: dict[str, F64 | None] = {k: _f64(v) for k, v in caffe["diffs"].items()}
+        values = {k: _np(v) for k, v in caffe["blobs"].items() if k in self.net.blobs}
+        grads: dict[str, F64 | None] = {k: _np(v) for k, v in caffe["diffs"].items()}
         pgrads: dict[tuple[str, int], F64 | None] = {
-            (lay.name, p.index): _f64(caffe["param_diffs"][lay.name][p.index])
+            (lay.name, p.index): _np(caffe["param_diffs"][lay.name][p.index])
             for lay in self.net.compute_layers
             for p in lay.params
             if p.lr_mult > 0
@@ -710,6 +837,7 @@ class PortChecker:
             {},
             desc,
             diff_ok=lambda b: not self.net.in_place(b),
+            seed=seed,
         )
 
     def _check_side(
@@ -724,6 +852,7 @@ class PortChecker:
         seeded: Mapping[str, np.ndarray],
         desc: str,
         diff_ok: Callable[[str], bool],
+        seed: int = 0,
     ) -> set[str]:
         """Check `side`'s values segment by segment; returns the segments not checked (a blob
         of another shape than Caffe's)."""
@@ -731,7 +860,7 @@ class PortChecker:
         outputs = set(self.net.outputs)
         # bottom diffs are summed over every segment reading the blob (autograd and Caffe's
         # Split both sum them): desired, bound and the segments that contribute.
-        diff_sum: dict[str, list[Any]] = {}
+        diff_sum: dict[str, _DiffSum] = {}
         # a blob some reader's backward is not checked for: its diff sum is not known whole
         incomplete: set[str] = set()
         misshaped: list[str] = []
@@ -745,9 +874,7 @@ class PortChecker:
                 continue
             specs = [lay.spec for lay in seg.layers]
             seg_params = {
-                lay.name: [np.asarray(a, dtype=np.float64) for a in params.get(lay.name, [])]
-                for lay in seg.layers
-                if lay.params
+                lay.name: list(params.get(lay.name, [])) for lay in seg.layers if lay.params
             }
             outs = [o for o in seg.outputs if o in values]
             backward = all(diff_ok(b) for b in [*seg.inputs, *outs])
@@ -763,49 +890,55 @@ class PortChecker:
                         )
                         break
                     diffs[o] = np.asarray(g, dtype=np.float64).reshape(values[o].shape)
-            res = segtol.segment(
-                specs,
-                seg_params,
-                {b: values[b].reshape(self.net.blobs[b][:0] + values[b].shape) for b in seg.inputs},
-                outs,
-                diffs if backward else None,
-            )
+            seg_inputs = {b: values[b] for b in seg.inputs}
+            if sampled.worth_it(specs, {b: v.shape for b, v in seg_inputs.items()}):
+                res = sampled.sampled(
+                    specs, seg_params, seg_inputs, outs, diffs if backward else None, seed
+                )
+            else:
+                res = segtol.segment(
+                    specs, seg_params, seg_inputs, outs, diffs if backward else None
+                )
             if not backward:
                 incomplete.update(seg.inputs)
             rule = res.rule or f"tolerances.layer {seg.layers[-1].type}"
             for o in outs:
-                cmp = Comparison(
+                cmp = _compared(
                     f"forward {actor}~ref64",
                     o,
-                    values[o].reshape(res.values[o].shape),
+                    values[o],
                     res.values[o],
                     res.value_bounds[o],
                     rule,
                     desc,
+                    res.positions.get(("v", o)),
                 )
                 comparisons.append((cmp, seg, label, "forward"))
             if not backward:
                 continue
             for b, d in res.input_diffs.items():
-                entry = diff_sum.setdefault(b, [np.zeros(d.shape), np.zeros(d.shape), [], rule])
-                entry[0] = entry[0] + d
-                entry[1] = entry[1] + res.input_diff_bounds[b]
-                entry[2].append((seg, label))
+                pos = res.positions.get(("x", b))
+                if b not in diff_sum:
+                    diff_sum[b] = _DiffSum(np.zeros(d.shape), np.zeros(d.shape), [], rule, pos)
+                if not diff_sum[b].add(d, res.input_diff_bounds[b], pos, (seg, label)):
+                    incomplete.add(b)
             for key, d in res.param_diffs.items():
                 got = pgrads.get(key)
                 if got is None:
                     continue
-                cmp = Comparison(
+                cmp = _compared(
                     f"backward {actor}~ref64",
                     f"{key[0]}/{key[1]}",
-                    np.asarray(got).reshape(d.shape),
+                    np.asarray(got),
                     d,
                     res.param_diff_bounds[key],
                     rule,
                     desc,
+                    res.positions.get(("p", key)),
                 )
                 comparisons.append((cmp, seg, label, "backward"))
-        for b, (desired, bound, segs_in, rule) in diff_sum.items():
+        for b, entry in diff_sum.items():
+            desired, bound, segs_in, rule = entry.desired, entry.bound, entry.segs, entry.rule
             if b in incomplete:
                 verdict.notes.append(
                     f"{side}: d/d {b} not compared: the backward of some layer reading it is "
@@ -816,14 +949,15 @@ class PortChecker:
             if got is None:
                 verdict.notes.append(f"{side}: no gradient at {b!r} to compare")
                 continue
-            cmp = Comparison(
+            cmp = _compared(
                 f"backward {actor}~ref64",
                 f"d/d {b}",
-                np.asarray(got).reshape(desired.shape),
+                np.asarray(got),
                 desired,
                 bound,
                 rule,
                 desc,
+                entry.positions,
             )
             # a wrong bottom diff belongs to the segments reading the blob: the last of them
             # in Caffe's order is the first to run backward
