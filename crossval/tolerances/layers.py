@@ -115,8 +115,8 @@ class WideCache:
 
     @staticmethod
     def _widen(arr: np.ndarray, absolute: bool) -> torch.Tensor:
-        wide = np.ascontiguousarray(arr, dtype=np.float64)
-        return torch.from_numpy(np.abs(wide) if absolute else wide)
+        wide = np.asarray(arr, dtype=np.float64, order="C")  # a 0-d array stays 0-d
+        return torch.from_numpy(np.asarray(np.abs(wide)) if absolute else wide)
 
 
 WIDE = WideCache()
