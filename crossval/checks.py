@@ -27,9 +27,13 @@ from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .worker import CaffeWorker
 
-# The heads are tiny: intra-op threads only add latency (and torch's thread pool on 2 cores
-# makes small ops 100x slower).
-torch.set_num_threads(1)
+
+def single_threaded() -> None:
+    """Runs start here (the CLI, and every `Harness`): the heads are tiny, intra-op threads
+    only add latency (torch's thread pool on 2 cores makes small ops 100x slower). Not done at
+    import, so importing crossval leaves the process's torch settings alone."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Harness:
     """Runs cases; caches prototxts, Caffe param layouts and surgery per net."""
 
     def __init__(self, worker: CaffeWorker) -> None:
+        single_threaded()
         self.worker = worker
         self._protos: dict[tuple[Any, ...], str] = {}
         self._layouts: dict[str, dict[str, list[tuple[int, ...]]]] = {}

@@ -47,6 +47,14 @@ def _usable_cache_dir() -> None:
         ) from None
 
 
+def _single_threaded() -> None:
+    """The commands that run the heads' checks start single-threaded (see
+    `checks.single_threaded`); importing crossval does not change torch's settings."""
+    from .checks import single_threaded
+
+    single_threaded()
+
+
 def _caffe_ensure(args: argparse.Namespace) -> int:
     from . import provision
 
@@ -234,6 +242,8 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TrainCase, train_report
     from .worker import CaffeWorker
 
+    _single_threaded()
+
     shape = dict(
         batch=args.batch,
         features=args.features,
@@ -272,6 +282,8 @@ def _mutants(args: argparse.Namespace) -> int:
     from .killtable import kill_table
     from .worker import CaffeWorker
 
+    _single_threaded()
+
     start = time.monotonic()
     with CaffeWorker(timeout=args.timeout) as worker:
         table = kill_table(worker, max_examples=args.max_examples)
@@ -288,6 +300,8 @@ def _report(args: argparse.Namespace) -> int:
     from .provision import info
     from .report import FILES, run, table
     from .worker import CaffeWorker
+
+    _single_threaded()
 
     out = outputs.directory(args.out, "--out", force=args.force, names=FILES)
     install = provision.locate(args.caffe)
@@ -308,6 +322,7 @@ def _check_build(args: argparse.Namespace) -> int:
         outputs.directory(args.out, "--out", force=args.force)
     from . import buildcheck, golden, provision
 
+    _single_threaded()
     paths = [str(provision.locate(variant=v).python_path) for v in args.variant or ()]
     paths += args.caffe or []
     if not paths:
@@ -330,6 +345,8 @@ def _golden(args: argparse.Namespace) -> int:
     from . import golden
     from .layercheck import golden as layer_golden
     from .worker import CaffeWorker
+
+    _single_threaded()
 
     written = golden.write(Path(args.out), force=args.force)
     with CaffeWorker() as worker:  # Caffe parses each layer's params
