@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 import torch
@@ -57,8 +58,14 @@ def caffe_install() -> provision.CaffeInstall:
         pytest.fail(f"real Caffe is required and missing: {exc}", pytrace=False)
 
 
-@pytest.fixture(scope="module")
+def _worker_scope(fixture_name: str, config: pytest.Config) -> Literal["module", "session"]:
+    # One worker per pytest process (an xdist worker), its cached nets shared by the modules;
+    # per module in `thorough`, whose full-size nets would stay cached for the whole run.
+    return "module" if PROFILE == "thorough" else "session"
+
+
+@pytest.fixture(scope=_worker_scope)
 def worker(caffe_install: provision.CaffeInstall) -> Iterator[CaffeWorker]:
-    """A Caffe worker shared by one test module."""
+    """A Caffe worker shared by the tests (a crash or a time limit restarts it)."""
     with CaffeWorker(caffe_install) as w:
         yield w

@@ -34,7 +34,8 @@ EXIT_INTERRUPTED = 130
 
 
 def make_artifacts(d: Path, install: provision.CaffeInstall | None = None) -> dict[str, bytes]:
-    """The valid files bad inputs are derived from, as bytes, made by crossval itself in `d`."""
+    """The valid files bad inputs are derived from, as bytes, made by crossval itself in `d`
+    (its commands run in this process: a child process each cost seconds of imports)."""
     made = {
         "exp.prototxt": ("prototxt", "expectation", "--features", "16", "--deploy"),
         "sig.prototxt": ("prototxt", "sigmoid_scale", "--features", "16", "--deploy"),
@@ -42,10 +43,9 @@ def make_artifacts(d: Path, install: provision.CaffeInstall | None = None) -> di
         "tiny.prototxt": ("prototxt", "tiny_cnn", "--bins", "7"),
     }
     for name, args in made.items():
-        proc = run_crossval(*args, "-o", str(d / name))
-        assert proc.returncode == 0, proc.stderr
-    proc = run_crossval("surgery", str(d / "exp.prototxt"), "-o", str(d / "exp.caffemodel"))
-    assert proc.returncode == 0, proc.stderr
+        assert cli.main([*args, "-o", str(d / name)]) == 0, name
+    surgery = ["surgery", str(d / "exp.prototxt"), "-o", str(d / "exp.caffemodel")]
+    assert cli.main(surgery) == 0, "surgery"
     # Another net's weights: the sigmoid head's, as Caffe's fillers made them.
     with CaffeWorker(install) as worker:
         text = (d / "sig.prototxt").read_text()

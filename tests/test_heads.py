@@ -3,13 +3,10 @@ reference agree on forward blobs, loss and gradients, within the tolerance table
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from crossval import provision
 from crossval.batched import COUNT, CaseBatch, batched_examples, case_batches, check_batch
 from crossval.checks import Harness, caffe_gradient_check, torch_gradcheck
 from crossval.heads import COMBINATIONS, Case
@@ -18,9 +15,8 @@ from crossval.worker import CaffeWorker
 
 
 @pytest.fixture(scope="module")
-def harness(caffe_install: provision.CaffeInstall) -> Iterator[Harness]:
-    with CaffeWorker(caffe_install) as worker:
-        yield Harness(worker)
+def harness(worker: CaffeWorker) -> Harness:
+    return Harness(worker)
 
 
 def report(result_failures: list[str], case: Case) -> str:

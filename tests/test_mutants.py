@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import settings
 
-from crossval import provision
 from crossval.killtable import KillTable, kill_table
 from crossval.layercheck.mutants import LAYER_MUTANTS
 from crossval.mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
 from crossval.worker import CaffeWorker
 
-pytestmark = pytest.mark.slow  # about 15 s with Caffe; part of the default suite
+# About 15 s with Caffe; part of the default suite. One xdist worker builds the kill table
+# (tox runs `--dist loadgroup`): every test of this file shares it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kill-table")]
 
 # The targets: at least this many mutants, median examples to detection at most this,
 # every mutant caught within the `ci` profile's examples.
@@ -28,9 +27,8 @@ def budget() -> int:
 
 
 @pytest.fixture(scope="module")
-def table(caffe_install: provision.CaffeInstall) -> Iterator[KillTable]:
-    with CaffeWorker(caffe_install) as worker:
-        yield kill_table(worker, max_examples=budget())
+def table(worker: CaffeWorker) -> KillTable:
+    return kill_table(worker, max_examples=budget())
 
 
 def test_catalogue_size_and_rows() -> None:

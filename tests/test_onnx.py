@@ -5,18 +5,19 @@ constants bit for bit; `crossval export-onnx` end to end; bad input."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from crossval_cli import run_crossval
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
+from profiles import examples
 
-from crossval import cli, provision
+from crossval import cli
 from crossval import onnx_export as ox
 from crossval.checks import Harness
 from crossval.compare import Comparison
@@ -41,9 +42,8 @@ def template(spec: HeadSpec) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def harness(caffe_install: provision.CaffeInstall) -> Iterator[Harness]:
-    with CaffeWorker(caffe_install) as worker:
-        yield Harness(worker)
+def harness(worker: CaffeWorker) -> Harness:
+    return Harness(worker)
 
 
 Mutation = Callable[[onnx.ModelProto, HeadSpec], None]
@@ -88,6 +88,10 @@ def assert_agree(harness: Harness, case: Case) -> None:
 # ---- properties: ages (and every blob) agree with Caffe and the reference ------------------
 
 
+# 50 examples in `ci` (each runs Caffe, onnxruntime and the ONNX reference evaluator, a
+# Python interpreter of the graph); the spreads' hard regions are still drawn, and the
+# extreme cases are pinned below.
+@settings(max_examples=examples(50))
 @given(case=cases((("sigmoid_scale", "euclidean"),), features=FEATURES))
 @example(case=build_case("sigmoid_scale", "euclidean", batch=1, features=512, spread=300.0))
 @example(case=build_case("sigmoid_scale", "euclidean", batch=64, features=1, spread=25.0))
@@ -95,6 +99,7 @@ def test_sigmoid_scale_onnx_agrees(harness: Harness, case: Case) -> None:
     assert_agree(harness, case)
 
 
+@settings(max_examples=examples(50))
 @given(case=cases((("expectation", "euclidean"),), features=FEATURES, bins=BINS))
 @example(case=build_case("expectation", "euclidean", 1, 512, bins=101, spread=300.0, seed=4))
 @example(case=build_case("expectation", "euclidean", 64, 64, bins=100, spread=120.0, seed=5))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
+from profiles import examples
 
 from crossval.heads import HEADS, Case
 from crossval.mutants import TRAINING_MUTANTS
@@ -81,6 +82,9 @@ def test_fixed_values_stay_bit_identical(
         assert got["comparable_steps"] >= 1
 
 
+# 50 examples in `ci` (each trains in Caffe and in float32 and float64 for several steps);
+# solver, lr policy, momentum, decay and clipping are drawn for each.
+@settings(max_examples=examples(50))
 @given(tc=train_cases())
 @example(
     tc=TrainCase(  # Adam with momentum2 0.999: Caffe reads it as float32 (0.999000013)
