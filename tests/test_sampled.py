@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,3 +243,65 @@ def test_only_big_linear_layers_are_sampled() -> None:
     assert smp.macs([conv], {"x": (1, 64, 224, 224)}) == 64 * 224 * 224 * 64 * 9
     assert smp.worth_it([conv], {"x": (1, 64, 224, 224)})
     assert not smp.worth_it([conv], {"x": (1, 64, 8, 8)})
+
+
+# -- the engine with every Convolution and InnerProduct sampled ---------------------------
+# The zoo's nets are small enough to be checked whole; with the threshold at 0 every linear
+# layer is checked on its sample instead, and the campaign's verdicts must not change: the
+# correct ports pass, every buggy port is caught at its layer.
+
+from test_port_campaign import _checker, _clean, zoo  # noqa: E402, F401
+from test_zoo_nets import BUGS, NETS  # noqa: E402
+
+from crossval.portcheck.engine import PortExample  # noqa: E402
+
+
+@pytest.fixture
+def all_sampled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smp, "SAMPLE_ABOVE", 0)
+
+
+@pytest.mark.parametrize("which", ["reference", "make"])
+@pytest.mark.parametrize("key", list(NETS))
+def test_sampled_engine_passes_the_correct_ports(
+    worker: Any,
+    zoo: Any,  # noqa: F811 (the campaign's fixture)
+    all_sampled: None,
+    key: str,
+    which: str,
+) -> None:
+    checker = _checker(worker, zoo[key], which)
+    for seed in range(3):
+        ratio = _clean(checker, PortExample(seed, batch=NETS[key].batch))
+        assert ratio <= 1.0
+    v = checker.run(PortExample(3, batch=NETS[key].batch))
+    sampled = [c for c in v.comparisons if c.positions is not None]
+    assert sampled, "no layer was sampled"
+
+
+@pytest.mark.parametrize(
+    ("key", "variant"),
+    [b for b in BUGS if b[1] not in ("make_scale_without_bias", "make_dropout_active")],
+)
+def test_sampled_engine_catches_each_buggy_port_at_its_layer(
+    worker: Any,
+    zoo: Any,  # noqa: F811 (the campaign's fixture)
+    all_sampled: None,
+    key: str,
+    variant: str,
+) -> None:
+    import re
+
+    from test_zoo_nets import named_layer
+
+    checker = _checker(worker, zoo[key], variant)
+    make = getattr(__import__(f"ports.{zoo[key].port_module}", fromlist=[variant]), variant)
+    expected = named_layer(make.__doc__)
+    for seed in range(5):
+        v = checker.run(PortExample(seed, batch=NETS[key].batch))
+        fault = checker.fault(v)
+        if fault is not None:
+            assert expected in re.findall(r"(\S+) \(", fault.layer), f"{variant}: {fault}"
+            assert not v.caffe_findings, "\n".join(map(str, v.caffe_findings))
+            return
+    raise AssertionError(f"{variant} passes 5 sampled examples")
