@@ -25,6 +25,8 @@ from torch import nn
 from . import transfer
 from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
+from .tolerances import finite_difference as fd_tol
+from .tolerances.finite_difference import CAFFE_FD_STEP, CAFFE_FD_THRESHOLD
 from .worker import CaffeWorker
 
 
@@ -273,9 +275,7 @@ class Harness:
 
 # ---- finite differences ---------------------------------------------------------------------
 
-# Caffe's own GradientChecker settings (include/caffe/test/test_gradient_check_util.hpp).
-CAFFE_FD_STEP = 1e-2
-CAFFE_FD_THRESHOLD = 1e-3
+# Caffe's own GradientChecker settings and crossval's slack: tolerances.finite_difference.
 
 
 @dataclass
@@ -319,16 +319,10 @@ def caffe_gradient_check(
             targets.append((kind, name, int(idx)))
     label = label_blob(case)
     kink = ("pred_age", "true_age", 1.0 / case.sigma**2) if case.loss == "smooth_l1" else None
-    # Caffe's threshold assumes the step's truncation error and the objective's rounding are
-    # negligible, as they are in its unit-scale layer tests. Ages scaled by 99 (or K - 1)
-    # break both assumptions, so each element is also allowed
-    #   e_L / step            the float32 bound of the loss value (tolerance table), for the
-    #                         two rounded losses in (L+ - L-) / (2 step), and
-    #   |FD64(step) - g64|    the central difference's own truncation error, measured on the
-    #                         float64 reference at the same point with the same step.
+    # Each element's slack on top of Caffe's threshold: see tolerances.finite_difference.
     e_l = loss_bound(case)
     truncation = _reference_truncation(case, targets, CAFFE_FD_STEP)
-    slacks = [e_l / CAFFE_FD_STEP + t for t in truncation]
+    slacks = fd_tol.slacks(e_l, truncation, CAFFE_FD_STEP)
     got = harness.worker.call(
         "gradient_check",
         slacks=slacks,

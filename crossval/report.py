@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 
 from . import outputs
 from .batched import BatchComparison, batched_examples, case_batches, run_batch
-from .checks import CAFFE_FD_THRESHOLD, Harness, caffe_gradient_check
+from .checks import Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
 from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_batches, build_case, cases
+from .tolerances import finite_difference as fd_tol
 from .worker import CaffeWorker, searching, stops_search
 
 PROFILES = {"dev": 25, "ci": 200, "thorough": 5000}
@@ -184,8 +185,7 @@ def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row
                 row.first_failure = row.first_failure or str(fd)
             elif fd.verdict == "ok":
                 err = abs(fd.computed - fd.estimated)
-                scale = max(abs(fd.computed), abs(fd.estimated), 1.0)
-                allowed = CAFFE_FD_THRESHOLD * scale + fd.slack
+                allowed = fd_tol.allowed(fd.computed, fd.estimated, fd.slack)
                 row.max_abs = max(row.max_abs, err)
                 row.max_ratio = max(row.max_ratio, err / allowed)
 

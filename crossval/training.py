@@ -28,10 +28,10 @@ from torch import nn
 from reference.solvers import CaffeSolver, Param, SolverConfig
 
 from . import outputs, transfer
-from . import tolerances as tol
 from .checks import REFERENCE, Impl
 from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
+from .tolerances import solver as tol_solver
 from .worker import CaffeWorker
 
 F32 = NDArray[np.float32]
@@ -237,11 +237,12 @@ def torch_trajectory(
         traj.fixed.append(module.state_dict()[fixed_key].detach().numpy().copy())
         if bounds:
             traj.loss_bounds.append(e_loss)
-            e_w, e_h, e_h2 = _carry(
-                tc,
+            e_w, e_h, e_h2 = tol_solver.carry(
+                tc.solver,
+                tc.ip_mults,
                 keys,
                 w_before,
-                grads,
+                {k: grads[k].detach().numpy().astype(np.float64) for k in keys},
                 e_g,
                 e_w,
                 e_h,
@@ -265,8 +266,7 @@ def _step_gradient_bounds(
     e_w: dict[str, F64],
 ) -> tuple[float, dict[str, F64]]:
     """Loss and gradient bounds at this step's reference params, including the feedback of
-    the params' own accumulated error (first order: |g| e_w for the loss, |H e_w| for the
-    gradient)."""
+    the params' own accumulated error (`tolerances.solver.step_feedback`)."""
     keys = head.learnable(case)
     named = dict(module.named_parameters())
     b = head.bounds(
@@ -275,13 +275,11 @@ def _step_gradient_bounds(
         {k: v.grad.numpy() for k, v in blobs.items() if v.grad is not None},
         {k: named[k].detach().numpy() for k in keys},
     )
-    e_loss, e_g = b.loss, b.backward
-    # Feedback of earlier steps' error through the params: d grad = H e_w, d loss = g e_w.
-    e_loss += sum(float((np.abs(grads[k].numpy()) * e_w[k]).sum()) for k in keys)
+    hv = None
     if any(e.any() for e in e_w.values()):
         hv = _hessian_vector(head, case, module, {k: e_w[k] for k in keys})
-        e_g = {k: e_g[k] + 2 * np.abs(hv[k]) for k in keys}
-    return e_loss, {k: e_g[k] for k in keys}
+    g = {k: grads[k].numpy() for k in keys}
+    return tol_solver.step_feedback(b.loss, b.backward, g, e_w, hv, keys)
 
 
 def _hessian_vector(head: Head, case: Case, module: nn.Module, v: dict[str, F64]) -> dict[str, F64]:
@@ -300,73 +298,6 @@ def _hessian_vector(head: Head, case: Case, module: nn.Module, v: dict[str, F64]
     tangents = tuple(torch.from_numpy(v[k]) for k in keys)
     _, hv = torch.autograd.functional.hvp(f, primals, tangents)  # type: ignore[no-untyped-call]
     return {k: hv[i].numpy() for i, k in enumerate(keys)}
-
-
-def _carry(
-    tc: TrainCase,
-    keys: tuple[str, str],
-    w: dict[str, np.ndarray],
-    grads: dict[str, torch.Tensor],
-    e_g: dict[str, F64],
-    e_w: dict[str, F64],
-    e_h: dict[str, F64],
-    e_h2: dict[str, F64],
-    hist: dict[str, np.ndarray],
-    hist2: dict[str, np.ndarray],
-    rate: float,
-    t: int,
-    w_after: dict[str, np.ndarray],
-) -> tuple[dict[str, F64], dict[str, F64], dict[str, F64]]:
-    """One step of the bound recursion (tolerances.solver_update) for every param."""
-    cfg = tc.solver
-    g = {k: grads[k].detach().numpy().astype(np.float64) for k in keys}
-    e_d = {k: e_g[k] + tol.U32 * np.abs(g[k]) for k in keys}
-    if cfg.clip_gradients >= 0:
-        norm = float(np.sqrt(sum((g[k] ** 2).sum() for k in keys)))
-        e_norm = sum(float((np.abs(g[k]) * e_g[k]).sum()) for k in keys) / max(norm, 1e-300)
-        e_norm += tol.gamma(sum(g[k].size for k in keys) + 2) * norm
-        if norm > cfg.clip_gradients or norm + e_norm > cfg.clip_gradients:
-            s = cfg.clip_gradients / norm if norm > cfg.clip_gradients else 1.0
-            low = norm - e_norm
-            e_s = cfg.clip_gradients * e_norm / (low * low) if low > 0 else float("inf")
-            # Near the threshold either branch may be taken: allow both.
-            flip = abs(norm - cfg.clip_gradients) <= e_norm
-            for k in keys:
-                alt = np.abs(g[k]) * abs(1 - s) if flip else 0.0
-                e_d[k] = s * e_d[k] + np.abs(g[k]) * e_s + alt + tol.U32 * s * np.abs(g[k])
-                g[k] = g[k] * s
-    new_w, new_h, new_h2 = {}, {}, {}
-    for k, (lr_mult, decay_mult) in zip(keys, tc.ip_mults, strict=True):
-        decay = cfg.weight_decay * decay_mult
-        d, ed = g[k], e_d[k]
-        wk = w[k].astype(np.float64)
-        if decay:
-            if cfg.regularization_type == "L2":
-                d = d + decay * wk
-                ed = ed + decay * e_w[k] + tol.U32 * np.abs(d)
-            else:
-                d = d + decay * np.sign(wk)
-                ed = ed + np.where(np.abs(wk) <= e_w[k], 2 * decay, 0.0) + tol.U32 * np.abs(d)
-        lr = rate * lr_mult
-        e_upd, new_h[k], new_h2[k] = tol.solver_update(
-            cfg.type,
-            lr,
-            d,
-            ed,
-            hist[k].astype(np.float64),
-            hist2[k].astype(np.float64),
-            e_h[k],
-            e_h2[k],
-            cfg.momentum,
-            cfg.momentum2,
-            cfg.rms_decay,
-            cfg.delta,
-            t + 1,
-        )
-        # Caffe rounds the rate itself to float32 (its policies compute in Dtype).
-        e_upd = e_upd + 4 * tol.U32 * np.abs(wk - w_after[k])
-        new_w[k] = e_w[k] + e_upd + tol.U32 * np.abs(w_after[k]) + tol.ETA32
-    return new_w, new_h, new_h2
 
 
 # ---- comparing --------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""The package's layering: every bound is computed in crossval/tolerances, and importing
+crossval changes nothing in the process."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "crossval"
+TOLERANCES = PACKAGE / "tolerances"
+
+# The unit-roundoff constants and the error-growth factor: only the tolerance package
+# computes bounds from them.
+ROUNDOFF_NAMES = frozenset({"U32", "ETA32", "LIBM_ULPS", "gamma"})
+# 2**-k literals of float32's unit roundoff, machine epsilon and smallest denormal.
+ROUNDOFF_EXPONENTS = frozenset({24, 23, 149})
+
+
+def _tolerance_aliases(tree: ast.Module, module: str) -> tuple[set[str], set[str]]:
+    """Names under which `module` binds the tolerance package, and names it imports from it."""
+    aliases: set[str] = set()
+    imported: set[str] = set()
+    package = module.rsplit(".", 1)[0] if "." in module else module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "crossval.tolerances" or a.name.startswith("crossval.tolerances."):
+                    aliases.add(a.asname or a.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                if not (full + ".").startswith("crossval.tolerances."):
+                    continue
+                if a.name in ROUNDOFF_NAMES:  # a constant or gamma itself
+                    imported.add(a.asname or a.name)
+                else:  # the package or one of its modules
+                    aliases.add(a.asname or a.name)
+    return aliases, imported
+
+
+def _dotted(node: ast.expr) -> str:
+    """`a.b.c` of a chain of names and attributes; '' for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else ""
+    return ""
+
+
+def bound_arithmetic(source: str, module: str) -> list[str]:
+    """Uses of the unit-roundoff constants, gamma or a 2**-24-like literal in `source`."""
+    tree = ast.parse(source)
+    aliases, imported = _tolerance_aliases(tree, module)
+    found = []
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in ROUNDOFF_NAMES
+            and _dotted(node.value) in aliases
+        ):
+            found.append(f"line {line}: {_dotted(node.value)}.{node.attr}")
+        elif isinstance(node, ast.Name) and node.id in imported:
+            found.append(f"line {line}: {node.id}")
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Pow)
+            and isinstance(node.left, ast.Constant)
+            and node.left.value == 2
+            and isinstance(node.right, ast.UnaryOp)
+            and isinstance(node.right.op, ast.USub)
+            and isinstance(node.right.operand, ast.Constant)
+            and node.right.operand.value in ROUNDOFF_EXPONENTS
+        ):
+            found.append(f"line {line}: 2**-{node.right.operand.value}")
+        elif isinstance(node, ast.Attribute) and node.attr == "eps":
+            inner = node.value
+            if isinstance(inner, ast.Call) and getattr(inner.func, "attr", "") == "finfo":
+                found.append(f"line {line}: finfo(...).eps")
+    return found
+
+
+def offenders(package: Path = PACKAGE) -> dict[str, list[str]]:
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        if TOLERANCES in path.parents:
+            continue
+        rel = path.relative_to(package.parent)
+        module = ".".join(rel.with_suffix("").parts)
+        if found := bound_arithmetic(path.read_text(), module):
+            out[str(rel)] = found
+    return out
+
+
+def test_bounds_are_computed_only_in_the_tolerance_package() -> None:
+    found = offenders()
+    assert not found, "bound arithmetic outside crossval/tolerances: " + "; ".join(
+        f"{path} ({', '.join(uses)})" for path, uses in found.items()
+    )
+
+
+def test_the_scan_sees_each_kind_of_use() -> None:
+    """The scan is shown failing: each form of a bound computed outside the package."""
+    planted = {
+        "from . import tolerances as tol\ne = tol.U32 * abs(x)\n": "tol.U32",
+        "from .tolerances import gamma\ne = gamma(4) * s\n": "gamma",
+        "import crossval.tolerances\ne = crossval.tolerances.ETA32\n": "crossval.tolerances.ETA32",
+        "from .. import tolerances\ne = tolerances.LIBM_ULPS\n": "tolerances.LIBM_ULPS",
+        "e = 2.0**-24 * abs(x)\n": "2**-24",
+        "import numpy as np\ne = np.finfo(np.float32).eps\n": "finfo(...).eps",
+    }
+    for source, use in planted.items():
+        module = "crossval.sub.planted" if "from .." in source else "crossval.planted"
+        found = bound_arithmetic(source, module)
+        assert any(use in f for f in found), (source, found)
+    # A solver's own `gamma` (the learning-rate policy's) is not the error-growth factor.
+    assert bound_arithmetic("lr = cfg.gamma ** 2\n", "crossval.training") == []
+
+
+def test_import_changes_no_torch_setting() -> None:
+    """Importing the package's modules leaves torch's thread count alone (runs set it)."""
+    code = (
+        "import torch; n = torch.get_num_threads(); "
+        "import crossval.checks, crossval.training, crossval.report, crossval.cli; "
+        "print(n, torch.get_num_threads())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == out[1], out
