@@ -4,6 +4,7 @@ gradients, and a full-size DEX-style net."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from crossval_cli import run_crossval
 
 from crossval import provision
+from crossval.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +222,24 @@ def test_pool_floor_port_is_caught_at_pool1(nets: dict[str, Path]) -> None:
     ],
 )
 def test_bad_input_exits_2(
-    nets: dict[str, Path], tmp_path: Path, args: list[str], message: str
+    nets: dict[str, Path],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """In process (the command line's own exit-2 path is run by the other tests here)."""
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     filled = [a.replace("{tiny}", str(nets["tiny"])).replace("{bad}", str(bad)) for a in args]
-    proc = run_crossval("validate-port", *filled)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr, proc.stderr
+    # the port child the command starts imports the tests' ports as the CLI tests do
+    paths = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+    monkeypatch.setenv("PYTHONPATH", ":".join(paths))
+    code = main(["validate-port", *filled])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
 
 
 def test_saved_failure_replays_and_json(nets: dict[str, Path], tmp_path: Path) -> None:
