@@ -475,6 +475,59 @@ class ManyRuns:
         return len(next(iter(self.blobs.values())))
 
 
+# run_many's arrays (megabytes a batch each way) pass through a memory file (memfd) that the
+# worker opens through /proc, instead of being pickled through the pipe: one copy in and one
+# out on each side, where pickling, framing, the pipe and unpickling made six and woke both
+# processes for every 1 MiB. The pipe carries the request and the reply with each array's
+# (offset, dtype, shape) in the file. One file per CaffeWorker, reused by every call (one
+# request at a time: the worker writes its reply after the request's arrays).
+Descriptor = tuple[int, str, tuple[int, ...]]
+_SHARED: weakref.WeakKeyDictionary[CaffeWorker, int] = weakref.WeakKeyDictionary()
+
+
+def _shared_file(worker: CaffeWorker) -> int | None:
+    """The descriptor of `worker`'s memory file (made on first use); None where there is no
+    memfd (run_many then pickles its arrays through the pipe)."""
+    fd = _SHARED.get(worker)
+    if fd is None and hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        fd = os.memfd_create("crossval-run-many", os.MFD_CLOEXEC)
+        _SHARED[worker] = fd
+        weakref.finalize(worker, os.close, fd)
+    return fd
+
+
+def shared_path(fd: int) -> str:
+    """The path through which another process of this user opens this process's `fd`."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def put_arrays(fd: int, arrays: list[np.ndarray], at: int) -> tuple[list[Descriptor], int]:
+    """Write `arrays` back to back into the file `fd` from offset `at` (one system call);
+    returns their descriptors and the offset after the last."""
+    views, descs = [], []
+    for a in arrays:
+        c = np.asarray(a)
+        c = c if c.flags.c_contiguous else c.copy(order="C")
+        descs.append((at, c.dtype.str, tuple(c.shape)))
+        if c.nbytes:
+            views.append(c.data.cast("B"))
+        at += c.nbytes
+    size = sum(v.nbytes for v in views)
+    if views and os.pwritev(fd, views, descs[0][0]) != size:
+        raise OSError(f"short write of {size} bytes to the shared memory file")
+    return descs, at
+
+
+def get_arrays(fd: int, descs: list[Descriptor]) -> list[np.ndarray]:
+    """The arrays `put_arrays` wrote at `descs` (back to back), as new arrays."""
+    out = [np.empty(shape, dtype=np.dtype(dtype)) for _, dtype, shape in descs]
+    views = [a.data.cast("B") for a in out if a.nbytes]
+    size = sum(v.nbytes for v in views)
+    if views and os.preadv(fd, views, descs[0][0]) != size:
+        raise OSError(f"short read of {size} bytes from the shared memory file")
+    return out
+
+
 def submit_run_many(
     worker: CaffeWorker,
     prototxt: str,
@@ -489,16 +542,38 @@ def submit_run_many(
     The params sent are read back and compared bit for bit in the worker, which returns only
     the cases whose read-back differs: the result's params are the values sent (as float32,
     Caffe's type) with those cases' read-back values put in."""
-    pending = worker.submit(
-        "run_many",
-        prototxt=prototxt,
-        inputs=dict(inputs),
-        params={k: list(v) for k, v in params.items()},
-        surgery=surgery,
-    )
+    fd = _shared_file(worker)
+    if fd is None:
+        pending = worker.submit(
+            "run_many",
+            prototxt=prototxt,
+            inputs=dict(inputs),
+            params={k: list(v) for k, v in params.items()},
+            surgery=surgery,
+        )
+    else:
+        names = list(inputs)
+        flat = [(layer, len(blobs)) for layer, blobs in params.items()]
+        arrays = [inputs[n] for n in names] + [b for blobs in params.values() for b in blobs]
+        descs, end = put_arrays(fd, arrays, 0)
+        sent: dict[str, list[Descriptor]] = {}
+        i = len(names)
+        for layer, count in flat:
+            sent[layer] = descs[i : i + count]
+            i += count
+        pending = worker.submit(
+            "run_many",
+            prototxt=prototxt,
+            inputs=dict(zip(names, descs[: len(names)], strict=True)),
+            params=sent,
+            surgery=surgery,
+            shared=(shared_path(fd), end),
+        )
 
     def wait() -> ManyRuns:
         reply = pending()
+        if fd is not None:
+            reply = _read_reply(fd, reply)
         back = {k: [np.asarray(v, dtype=np.float32).copy() for v in vs] for k, vs in params.items()}
         for layer, i, case, value in reply["sent_back"]:
             back[layer][i][case] = value
@@ -509,7 +584,29 @@ def submit_run_many(
     return wait
 
 
+# The arrays of a run_many reply, in the order the worker writes them to the shared file
+# (nested: a list of arrays per key).
+RUN_MANY_ARRAYS = (("blobs", False), ("diffs", False), ("params", True), ("param_diffs", True))
+
+
+def _read_reply(fd: int, reply: dict[str, Any]) -> dict[str, Any]:
+    """A run_many reply whose arrays the worker wrote to the shared file (their descriptors
+    in the reply, in `RUN_MANY_ARRAYS` order), with the arrays read back in their place."""
+    descs: list[Descriptor] = []
+    for key, nested in RUN_MANY_ARRAYS:
+        for v in reply[key].values():
+            descs += v if nested else [v]
+    arrays = iter(get_arrays(fd, descs))
+    out = dict(reply)
+    for key, nested in RUN_MANY_ARRAYS:
+        out[key] = {
+            k: [next(arrays) for _ in v] if nested else next(arrays) for k, v in reply[key].items()
+        }
+    return out
+
+
 __all__ = [
+    "RUN_MANY_ARRAYS",
     "CaffeCrash",
     "CaffeError",
     "CaffeTimeout",
@@ -517,7 +614,9 @@ __all__ = [
     "ManyRuns",
     "SearchStopped",
     "default_limit",
+    "get_arrays",
     "innermost_frame",
+    "put_arrays",
     "searching",
     "stops_search",
     "submit_run_many",

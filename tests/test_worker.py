@@ -24,6 +24,8 @@ from crossval.worker import (
     CaffeTimeout,
     CaffeWorker,
     default_limit,
+    get_arrays,
+    put_arrays,
     searching,
     stops_search,
 )
@@ -91,6 +93,65 @@ def test_nets_are_reused_across_batch_sizes(caffe_install: provision.CaffeInstal
                 out["params"]["pred_age"][0].tobytes()
                 == np.arange(7, dtype=np.float32)[None].tobytes()
             )
+
+
+# ---- run_many's arrays through shared memory ---------------------------------------------
+
+
+def test_arrays_round_trip_through_a_memory_file() -> None:
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((3, 4, 5)).astype(np.float32),
+        rng.standard_normal((6, 4))[:, ::2],  # not contiguous: written as C order
+        np.array(7.5),  # 0-d
+        np.zeros((2, 0, 3), dtype=np.float32),  # empty
+        np.array([np.nan, -0.0, np.inf, 1e-45], dtype=np.float32),
+        np.arange(5, dtype=np.int64),
+    ]
+    fd = os.memfd_create("test", os.MFD_CLOEXEC)
+    try:
+        descs, end = put_arrays(fd, arrays, 100)
+        assert descs[0][0] == 100 and end == 100 + sum(a.nbytes for a in arrays)
+        back = get_arrays(fd, descs)
+        for a, b in zip(arrays, back, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert np.ascontiguousarray(a).tobytes() == b.tobytes()
+        # What the file holds is read, not what was meant: a byte changed in the file shows.
+        os.pwrite(fd, b"\xff", descs[0][0])
+        assert get_arrays(fd, descs[:1])[0].tobytes() != arrays[0].tobytes()
+    finally:
+        os.close(fd)
+
+
+def test_run_many_is_the_same_through_shared_memory_and_the_pipe(
+    worker: CaffeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit for bit, every array of the reply (the params sent, a NaN with a payload among
+    them, come back as Caffe read them either way)."""
+    from crossval import worker as worker_module
+
+    proto = worker.call("prototxt", head="expectation", features=5, bins=7, loss="euclidean")
+    rng = np.random.default_rng(3)
+    inputs = {
+        "pool5": rng.standard_normal((4, 2, 5)).astype(np.float32),
+        "true_age": rng.uniform(0, 6, (4, 2, 1)).astype(np.float32),
+    }
+    w = rng.standard_normal((4, 7, 5)).astype(np.float32)
+    w.view(np.uint32)[1, 0, 0] = 0x7FA00000  # a NaN with a payload
+    params = {"fc7": [w, rng.standard_normal((4, 7)).astype(np.float32)]}
+    shared = worker_module.submit_run_many(worker, proto, inputs, params, "pred_age")()
+    assert worker_module._SHARED.get(worker) is not None, "run_many did not use the memory file"
+    monkeypatch.setattr(worker_module, "_shared_file", lambda w: None)
+    piped = worker_module.submit_run_many(worker, proto, inputs, params, "pred_age")()
+    for field in ("blobs", "diffs", "params", "param_diffs"):
+        a, b = getattr(shared, field), getattr(piped, field)
+        assert a.keys() == b.keys(), field
+        for k in a:
+            pairs = zip(a[k], b[k], strict=True) if isinstance(a[k], list) else [(a[k], b[k])]
+            for x, y in pairs:
+                assert x.shape == y.shape and x.tobytes() == y.tobytes(), (field, k)
+    assert shared.cases == 4 and shared.blobs["pred_age"].shape == (4, 2, 1)
+    assert shared.params["fc7"][0].view(np.uint32)[1, 0, 0] == 0x7FA00000
 
 
 # ---- process hygiene and time limits ---------------------------------------------------

@@ -117,6 +117,7 @@ class Ops:
     def __init__(self, caffe: Any) -> None:
         self.caffe = caffe
         self.nets: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
+        self.shared_files: dict[str, int] = {}  # the parent's shared memory files (run_many)
 
     # -- nets ------------------------------------------------------------------------------
 
@@ -327,13 +328,27 @@ class Ops:
             }
         return out
 
+    def _shared(self, path: str) -> int:
+        """This worker's descriptor of the parent's shared memory file at `path` (opened once;
+        again should the path name another file)."""
+        fd = self.shared_files.get(path)
+        if fd is not None:
+            same = os.fstat(fd)
+            now = os.stat(path)
+            if (same.st_dev, same.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+            os.close(fd)
+        fd = self.shared_files[path] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return fd
+
     def op_run_many(
         self,
         prototxt: str,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]],
+        inputs: dict[str, Any],
+        params: dict[str, list[Any]],
         surgery: str = "",
         phase: str = "TRAIN",
+        shared: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         """`run` (forward and backward) on many independent cases back to back, on one cached
         net: every array of `inputs` and `params` has a leading case axis, and case m runs with
@@ -342,7 +357,46 @@ class Ops:
         diff; see ``crossval.worker.ManyRuns``. The params that were sent are read back and
         compared bit for bit here: the reply's "params" leave them out, and "sent_back" holds
         (layer, i, case, read-back value) for each case whose read-back differs at all (the
-        client puts those back into the values it sent)."""
+        client puts those back into the values it sent).
+
+        With `shared` (path, offset), the arrays of `inputs` and `params` are descriptors of
+        arrays in the parent's shared memory file (``crossval.worker.put_arrays``), and the
+        reply's arrays are written to it from the offset, the reply holding their
+        descriptors (in ``crossval.worker.RUN_MANY_ARRAYS`` order)."""
+        from crossval.worker import RUN_MANY_ARRAYS, get_arrays, put_arrays
+
+        fd = -1
+        if shared is not None:
+            fd = self._shared(shared[0])
+            names = list(inputs)
+            got = iter(
+                get_arrays(fd, [inputs[n] for n in names] + [d for v in params.values() for d in v])
+            )
+            inputs = {n: next(got) for n in names}
+            params = {k: [next(got) for _ in v] for k, v in params.items()}
+        out = self._run_many(prototxt, inputs, params, surgery, phase)
+        if shared is None:
+            return out
+        order = RUN_MANY_ARRAYS
+        arrays: list[np.ndarray] = []
+        for key, nested in order:
+            for v in out[key].values():
+                arrays += v if nested else [v]
+        descs = iter(put_arrays(fd, arrays, shared[1])[0])
+        for key, nested in order:
+            out[key] = {
+                k: [next(descs) for _ in v] if nested else next(descs) for k, v in out[key].items()
+            }
+        return out
+
+    def _run_many(
+        self,
+        prototxt: str,
+        inputs: dict[str, np.ndarray],
+        params: dict[str, list[np.ndarray]],
+        surgery: str,
+        phase: str,
+    ) -> dict[str, Any]:
         net = self.net(prototxt, phase, "", surgery)
         cases = {len(v) for v in inputs.values()}
         cases |= {len(b) for blobs in params.values() for b in blobs}
