@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from hypothesis import given
@@ -118,6 +120,74 @@ def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> floa
     return examples / (time.perf_counter() - t0)
 
 
+def where_the_time_goes(harness: Harness, combo: tuple[str, str], rounds: int = 6) -> str:
+    """``run_batch`` on one batch of 64 cases (batch 8, 64 features, K 100), its stages timed
+    (ms a batch, summed over the run's calls: sending to the worker, PyTorch float32 and
+    float64, the bounds, the comparisons, waiting for the worker's reply), with run_many's
+    arrays through the shared memory file and through the pipe in alternate rounds (us a
+    case, best and median of `rounds`)."""
+    from crossval import batched
+    from crossval import worker as worker_module
+    from crossval.batched import Spec, expand, run_batch
+    from crossval.heads import Head
+
+    head, loss = combo
+    labels = dict(targets="fractional", normalization="VALID", ignoring="some")
+    extra: dict[str, Any] = labels if loss == "softmax_with_loss" else {}
+    spec = Spec(head, loss, batch=8, features=64, bins=100, spread=5.0, seed=1, count=64, **extra)
+    batch = expand(spec)
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        return run
+
+    real_submit, real_shared = batched.submit_run_many, worker_module._shared_file
+    saved = (batched.run_torch_batch, batched.BatchComparison.__init__, Head.bounds_each)
+
+    def submit(*a: Any, **kw: Any) -> Any:
+        return timed("wait", timed("send", real_submit)(*a, **kw))
+
+    batched.submit_run_many = submit  # type: ignore[assignment]
+    batched.run_torch_batch = timed("pytorch", saved[0])  # type: ignore[assignment]
+    batched.BatchComparison.__init__ = timed("compare", saved[1])  # type: ignore[method-assign]
+    Head.bounds_each = timed("bounds", saved[2])  # type: ignore[method-assign]
+    per_case: dict[str, list[float]] = {"shared memory": [], "pipe": []}
+    stages: dict[str, float] = {}
+    try:
+        for _ in range(rounds):
+            for how in per_case:
+                piped = how == "pipe"
+                worker_module._shared_file = (lambda w: None) if piped else real_shared  # type: ignore[assignment]
+                run_batch(harness, batch)  # warm
+                spent.clear()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    assert run_batch(harness, batch).passed
+                per_case[how].append((time.perf_counter() - t0) / 5 / batch.size * 1e6)
+                if not piped:
+                    for k, v in spent.items():
+                        stages[k] = stages.get(k, 0.0) + v / 5 / rounds * 1e3
+    finally:
+        batched.submit_run_many = real_submit
+        worker_module._shared_file = real_shared  # type: ignore[assignment]
+        batched.run_torch_batch = saved[0]  # type: ignore[assignment]
+        batched.BatchComparison.__init__ = saved[1]  # type: ignore[method-assign]
+        Head.bounds_each = saved[2]  # type: ignore[method-assign]
+    times = "; ".join(
+        f"{how} {min(v):.0f} us/case (median {sorted(v)[len(v) // 2]:.0f})"
+        for how, v in per_case.items()
+    )
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+    return f"- {'+'.join(combo)}: {times}; ms a batch of 64 (shared memory): {parts}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=20, help="hypothesis examples, batched")
@@ -126,7 +196,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--bins", type=int, default=100)
+    ap.add_argument(
+        "--where",
+        action="store_true",
+        help="only where the time of a batch goes (stages; shared memory against the pipe)",
+    )
     args = ap.parse_args()
+    if args.where:
+        with CaffeWorker() as worker:
+            harness = Harness(worker)
+            print(f"{datetime.date.today()}: run_batch, 64 cases of batch 8, 64 features, K 100")
+            for combo in COMBINATIONS:
+                print(where_the_time_goes(harness, combo))
+        return
     n, d, k = args.batch, args.features, args.bins
     with CaffeWorker() as worker:
         harness = Harness(worker)
