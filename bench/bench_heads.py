@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from crossval.batched import case_batches, check_batch
 from crossval.checks import Harness
 from crossval.heads import COMBINATIONS, HEADS, LOSSES
-from crossval.report import fixed_settings
+from crossval.profiles import fixed_settings
 from crossval.strategies import build_case, cases
 from crossval.transfer import state_dict_to_caffe
 from crossval.worker import CaffeWorker

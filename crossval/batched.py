@@ -37,7 +37,7 @@ from . import transfer
 from .checks import REFERENCE, CaseResult, Harness
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS, LOSSES, Case, Head, label_blob
-from .strategies import BATCHES, BINS, FEATURES, SIGMAS, SPREADS, _region, label_choices
+from .strategies import BATCHES, BINS, FEATURES, SIGMAS, SPREADS, label_choices
 from .tolerances import cross
 from .worker import ManyRuns, submit_run_many
 
@@ -142,7 +142,8 @@ def expand(spec: Spec) -> CaseBatch:
     head, loss, m, n, d = spec.head, spec.loss, spec.count, spec.batch, spec.features
     if m < 1:
         raise ValueError(f"a batch needs at least one case, got count={spec.count}")
-    k = spec.bins if head == "expectation" else 1
+    row = HEADS[head]
+    k = row.ip_outputs(spec.bins)
     rng = np.random.default_rng(spec.seed)
     x = rng.standard_normal((m, n, d)).astype(np.float32)
     # Uniform weights with build_case's variance (1 / D): a quarter of the cost of normal ones
@@ -153,20 +154,17 @@ def expand(spec: Spec) -> CaseBatch:
     w *= np.float32(np.sqrt(12.0 / d))
     b = rng.standard_normal((m, k))
     z = (x @ w.transpose(0, 2, 1)).astype(np.float64) + b[:, None, :]
-    if head == "sigmoid_scale":
-        reach = np.abs(z).reshape(m, -1).max(1)
-    else:
-        reach = (z.max(2) - z.min(2)).max(1)
+    reach = row.reach(z)
     factor = np.where(reach > 0, spec.spread / np.where(reach > 0, reach, 1.0), 1.0)
     w *= factor.astype(np.float32)[:, None, None]
     b = b * factor[:, None]
-    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
+    ip = row.default_ip_name(k)
     weights = {f"{ip}.weight": w, f"{ip}.bias": b.astype(np.float32)}
 
     ignore: int | None = None
     normalization = spec.normalization
-    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
-    if loss == "softmax_with_loss":
+    top = row.top_of(k, Case.scale)
+    if LOSSES[loss].labels:
         if spec.targets == "ends":
             lab = rng.choice([0, k - 1], size=(m, n)).astype(np.float64)
         elif spec.targets == "fractional":  # Caffe truncates (static_cast<int>)
@@ -197,11 +195,11 @@ def expand(spec: Spec) -> CaseBatch:
         x=x[0],
         target=target[0],
         weights={key: v[0] for key, v in weights.items()},
-        bins=spec.bins if head == "expectation" else 100,
+        bins=row.case_bins(spec.bins),
         sigma=spec.sigma,
         normalization=normalization,
         ignore_label=ignore,
-        region=_region(head, spec.spread),
+        region=row.region(spec.spread),
     )
     return CaseBatch(template, x, target, weights, repr(spec))
 
@@ -221,12 +219,12 @@ def case_batches(
     """`count` cases of one drawn spec (fewer, down to one, where N * D * K exceeds
     `max_work` / count): the same labelled draws as `strategies.cases`."""
     head, loss = draw(st.sampled_from(combos), label="head+loss")
-    labels = loss == "softmax_with_loss"
+    labels = LOSSES[loss].labels
     n = draw(batches, label="batch")
     d = draw(features, label="features")
-    k = draw(bins, label="bins") if head == "expectation" else 100
+    k = draw(bins, label="bins") if HEADS[head].has_bins else Case.bins
     if max_work is not None:
-        count = max(1, min(count, max_work // (n * d * (k if head == "expectation" else 1))))
+        count = max(1, min(count, max_work // (n * d * HEADS[head].ip_outputs(k))))
     spec = Spec(
         head,
         loss,
@@ -235,7 +233,7 @@ def case_batches(
         bins=k,
         spread=draw(spreads, label="spread"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
-        sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
+        sigma=draw(sigmas, label="sigma") if LOSSES[loss].has_sigma else Case.sigma,
         **label_choices(draw, labels),
         count=count,
     )

@@ -40,7 +40,8 @@ from .errors import CaffeNotAvailable, CrossvalError
 from .heads import COMBINATIONS, HEADS, Case, Head
 from .layercheck import golden as layer_golden
 from .layercheck.run import LAYER
-from .report import PROFILES, Progress, Row, fixed_settings
+from .profiles import PROFILES, fixed_settings
+from .report import Progress, Row
 from .transfer import state_dict_key
 from .worker import CaffeCrash, CaffeError, CaffeWorker, searching, stops_search
 

@@ -135,7 +135,7 @@ class Harness:
 
     def module(self, impl: Impl, head: Head, case: Case, dtype: torch.dtype) -> nn.Module:
         """`impl`'s module for this net shape, built once, holding the case's weights."""
-        key = (impl, head.name, case.features, case.bins, case.scale, dtype)
+        key = (impl, head.name, case.features, case.bins, case.scale, case.ip_name, dtype)
         module = self._modules.get(key)
         if module is None:
             if len(self._modules) > 256:
@@ -318,7 +318,7 @@ def caffe_gradient_check(
         for idx in rng.choice(size, size=min(samples, size), replace=False):
             targets.append((kind, name, int(idx)))
     label = label_blob(case)
-    kink = ("pred_age", "true_age", 1.0 / case.sigma**2) if case.loss == "smooth_l1" else None
+    kink = LOSSES[case.loss].kink(case)
     # Each element's slack on top of Caffe's threshold: see tolerances.finite_difference.
     e_l = loss_bound(case)
     truncation = _reference_truncation(case, targets, CAFFE_FD_STEP)

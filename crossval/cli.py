@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import (
     EXIT_INTERNAL,
@@ -45,6 +46,74 @@ def _usable_cache_dir() -> None:
         raise InputError(
             f"CROSSVAL_CACHE_DIR={given} cannot be used for the build: {exc.strerror or exc}"
         ) from None
+
+
+class _Names:
+    """A table's names as argparse choices, read from the table when argparse first needs
+    them (to check a value or print the help), so that building the parser imports no
+    torch. Every choice list of a head, loss, solver or profile is one of these."""
+
+    def __init__(self, load: Callable[[], Iterable[str]], *extra: str) -> None:
+        self._load = load
+        self._extra = extra
+        self._names: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = (*self._load(), *self._extra)
+        return self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._get()
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _heads() -> Iterable[str]:
+    from .names import HEAD_NAMES
+
+    return HEAD_NAMES
+
+
+def _losses() -> Iterable[str]:
+    from .names import LOSS_NAMES
+
+    return LOSS_NAMES
+
+
+def _solver_types() -> Iterable[str]:
+    from reference.solvers import SOLVER_TYPES
+
+    return SOLVER_TYPES
+
+
+def _lr_policies() -> Iterable[str]:
+    from reference.solvers import LR_POLICIES
+
+    return LR_POLICIES
+
+
+def _regularizations() -> Iterable[str]:
+    from reference.solvers import REGULARIZATIONS
+
+    return REGULARIZATIONS
+
+
+def _profiles() -> Iterable[str]:
+    from .profiles import PROFILES
+
+    return PROFILES
+
+
+def _choice(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """`parser.add_argument` with lazy `choices` (a `_Names`): a placeholder metavar while
+    argparse checks the argument, so that the names are not read then; the help shows them."""
+    action = parser.add_argument(*flags, metavar="NAME", **kwargs)
+    action.metavar = None
 
 
 def _single_threaded() -> None:
@@ -113,6 +182,7 @@ def _prototxt(args: argparse.Namespace) -> int:
     target = outputs.target(args.output, "-o", force=args.force) if args.output else None
 
     opts: dict[str, object] = {"features": args.features, "batch": args.batch}
+    head = False
     if args.head in ("dex_vgg16", "tiny_cnn"):  # whole nets: deploy only
         opts = {"batch": args.batch, "bins": args.bins}
         if args.size:
@@ -121,13 +191,17 @@ def _prototxt(args: argparse.Namespace) -> int:
         opts = {"batch": args.batch}
         if args.size:
             opts["size"] = args.size
-    elif args.head == "expectation":
-        opts["bins"] = args.bins
-        if args.ip_name:
+    else:  # one of the heads
+        from .heads import HEADS, LOSSES
+
+        head, row = True, HEADS[args.head]
+        if row.has_bins:
+            opts["bins"] = args.bins
+        if row.renamable and args.ip_name:
             opts["ip_name"] = args.ip_name
-    if not args.deploy and args.head in ("sigmoid_scale", "expectation"):
+    if head and not args.deploy:
         opts["loss"] = args.loss
-        if args.loss == "smooth_l1":
+        if LOSSES[args.loss].has_sigma:
             opts["sigma"] = args.sigma
     with CaffeWorker(timeout=args.timeout) as worker:
         text = worker.call("prototxt", head=args.head, **opts)
@@ -422,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_caffe_info)
 
     proto = sub.add_parser("prototxt", help="write one of the seed's heads as a Caffe net")
-    proto.add_argument(
+    _choice(
+        proto,
         "head",
-        choices=["sigmoid_scale", "expectation", "dex_vgg16", "tiny_cnn", *_ZOO_NETS],
+        choices=_Names(_heads, "dex_vgg16", "tiny_cnn", *_ZOO_NETS),
         help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN, the zoo's age nets)",
     )
     proto.add_argument("--size", type=positive_int, default=None, help="image size of a whole net")
@@ -432,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--batch", type=positive_int, default=1)
     proto.add_argument("--bins", type=positive_int, default=100, help="K, expectation head (100)")
     proto.add_argument("--ip-name", default=None, help="InnerProduct name (default fc<K>)")
-    proto.add_argument(
-        "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
-    )
+    _choice(proto, "--loss", default="euclidean", choices=_Names(_losses))
     proto.add_argument("--sigma", type=positive_float, default=1.0, help="SmoothL1 sigma")
     proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
     proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
@@ -553,9 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a pycaffe of your own (default: the provisioned one)",
     )
-    rp.add_argument(
+    _choice(
+        rp,
         "--profile",
-        choices=["dev", "ci", "thorough"],
+        choices=_Names(_profiles),
         default="ci",
         help="examples per property: dev 25, ci 200, thorough 5000",
     )
@@ -588,9 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cached build variant (crossval caffe ensure --variant NAME) to check; "
         "these come first, then the --caffe builds",
     )
-    cb.add_argument(
+    _choice(
+        cb,
         "--profile",
-        choices=["dev", "ci", "thorough"],
+        choices=_Names(_profiles),
         default="ci",
         help="generated examples per property: dev 25, ci 200, thorough 5000",
     )
@@ -620,28 +695,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="the seed's training workflow in Caffe, checked against PyTorch step by step",
     )
-    tr.add_argument("head", choices=["sigmoid_scale", "expectation"])
-    tr.add_argument(
-        "--loss", default="euclidean", choices=["euclidean", "smooth_l1", "softmax_with_loss"]
-    )
+    _choice(tr, "head", choices=_Names(_heads))
+    _choice(tr, "--loss", default="euclidean", choices=_Names(_losses))
     tr.add_argument("--out", required=True, help="directory for the workflow's files")
-    tr.add_argument(
-        "--solver",
-        default="SGD",
-        choices=["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"],
-    )
+    _choice(tr, "--solver", default="SGD", choices=_Names(_solver_types))
     tr.add_argument("--steps", type=positive_int, default=10)
     tr.add_argument("--lr", type=finite_float, default=0.01)
-    tr.add_argument(
-        "--lr-policy",
-        default="fixed",
-        choices=["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"],
-    )
+    _choice(tr, "--lr-policy", default="fixed", choices=_Names(_lr_policies))
     tr.add_argument("--gamma", type=finite_float, default=0.1)
     tr.add_argument("--stepsize", type=positive_int, default=5)
     tr.add_argument("--momentum", type=finite_float, default=0.0)
     tr.add_argument("--weight-decay", type=finite_float, default=0.0)
-    tr.add_argument("--regularization", default="L2", choices=["L2", "L1"])
+    _choice(tr, "--regularization", default="L2", choices=_Names(_regularizations))
     tr.add_argument("--clip", type=finite_float, default=-1.0, help="clip_gradients (off: -1)")
     tr.add_argument("--snapshot", type=positive_int, default=5, help="snapshot every N steps (5)")
     tr.add_argument("--batch", type=positive_int, default=8)

@@ -22,6 +22,7 @@ import reference
 from reference import losses as ref_losses
 
 from . import tolerances as tol
+from .names import HEAD_NAMES, LOSS_NAMES
 
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
@@ -42,6 +43,7 @@ class Case:
     normalization: str | None = None  # None: Caffe's default (VALID)
     ignore_label: int | None = None
     region: str = ""  # which hard region the generator aimed at
+    ip_name: str = ""  # the InnerProduct's Caffe name when not the head's default (fc1, fc<K>)
 
     @property
     def batch(self) -> int:
@@ -53,16 +55,8 @@ class Case:
 
     def describe(self) -> str:
         parts = [f"{self.head}+{self.loss}", f"N={self.batch}", f"D={self.features}"]
-        if self.head == "expectation":
-            parts.append(f"K={self.bins}")
-        else:
-            parts.append(f"scale={self.scale:g}")
-        if self.loss == "smooth_l1":
-            parts.append(f"sigma={self.sigma:g}")
-        if self.loss == "softmax_with_loss":
-            parts.append(f"norm={self.normalization or 'VALID(default)'}")
-            if self.ignore_label is not None:
-                parts.append(f"ignore={self.ignore_label}")
+        parts.append(HEADS[self.head].shape_text(self))
+        parts += LOSSES[self.loss].params(self)
         if self.region:
             parts.append(self.region)
         return " ".join(parts)
@@ -89,6 +83,23 @@ class Loss:
     reference_each: Callable[[Tensor, Tensor, Case], Tensor]
     value_bound_each: Callable[[F64, F64, Case, F64, F64 | None], F64]
     grad_bound_each: Callable[[F64, F64, Case, F64, F64 | None], F64]
+    params: Callable[[Case], list[str]] = lambda case: []  # the case's loss params, described
+    rule: str = ""  # the tolerance table's rule for the loss value; default <name>_loss
+    has_sigma: bool = False  # the case's sigma is a parameter of the loss (SmoothL1)
+
+    @property
+    def labels(self) -> bool:
+        """Targets are class labels (the loss reads the logits), not ages."""
+        return self.consumes == "logits"
+
+    def kink(self, case: Case) -> tuple[str, str, float] | None:
+        """(prediction blob, target blob, distance) of the loss's non-smooth point, where a
+        finite difference's step may cross it (SmoothL1: |pred - target| = 1 / sigma^2)."""
+        return ("pred_age", "true_age", 1.0 / case.sigma**2) if self.has_sigma else None
+
+    @property
+    def value_rule(self) -> str:
+        return self.rule or self.name + "_loss"
 
 
 def _labels(case: Case, k: int) -> tuple[NDArray[np.int64], NDArray[np.bool_], float]:
@@ -162,6 +173,8 @@ LOSSES: dict[str, Loss] = {
             lambda a, t, c: ref_losses.smooth_l1_loss(a, t, c.sigma),
             lambda a, t, c, e, _: tol.smooth_l1_loss_each(a, t, c.sigma, e),
             lambda a, t, c, e, _: tol.smooth_l1_loss_grad_each(a, t, c.sigma, e),
+            lambda c: [f"sigma={c.sigma:g}"],
+            has_sigma=True,
         ),
         Loss(
             "softmax_with_loss",
@@ -177,6 +190,11 @@ LOSSES: dict[str, Loss] = {
             ),
             _swl_value_each,
             _swl_grad_each,
+            lambda c: (
+                [f"norm={c.normalization or 'VALID(default)'}"]
+                + ([] if c.ignore_label is None else [f"ignore={c.ignore_label}"])
+            ),
+            "softmax_with_loss",
         ),
     )
 }
@@ -217,12 +235,86 @@ class Head:
     summary: str
     fixed_layer: str = "pred_age"
     surgery: str = ""  # the layer whose kernel net surgery sets, if any
+    has_bins: bool = False  # K (the case's bins) shapes the head; else its scale does
+    renamable: bool = False  # the InnerProduct may carry another name than the default
+    layer_types: tuple[str, str, str] = ("InnerProduct", "", "")  # Caffe types along the chain
+    fixed_hint: str = ""  # how a net gets its fixed layer right, for an error message
+
+    def default_ip_name(self, bins: int) -> str:
+        """The InnerProduct's name in the seed's nets: fc1 or fc<K>."""
+        raise NotImplementedError
+
+    def default_ip(self, case: Case) -> str:
+        return self.default_ip_name(case.bins)
 
     def ip_layer(self, case: Case) -> str:
+        """The InnerProduct's Caffe name: the case's own (``Case.ip_name``) or the default."""
+        return case.ip_name or self.default_ip(case)
+
+    def ip_outputs(self, bins: int) -> int:
+        """The InnerProduct's num_output for K = `bins`: K, or 1."""
+        return bins if self.has_bins else 1
+
+    def case_bins(self, bins: int) -> int:
+        """The `Case.bins` of a case of this head (the default where K plays no part)."""
+        return bins if self.has_bins else Case.bins
+
+    def top_of(self, bins: int, scale: float) -> float:
+        """The largest age the head can output (its range is [0, top])."""
+        raise NotImplementedError
+
+    def reach(self, z: F64) -> F64:
+        """What the generators scale the weights by, of pre-activations z (..., N, K): the
+        largest |z| (sigmoid) or logit spread (softmax) over the last two axes."""
+        raise NotImplementedError
+
+    def region(self, spread: float) -> str:
+        """The hard region a `reach` of `spread` puts a case in."""
+        raise NotImplementedError
+
+    def check(self, case: Case) -> None:
+        """Refuses (ValueError naming the field) a case this head cannot describe."""
+        if case.features < 1:
+            raise ValueError(f"a head needs at least one feature, got {case.features}")
+        if self.has_bins and case.bins < 1:
+            raise ValueError(f"the {self.name} head needs K >= 1 bins, got {case.bins}")
+        if case.ip_name and not self.renamable and case.ip_name != self.default_ip(case):
+            raise ValueError(
+                f"the {self.name} head's InnerProduct must be named "
+                f"{self.default_ip(case)!r} (as in the seed and its reference), "
+                f"not {case.ip_name!r}"
+            )
+
+    def outputs(self, case: Case) -> int:
+        """The InnerProduct's num_output: K, or 1."""
+        return self.ip_outputs(case.bins)
+
+    @property
+    def activation(self) -> str:
+        """The blob between the InnerProduct and the fixed layer (pred01, prob)."""
+        return self.chain[1]
+
+    def shape_text(self, case: Case) -> str:
+        """What sets the head's shape beside D: K=<bins> or scale=<s>."""
+        return f"K={case.bins}" if self.has_bins else f"scale={case.scale:g}"
+
+    def fixed_text(self, case: Case) -> str:
+        raise NotImplementedError
+
+    def shape_metadata(self, case: Case) -> dict[str, str]:
+        """The shape parameter as text (ONNX metadata): bins or scale."""
+        if self.has_bins:
+            return {"bins": str(case.bins)}
+        return {"scale": repr(float(case.scale))}
+
+    def module(self, case: Case) -> nn.Module:
+        """The PyTorch reference of the case's shape, its learnable params as PyTorch
+        initialises them (float32)."""
         raise NotImplementedError
 
     def reference(self, case: Case, dtype: torch.dtype = torch.float32) -> nn.Module:
-        raise NotImplementedError
+        """The PyTorch reference holding the case's weights, in `dtype`."""
+        return self.load(self.module(case), case, dtype)
 
     def prototxt_args(self, case: Case, train: bool = True) -> dict[str, Any]:
         raise NotImplementedError
@@ -328,7 +420,7 @@ class Head:
             e_lg,
             self.backward_bounds(ref, g64, case, fwd, e_lg),
             {blob: "tolerances." + self.forward_rule(blob, case) for blob in self.blobs(case)},
-            "softmax_with_loss" if case.loss == "softmax_with_loss" else case.loss + "_loss",
+            LOSSES[case.loss].value_rule,
         )
 
     def gradient_keys(self, case: Case) -> tuple[str, ...]:
@@ -351,14 +443,29 @@ class Head:
 class SigmoidScale(Head):
     chain: tuple[str, ...] = ("fc1", "pred01", "pred_age")
 
-    def ip_layer(self, case: Case) -> str:
+    layer_types: tuple[str, str, str] = ("InnerProduct", "Sigmoid", "Scale")
+    fixed_hint: str = "the seed's Scale is fixed at 99 with lr_mult 0"
+
+    def default_ip_name(self, bins: int) -> str:
         return "fc1"
+
+    def top_of(self, bins: int, scale: float) -> float:
+        return float(scale)
+
+    def reach(self, z: F64) -> F64:
+        return np.asarray(np.abs(z).max(axis=(-2, -1)))
+
+    def region(self, spread: float) -> str:
+        return "saturating" if spread > 20 else "linear"
+
+    def fixed_text(self, case: Case) -> str:
+        return f"scale {case.scale:g}"
 
     def forward_rule(self, blob: str, case: Case) -> str:
         return {"fc1": "inner_product", "pred01": "sigmoid", "pred_age": "scale"}[blob]
 
-    def reference(self, case: Case, dtype: torch.dtype = torch.float32) -> nn.Module:
-        return self.load(reference.SigmoidScaleHead(case.features, case.scale), case, dtype)
+    def module(self, case: Case) -> nn.Module:
+        return reference.SigmoidScaleHead(case.features, case.scale)
 
     def prototxt_args(self, case: Case, train: bool = True) -> dict[str, Any]:
         args: dict[str, Any] = {"head": self.name, "features": case.features, "scale": case.scale}
@@ -402,9 +509,26 @@ class SigmoidScale(Head):
 @dataclass(frozen=True)
 class Expectation(Head):
     chain: tuple[str, ...] = ("logits", "prob", "pred_age")
+    has_bins: bool = True
+    renamable: bool = True
 
-    def ip_layer(self, case: Case) -> str:
-        return f"fc{case.bins}"
+    layer_types: tuple[str, str, str] = ("InnerProduct", "Softmax", "Convolution")
+    fixed_hint: str = "run `crossval surgery` on the net, or train from its output"
+
+    def default_ip_name(self, bins: int) -> str:
+        return f"fc{bins}"
+
+    def top_of(self, bins: int, scale: float) -> float:
+        return float(bins - 1)
+
+    def reach(self, z: F64) -> F64:
+        return np.asarray((z.max(-1) - z.min(-1)).max(-1))
+
+    def region(self, spread: float) -> str:
+        return "spread>100" if spread > 100 else ("spread>88" if spread > 88 else "moderate")
+
+    def fixed_text(self, case: Case) -> str:
+        return f"kernel arange({case.bins})"
 
     def forward_rule(self, blob: str, case: Case) -> str:
         return (
@@ -416,11 +540,13 @@ class Expectation(Head):
             }[blob]
         )
 
-    def reference(self, case: Case, dtype: torch.dtype = torch.float32) -> nn.Module:
-        return self.load(reference.ExpectationHead(case.features, case.bins), case, dtype)
+    def module(self, case: Case) -> nn.Module:
+        return reference.ExpectationHead(case.features, case.bins, ip_name=self.ip_layer(case))
 
     def prototxt_args(self, case: Case, train: bool = True) -> dict[str, Any]:
         args: dict[str, Any] = {"head": self.name, "features": case.features, "bins": case.bins}
+        if case.ip_name:
+            args["ip_name"] = case.ip_name
         if train:
             args.update(
                 loss=case.loss,
@@ -435,7 +561,8 @@ class Expectation(Head):
 
     def forward_bounds(self, ref: dict[str, F64], case: Case) -> dict[str, F64]:
         ip = self.ip_layer(case)
-        x, w, b = ref["pool5"], ref[f"{ip}.weight"], ref[f"{ip}.bias"]
+        w_key, b_key = self.learnable(case)
+        x, w, b = ref["pool5"], ref[w_key], ref[b_key]
         e_z = tol.inner_product(x, w, b)
         e_p = tol.softmax(ref[ip], ref["prob"], e_z, axis=-1)
         e_age = tol.dot_fixed(ref["prob"], self.fixed_value(case).astype(np.float64), e_p)
@@ -458,8 +585,9 @@ class Expectation(Head):
             e_gp = tol.dot_fixed_grad(grads["pred_age"], k, e_loss_grad)
             e_gz = tol.softmax_grad(grads["prob"], ref["prob"], e_gp, fwd["prob"])
             blob_bounds = {"pred_age": e_loss_grad, "prob": e_gp}
-        e_x, e_w, e_b = tol.inner_product_grads(ref["pool5"], ref[f"{ip}.weight"], grads[ip], e_gz)
-        return {"pool5": e_x, f"{ip}.weight": e_w, f"{ip}.bias": e_b, **blob_bounds, ip: e_gz}
+        w_key, b_key = self.learnable(case)
+        e_x, e_w, e_b = tol.inner_product_grads(ref["pool5"], ref[w_key], grads[ip], e_gz)
+        return {"pool5": e_x, w_key: e_w, b_key: e_b, **blob_bounds, ip: e_gz}
 
 
 HEADS: dict[str, Head] = {
@@ -478,6 +606,12 @@ HEADS: dict[str, Head] = {
         ),
     )
 }
+
+if tuple(HEADS) != HEAD_NAMES or tuple(LOSSES) != LOSS_NAMES:
+    raise ImportError(
+        f"crossval.names lists heads {HEAD_NAMES} and losses {LOSS_NAMES}; the tables hold "
+        f"{tuple(HEADS)} and {tuple(LOSSES)}"
+    )
 
 COMBINATIONS: tuple[tuple[str, str], ...] = tuple(
     (h.name, loss) for h in HEADS.values() for loss in h.losses

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis import find, settings
 from hypothesis.errors import NoSuchExample
 from hypothesis.strategies import SearchStrategy
 
-from reference.solvers import CaffeSolver
+from reference.solvers import SOLVER_TYPES, CaffeSolver
 
 from .checks import REFERENCE, Harness
 from .compare import Comparison
@@ -36,7 +36,8 @@ from .layercheck import CASES as LAYER_CASES
 from .layercheck import run_case as run_layer_case
 from .layercheck.mutants import LAYER_MUTANTS
 from .mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
-from .strategies import SOLVER_TYPES, cases, train_cases
+from .profiles import fixed_settings
+from .strategies import cases, train_cases
 from .training import (
     TrainCase,
     caffe_trajectory,
@@ -110,17 +111,6 @@ class KillTable:
         return "\n".join(lines)
 
 
-def _settings(max_examples: int) -> settings:
-    return settings(
-        max_examples=max_examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-
-
 def _search(
     strategy: SearchStrategy[Any], failures: Callable[[Any], list[Comparison | str]], budget: int
 ) -> tuple[int, Any, list[Comparison | str]]:
@@ -138,7 +128,7 @@ def _search(
         return bool(got)
 
     try:
-        find(strategy, condition, settings=_settings(budget))
+        find(strategy, condition, settings=fixed_settings(budget, generate_only=True))
     except NoSuchExample:
         pass
     if found:

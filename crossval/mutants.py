@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import reference
 from reference import losses as ref_losses
-from reference.solvers import CaffeSolver, Param
+from reference.solvers import SOLVER_TYPES, CaffeSolver, Param
 
 from .checks import Impl, ModuleFactory
 from .heads import Case
@@ -710,8 +710,6 @@ class SolverMutant:
     shows_in: tuple[str, ...] = ("train",)
 
 
-_ALL_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
-
 SOLVER_MUTANTS: dict[str, SolverMutant] = {
     m.name: m
     for m in (
@@ -727,7 +725,7 @@ SOLVER_MUTANTS: dict[str, SolverMutant] = {
         SolverMutant(
             "decay-mult-ignored",
             _DecayMultIgnored,
-            _ALL_TYPES,
+            SOLVER_TYPES,
             _S,
             _EUC,
             "weight decay on the bias though its decay_mult is 0",
@@ -736,7 +734,7 @@ SOLVER_MUTANTS: dict[str, SolverMutant] = {
         SolverMutant(
             "l1-as-l2",
             _L1AsL2,
-            _ALL_TYPES,
+            SOLVER_TYPES,
             _E,
             _EUC,
             "regularization_type L1 trained as L2 (torch weight_decay)",
@@ -745,7 +743,7 @@ SOLVER_MUTANTS: dict[str, SolverMutant] = {
         SolverMutant(
             "lr-mult-ignored",
             _LrMultIgnored,
-            _ALL_TYPES,
+            SOLVER_TYPES,
             _S,
             _EUC,
             "lr_mult dropped: every param at the base rate (Caffe nets: bias 2x)",
@@ -763,7 +761,7 @@ SOLVER_MUTANTS: dict[str, SolverMutant] = {
         SolverMutant(
             "clip-per-tensor",
             _ClipPerTensor,
-            _ALL_TYPES,
+            SOLVER_TYPES,
             _S,
             _EUC,
             "clip_gradients per tensor (clip_grad_norm_ on each) instead of global",

@@ -42,20 +42,17 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-import reference
-
 from . import __version__, outputs, transfer
 from . import tolerances as tol
 from .compare import Comparison, exact
 from .errors import CrossvalError
-from .heads import HEADS, Case
+from .heads import HEADS, Case, Head
 from .inputs import check_net, read_prototxt
 from .worker import CaffeCrash, CaffeError, CaffeWorker
 
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
 
-ACTIVATION = {"sigmoid_scale": "pred01", "expectation": "prob"}
 OUTPUT = "pred_age"
 BATCH_AXIS = "batch"
 EXPORTER = "torch.onnx.export (dynamo)"
@@ -84,32 +81,29 @@ class OnnxCheckFailed(CrossvalError):
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One head's shape and names: which reference module, D, K (or the scale), the Caffe
-    InnerProduct's name and the input blob's name and per-example dims."""
+    """What an exported file holds beside the head's own description (``heads.HEADS``): the
+    head of that shape (D, K or the scale, the InnerProduct's Caffe name) and the input
+    blob's name and per-example dims. Blobs, params, the fixed constant and the reference
+    module all come from the head's row, through `shape`."""
 
     head: str
     features: int
-    bins: int = 100  # K, expectation head
-    scale: float = 99.0  # sigmoid-scale head
-    ip_layer: str = ""  # default fc1 / fc<K>
+    bins: int = 100  # K, where the head has bins
+    scale: float = 99.0  # where the head has a scale
+    ip_layer: str = ""  # default: the head's (fc1 / fc<K>)
     input_blob: str = "pool5"
     input_dims: tuple[int, ...] = ()  # per-example input dims; default (features,)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise OnnxInputError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
-        if self.features < 1:
-            raise OnnxInputError(f"a head needs at least one feature, got {self.features}")
-        if self.head == "expectation" and self.bins < 1:
-            raise OnnxInputError(f"the expectation head needs K >= 1 bins, got {self.bins}")
+        row = HEADS[self.head]
+        try:
+            row.check(self.case(np.zeros((1, max(self.features, 0)), np.float32), {}))
+        except ValueError as exc:
+            raise OnnxInputError(str(exc)) from None
         if not self.ip_layer:
-            default = "fc1" if self.head == "sigmoid_scale" else f"fc{self.bins}"
-            object.__setattr__(self, "ip_layer", default)
-        if self.head == "sigmoid_scale" and self.ip_layer != "fc1":
-            raise OnnxInputError(
-                f"the sigmoid-scale head's InnerProduct must be named 'fc1' (as in the seed "
-                f"and reference.SigmoidScaleHead), not {self.ip_layer!r}"
-            )
+            object.__setattr__(self, "ip_layer", row.default_ip_name(self.bins))
         if not self.input_dims:
             object.__setattr__(self, "input_dims", (self.features,))
         if int(np.prod(self.input_dims)) != self.features:
@@ -120,65 +114,66 @@ class HeadSpec:
 
     @classmethod
     def from_case(cls, case: Case) -> HeadSpec:
-        return cls(case.head, case.features, case.bins, case.scale)
+        return cls(case.head, case.features, case.bins, case.scale, case.ip_name)
+
+    @property
+    def row(self) -> Head:
+        return HEADS[self.head]
+
+    @property
+    def shape(self) -> Case:
+        """A case of this head's shape (one zero example, no weights): what the head's row
+        reads its blobs, params and constants from."""
+        return self.case(np.zeros((1, self.features), np.float32), {})
 
     @property
     def outputs(self) -> int:
-        """The InnerProduct's outputs: K, or 1 for the sigmoid-scale head."""
-        return self.bins if self.head == "expectation" else 1
+        """The InnerProduct's num_output."""
+        return self.row.outputs(self.shape)
 
     @property
-    def blobs(self) -> tuple[str, str, str]:
-        return (self.ip_layer, ACTIVATION[self.head], OUTPUT)
+    def blobs(self) -> tuple[str, ...]:
+        return self.row.blobs(self.shape)
 
     @property
-    def learnable(self) -> tuple[str, str]:
-        attr = reference.param_name(self.ip_layer)
-        return (f"{attr}.weight", f"{attr}.bias")
+    def learnable(self) -> tuple[str, ...]:
+        return self.row.learnable(self.shape)
 
     @property
     def fixed_key(self) -> str:
-        return f"{OUTPUT}.weight"
+        return f"{self.row.fixed_layer}.weight"
 
     def fixed_value(self) -> F32:
-        """The constant the head must hold: the Scale's [99.] or the kernel arange(K)[None]."""
-        if self.head == "sigmoid_scale":
-            return np.array([self.scale], dtype=np.float32)
-        return np.arange(self.bins, dtype=np.float32)[None, :]
+        """The constant the head must hold (the Scale's [99.], the kernel arange(K)[None])."""
+        return self.row.fixed_value(self.shape)
 
     def fixed_text(self) -> str:
-        if self.head == "sigmoid_scale":
-            return f"scale {self.scale:g}"
-        return f"kernel arange({self.bins})"
+        return self.row.fixed_text(self.shape)
 
     def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The reference head (learnable weights as PyTorch initialises them)."""
-        module: nn.Module
-        if self.head == "sigmoid_scale":
-            module = reference.SigmoidScaleHead(self.features, self.scale)
-        else:
-            module = reference.ExpectationHead(self.features, self.bins, ip_name=self.ip_layer)
-        return module.to(dtype).eval()
+        return self.row.module(self.shape).to(dtype).eval()
 
     def describe(self) -> str:
-        if self.head == "sigmoid_scale":
-            return f"sigmoid_scale D={self.features} scale={self.scale:g}"
-        return f"expectation D={self.features} K={self.bins} ip={self.ip_layer}"
+        text = f"{self.head} D={self.features} {self.row.shape_text(self.shape)}"
+        return text + (f" ip={self.ip_layer}" if self.row.renamable else "")
 
     def case(self, x: F32, weights: Mapping[str, F32], region: str = "") -> Case:
-        """The case the head and tolerance tables describe (their IP is named fc1 / fc<K>)."""
-        canon = HeadSpec(self.head, self.features, self.bins, self.scale)
-        named = {c: weights[s] for s, c in zip(self.learnable, canon.learnable, strict=True)}
+        """The case the head and tolerance tables describe: this head, shape and
+        InnerProduct name (a custom one, such as fc8-101, carried by the case)."""
+        row = HEADS[self.head]
+        custom = self.ip_layer and self.ip_layer != row.default_ip_name(self.bins)
         target = np.zeros((x.shape[0], 1), dtype=np.float32)
         return Case(
             self.head,
             "euclidean",
             x,
             target,
-            named,
+            dict(weights),
             bins=self.bins,
             scale=self.scale,
             region=region,
+            ip_name=self.ip_layer if custom else "",
         )
 
     def metadata(self) -> dict[str, str]:
@@ -190,10 +185,7 @@ class HeadSpec:
             "crossval.input_dims": ",".join(map(str, self.input_dims)),
             "crossval.outputs": ",".join(self.blobs),
         }
-        if self.head == "expectation":
-            meta["crossval.bins"] = str(self.bins)
-        else:
-            meta["crossval.scale"] = repr(float(self.scale))
+        meta.update({f"crossval.{k}": v for k, v in self.row.shape_metadata(self.shape).items()})
         return meta
 
     @classmethod
@@ -445,7 +437,7 @@ def fixed_constant(model: onnx.ModelProto, spec: HeadSpec) -> tuple[str, F32, st
     """(name, value, where) of the constant the `pred_age` node multiplies by."""
     graph = model.graph
     node = _producers(graph).get(OUTPUT)
-    act = ACTIVATION[spec.head]
+    act = spec.row.activation
     if node is None:
         raise OnnxModelInvalid(f"no node computes {OUTPUT!r}")
     if act not in node.input:
@@ -541,7 +533,7 @@ def validate(model: onnx.ModelProto, spec: HeadSpec) -> list[Comparison]:
             f"[{batch}, {', '.join(map(str, spec.input_dims))}]"
         )
     outputs = {o.name: o for o in graph.output}
-    want_out = {spec.ip_layer: spec.outputs, ACTIVATION[spec.head]: spec.outputs, OUTPUT: 1}
+    want_out = {spec.ip_layer: spec.outputs, spec.row.activation: spec.outputs, OUTPUT: 1}
     if list(outputs) != list(spec.blobs):
         raise OnnxModelInvalid(f"graph outputs are {list(outputs)}, expected {list(spec.blobs)}")
     for name, width in want_out.items():
@@ -658,24 +650,16 @@ def reference64(
         out = module(torch.from_numpy(np.asarray(x, dtype=np.float64)))
     blobs = {k: v.numpy().copy() for k, v in out.items()}
     case = spec.case(np.asarray(x, dtype=np.float32), weights)
-    head = HEADS[spec.head]
-    canon_ip = head.ip_layer(case)
-    ref: dict[str, F64] = {(canon_ip if k == spec.ip_layer else k): v for k, v in blobs.items()}
+    head = spec.row
+    ref: dict[str, F64] = dict(blobs)
     ref["pool5"] = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
     for key in head.learnable(case):
-        ref[key] = case.weights[key].astype(np.float64)
-    bounds = head.forward_bounds(ref, case)
-    return blobs, {(spec.ip_layer if k == canon_ip else k): v for k, v in bounds.items()}
+        ref[key] = np.asarray(case.weights[key], dtype=np.float64)
+    return blobs, head.forward_bounds(ref, case)
 
 
 def _rule(spec: HeadSpec, blob: str) -> str:
-    if blob == spec.ip_layer:
-        return "tolerances.inner_product"
-    if blob == "pred01":
-        return "tolerances.sigmoid"
-    if blob == "prob":
-        return "tolerances.softmax"
-    return "tolerances.scale" if spec.head == "sigmoid_scale" else "tolerances.dot_fixed"
+    return "tolerances." + spec.row.forward_rule(blob, spec.shape)
 
 
 def forward_comparisons(
@@ -860,20 +844,21 @@ def _structure(net: Any, prototxt: Path, test: int) -> tuple[str, Any, str, tupl
             f"{prototxt}: InnerProduct {ip.name!r} must have a bias, axis 1 and no transpose "
             f"(it has bias_term {ipp.bias_term}, axis {ipp.axis}, transpose {ipp.transpose})"
         )
-    if act.type == "Sigmoid" and out.type == "Scale":
-        head = "sigmoid_scale"
+    by_types = {row.layer_types[1:]: row.name for row in HEADS.values()}
+    head = by_types.get((act.type, out.type), "")
+    if not head:
+        raise OnnxInputError(
+            f"{prototxt}: {act.name} ({act.type}) -> {out.name} ({out.type}) is neither "
+            f"Sigmoid -> Scale nor Softmax -> Convolution; {hint}"
+        )
+    row = HEADS[head]
+    if out.type == "Scale":
         sp = out.scale_param
         if sp.bias_term or sp.axis != 1 or sp.num_axes != 1:
             raise OnnxInputError(
                 f"{prototxt}: Scale {OUTPUT!r} must be a plain scale (no bias, axis 1, num_axes 1)"
             )
-        if ipp.num_output != 1 or ip.name != "fc1":
-            raise OnnxInputError(
-                f"{prototxt}: the sigmoid-scale head's InnerProduct is 'fc1' with num_output "
-                f"1; this one is {ip.name!r} with num_output {ipp.num_output}"
-            )
-    elif act.type == "Softmax" and out.type == "Convolution":
-        head = "expectation"
+    elif out.type == "Convolution":
         cp = out.convolution_param
         if act.softmax_param.axis not in (1, -1):
             raise OnnxInputError(
@@ -892,14 +877,15 @@ def _structure(net: Any, prototxt: Path, test: int) -> tuple[str, Any, str, tupl
                 f"{prototxt}: Convolution {OUTPUT!r} must have num_output 1, bias_term false, "
                 "no kernel size and one group (the seed's expectation layer)"
             )
-    else:
+    fixed_ip = row.default_ip_name(int(ipp.num_output)) if not row.renamable else ip.name
+    if not row.has_bins and (ipp.num_output != 1 or ip.name != fixed_ip):
         raise OnnxInputError(
-            f"{prototxt}: {act.name} ({act.type}) -> {out.name} ({out.type}) is neither "
-            f"Sigmoid -> Scale nor Softmax -> Convolution; {hint}"
+            f"{prototxt}: the {head} head's InnerProduct is {fixed_ip!r} with num_output "
+            f"1; this one is {ip.name!r} with num_output {ipp.num_output}"
         )
-    if act.name != ACTIVATION[head]:
+    if act.name != row.activation:
         raise OnnxInputError(
-            f"{prototxt}: the {act.type} layer must be named {ACTIVATION[head]!r} (the seed's "
+            f"{prototxt}: the {act.type} layer must be named {row.activation!r} (the seed's "
             f"blob name), not {act.name!r}"
         )
     return head, ip, input_blob, input_shape
@@ -937,7 +923,7 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
     spec = HeadSpec(
         head,
         features,
-        bins=k if head == "expectation" else 100,
+        bins=HEADS[head].case_bins(k),
         ip_layer=ip.name,
         input_blob=input_blob,
         input_dims=input_shape[1:],
@@ -962,7 +948,7 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
         )
     for layer, shapes in want.items():
         if layer in stored and not _same_shapes(stored[layer], shapes):
-            what = f"K={k}" if head == "expectation" else "num_output 1"
+            what = HEADS[head].shape_text(spec.shape) if HEADS[head].has_bins else "num_output 1"
             raise OnnxInputError(
                 f"{weights} holds {layer!r} with shapes {stored[layer]}, but {prototxt} makes "
                 f"it {shapes} ({spec.head} head, {what}, {features} features): a head with "
@@ -987,11 +973,7 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
         weights.name, f"{OUTPUT}/0", params[OUTPUT][0], spec.fixed_value(), spec.describe()
     )
     if not check.passed:
-        hint = (
-            " (run `crossval surgery` on the net, or train from its output)"
-            if head == "expectation"
-            else " (the seed's Scale is fixed at 99 with lr_mult 0)"
-        )
+        hint = f" ({spec.row.fixed_hint})"
         raise OnnxInputError(f"{OUTPUT} is not the fixed {spec.fixed_text()}{hint}: {check}")
     return CaffeHead(spec, prototxt, weights, text, input_shape, params)
 
@@ -1016,9 +998,7 @@ def check_inputs(
         label = "as drawn"
         if spread is not None:
             z = x @ w.T
-            reach = float(
-                np.abs(z).max() if head.spec.head == "sigmoid_scale" else np.ptp(z, axis=1).max()
-            )
+            reach = float(head.spec.row.reach(z))
             if reach > 0:
                 x *= spread / reach
                 label = f"spread {spread:g}"
@@ -1049,11 +1029,10 @@ class ExportReport:
 
     def __str__(self) -> str:
         s = self.spec
+        ip_type, act_type, out_type = s.row.layer_types
         chain = (
-            f"{s.ip_layer} (InnerProduct {s.features} -> {s.outputs}) -> "
-            f"{ACTIVATION[s.head]} ({'Sigmoid' if s.head == 'sigmoid_scale' else 'Softmax'}) -> "
-            f"{OUTPUT} ({'Scale' if s.head == 'sigmoid_scale' else 'Convolution'}, "
-            f"{s.fixed_text()})"
+            f"{s.ip_layer} ({ip_type} {s.features} -> {s.outputs}) -> "
+            f"{s.row.activation} ({act_type}) -> {OUTPUT} ({out_type}, {s.fixed_text()})"
         )
         margins = self.margins()
         lines = [

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from . import outputs
@@ -26,11 +26,10 @@ from .batched import BatchComparison, batched_examples, case_batches, run_batch
 from .checks import Harness, caffe_gradient_check
 from .compare import Comparison
 from .heads import COMBINATIONS, HEADS
+from .profiles import PROFILES, fixed_settings
 from .strategies import MODERATE_SIGMAS, SMALL_SCALES, build_batches, build_case, cases
 from .tolerances import finite_difference as fd_tol
 from .worker import CaffeWorker, searching, stops_search
-
-PROFILES = {"dev": 25, "ci": 200, "thorough": 5000}
 
 
 @dataclass
@@ -113,17 +112,6 @@ class Progress:
     def __call__(self, text: str) -> None:
         self.stream.write(f"[{self.name}] {time.monotonic() - self.t0:6.1f}s {text}\n")
         self.stream.flush()
-
-
-def fixed_settings(n: int) -> Any:
-    """Hypothesis settings for `n` derandomized examples, no deadline, no database."""
-    return settings(
-        max_examples=n,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 def _combo_rows(harness: Harness, combo: tuple[str, str], examples: int) -> dict[str, Row]:
@@ -212,7 +200,7 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
     momentum = {"SGD": 0.9, "Nesterov": 0.9, "AdaDelta": 0.95, "Adam": 0.9}
     for kind in SOLVER_TYPES:
         row = Row(f"training {kind}")
-        for head in ("sigmoid_scale", "expectation"):
+        for head in HEADS:
             shape: dict[str, Any] = dict(batch=8, features=16, bins=101, spread=3.0)
             case = build_case(head, "euclidean", seed=1, **shape)
             batches = build_batches(head, "euclidean", range(100, 100 + steps), **shape)
@@ -238,7 +226,7 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
                     row.first_failure = row.first_failure or moved
         rows.append(row)
     say(
-        f"training: {len(rows)} solvers x 2 heads x {steps} steps, "
+        f"training: {len(rows)} solvers x {len(HEADS)} heads x {steps} steps, "
         + ", ".join(f"{r.check.split()[-1]} {r.verdict}" for r in rows)
     )
     return rows
@@ -248,7 +236,7 @@ def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
     from .onnx_export import HeadSpec, Runtime, export, forward_comparisons
 
     rows = []
-    for head, loss in (("sigmoid_scale", "euclidean"), ("expectation", "euclidean")):
+    for head, loss in ((head, "euclidean") for head in HEADS):
         row = Row(f"{head} onnx (onnxruntime)")
         first = build_case(head, loss, batch=8, features=64, bins=101, seed=0)
         spec = HeadSpec.from_case(first)

@@ -16,8 +16,9 @@ import torch
 from hypothesis import strategies as st
 
 from reference.losses import NORMALIZATIONS
+from reference.solvers import SOLVER_TYPES
 
-from .heads import COMBINATIONS, F32, HEADS, Case
+from .heads import COMBINATIONS, F32, HEADS, LOSSES, Case
 
 # The hard values each dimension must reach, mixed with the whole range.
 BATCHES = st.one_of(st.sampled_from([1, 2, 8, 64]), st.integers(1, 64))
@@ -27,12 +28,6 @@ BINS = st.one_of(st.sampled_from([2, 100, 101, 128]), st.integers(2, 128))
 # sigmoid saturates in float32; beyond 88 exp underflows; 100+ is the "large spread" region.
 SPREADS = st.one_of(st.sampled_from([1e-3, 1.0, 25.0, 60.0, 120.0, 300.0]), st.floats(1e-3, 300.0))
 SIGMAS = st.one_of(st.just(1.0), st.sampled_from([0.25, 0.5, 2.0, 3.0]), st.floats(0.1, 10.0))
-
-
-def _region(head: str, spread: float) -> str:
-    if head == "sigmoid_scale":
-        return "saturating" if spread > 20 else "linear"
-    return "spread>100" if spread > 100 else ("spread>88" if spread > 88 else "moderate")
 
 
 # For finite differences in float32 with Caffe's step (1e-2): features and weights small
@@ -67,7 +62,8 @@ def build_case(
     own prediction (the loss stays small, as a finite-difference check in float32 needs).
     """
     n, d = batch, features
-    k = bins if head == "expectation" else 1
+    row = HEADS[head]
+    k = row.ip_outputs(bins)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)).astype(np.float32)
     w = rng.standard_normal((k, d)) / np.sqrt(d)
@@ -77,15 +73,15 @@ def build_case(
         w, b = w * small, b * small
     else:
         z = x.astype(np.float64) @ w.T + b
-        reach = np.abs(z).max() if head == "sigmoid_scale" else (z.max(1) - z.min(1)).max()
+        reach = row.reach(z)
         if reach > 0:
             w, b = w * (spread / reach), b * (spread / reach)
-    ip = "fc1" if head == "sigmoid_scale" else f"fc{k}"
+    ip = row.default_ip_name(k)
     weights = {f"{ip}.weight": w.astype(np.float32), f"{ip}.bias": b.astype(np.float32)}
 
     ignore: int | None = None
-    top = 99.0 if head == "sigmoid_scale" else float(k - 1)
-    if loss == "softmax_with_loss":
+    top = row.top_of(k, Case.scale)
+    if LOSSES[loss].labels:
         if targets == "ends":
             lab = rng.choice([0, k - 1], size=n).astype(np.float64)
         elif targets == "fractional":  # Caffe truncates (static_cast<int>)
@@ -106,20 +102,20 @@ def build_case(
         else:
             t = rng.uniform(0.0, top, size=(n, 1))
         target = t.astype(np.float32)
-    region = "small" if small is not None else _region(head, spread)
+    region = "small" if small is not None else row.region(spread)
     case = Case(
         head=head,
         loss=loss,
         x=x,
         target=target,
         weights=weights,
-        bins=bins if head == "expectation" else 100,
+        bins=row.case_bins(bins),
         sigma=sigma,
         normalization=normalization,
         ignore_label=ignore,
         region=region,
     )
-    if near_prediction and loss != "softmax_with_loss":
+    if near_prediction and not LOSSES[loss].labels:
         with torch.no_grad():
             pred = HEADS[head].reference(case, torch.float64)(torch.from_numpy(x).double())
         age = pred["pred_age"].numpy()
@@ -172,16 +168,16 @@ def cases(
 ) -> Case:
     """A case of one of `combos`, drawn as a few labelled numbers (see `build_case`)."""
     head, loss = draw(st.sampled_from(combos), label="head+loss")
-    labels = loss == "softmax_with_loss"
+    labels = LOSSES[loss].labels
     return build_case(
         head,
         loss,
         batch=draw(batches, label="batch"),
         features=draw(features, label="features"),
-        bins=draw(bins, label="bins") if head == "expectation" else 100,
+        bins=draw(bins, label="bins") if HEADS[head].has_bins else Case.bins,
         spread=draw(spreads, label="spread"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
-        sigma=draw(sigmas, label="sigma") if loss == "smooth_l1" else 1.0,
+        sigma=draw(sigmas, label="sigma") if LOSSES[loss].has_sigma else Case.sigma,
         small=draw(small, label="small scale") if small is not None else None,
         **label_choices(draw, labels),
         near_prediction=near_prediction,
@@ -192,8 +188,6 @@ __all__ = ["BATCHES", "BINS", "FEATURES", "SPREADS", "build_case", "cases"]
 
 
 # ---- training ---------------------------------------------------------------------------
-
-SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 
 
 @st.composite
@@ -252,10 +246,11 @@ def train_cases(
     k = draw(st.sampled_from([2, 10, 100, 101]), label="bins")
     spread = draw(st.sampled_from([0.5, 3.0, 25.0]), label="spread")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
-    sigma = draw(st.sampled_from([1.0, 0.5, 3.0]), label="sigma") if loss == "smooth_l1" else 1.0
+    row = LOSSES[loss]
+    sigma = draw(st.sampled_from([1.0, 0.5, 3.0]), label="sigma") if row.has_sigma else Case.sigma
     normalization = (
         draw(st.sampled_from([None, *NORMALIZATIONS]), label="normalization")
-        if loss == "softmax_with_loss"
+        if row.labels
         else None
     )
 

@@ -4,7 +4,8 @@ layer library (``reference.layers``): one implementation of each layer in the pr
 Each head returns every Caffe blob it computes, keyed by blob name, and names its submodules
 after Caffe layers so that ``state_dict()`` keys are ``<layer>.weight`` / ``<layer>.bias``
 (Caffe param blob 0 / blob 1). Constants that the Caffe net holds at ``lr_mult: 0`` are
-buffers, never parameters.
+buffers, never parameters. What the heads are (their blobs, learnable and fixed params) is
+described once, in ``crossval.heads.HEADS``.
 """
 
 from __future__ import annotations
@@ -82,12 +83,6 @@ _SOFTMAX = defaults.layer("prob", "Softmax")
 class SigmoidScaleHead(nn.Module):
     """Caffe fc1 -> Sigmoid pred01 -> Scale pred_age: age = scale * sigmoid(W x + b)."""
 
-    ip_layer = "fc1"
-    blobs: tuple[str, ...] = ("fc1", "pred01", "pred_age")
-    output_blob = "pred_age"
-    fixed: tuple[str, ...] = ("pred_age.weight",)
-    learnable: tuple[str, ...] = ("fc1.weight", "fc1.bias")
-
     def __init__(self, in_features: int, scale: float = 99.0) -> None:
         super().__init__()
         if in_features < 1:
@@ -105,8 +100,6 @@ class SigmoidScaleHead(nn.Module):
 
 class ExpectationHead(nn.Module):
     """Caffe <ip> -> Softmax prob -> Convolution pred_age: age = sum_i i * softmax(W x + b)_i."""
-
-    output_blob = "pred_age"
 
     def __init__(self, in_features: int, bins: int = 100, ip_name: str | None = None) -> None:
         super().__init__()
@@ -126,18 +119,6 @@ class ExpectationHead(nn.Module):
         # The "net surgery" kernel: bin i is worth age i.
         kernel = torch.arange(bins, dtype=torch.get_default_dtype())[None]
         self.pred_age = _FixedConvolution("pred_age", kernel)
-
-    @property
-    def blobs(self) -> tuple[str, ...]:
-        return (self.ip_layer, "prob", "pred_age")
-
-    @property
-    def fixed(self) -> tuple[str, ...]:
-        return ("pred_age.weight",)
-
-    @property
-    def learnable(self) -> tuple[str, ...]:
-        return (f"{self.ip_attr}.weight", f"{self.ip_attr}.bias")
 
     def forward(self, pool5: Tensor) -> dict[str, Tensor]:
         ip: Tensor = self.get_submodule(self.ip_attr)(pool5.reshape(pool5.shape[0], -1))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+REGULARIZATIONS = ("L2", "L1")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SolverConfig:
             raise ValueError(f"solver type must be one of {SOLVER_TYPES}, got {self.type!r}")
         if self.lr_policy not in LR_POLICIES:
             raise ValueError(f"lr_policy must be one of {LR_POLICIES}, got {self.lr_policy!r}")
-        if self.regularization_type not in ("L1", "L2"):
+        if self.regularization_type not in REGULARIZATIONS:
             raise ValueError(f"regularization_type must be L1 or L2: {self.regularization_type}")
 
 

@@ -4,6 +4,7 @@ constants bit for bit; `crossval export-onnx` end to end; bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -414,3 +415,25 @@ def test_export_onnx_failing_model_is_not_written(
     assert "not writing" in err and message in err, err
     assert not out.exists()
     assert not list(where.glob(".broken.onnx.*")), "a temporary file was left behind"
+
+
+def test_custom_inner_product_name_needs_no_renaming(harness: Harness) -> None:
+    """A case carrying the InnerProduct's own name (fc8-101): Caffe's net, the reference's
+    params and the ONNX graph all use it, and every comparison passes; a weight changed on
+    the ONNX side alone fails under that name."""
+    case = build_case("expectation", "euclidean", batch=3, features=16, bins=101, seed=4)
+    named = {k.replace("fc101", "fc8_101"): v for k, v in case.weights.items()}
+    case = dataclasses.replace(case, ip_name="fc8-101", weights=named)
+    spec = HeadSpec.from_case(case)
+    assert spec.ip_layer == "fc8-101" and spec.learnable == ("fc8_101.weight", "fc8_101.bias")
+    assert spec.case(case.x, case.weights).weights.keys() == named.keys()
+    assert harness.run_case(case).passed
+    assert all(c.passed for c in onnx_comparisons(harness, case))
+
+    def shifted(model: onnx.ModelProto, spec: HeadSpec) -> None:
+        (init,) = [i for i in model.graph.initializer if i.name == "fc8_101.bias"]
+        bias = numpy_helper.to_array(init) + np.float32(0.5)
+        init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
+
+    failed = {c.blob for c in onnx_comparisons(harness, case, shifted) if not c.passed}
+    assert "fc8-101" in failed, failed

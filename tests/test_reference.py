@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 import reference as ref
+from crossval import heads as table
 
 DTYPES = (torch.float32, torch.float64)
 LN3 = math.log(3.0)
@@ -82,6 +83,20 @@ HEADS: dict[str, tuple[Callable[[], Head], dict[str, tuple[int, ...]]]] = {
         {"fc8_101.weight": (101, 7), "fc8_101.bias": (101,), "pred_age.weight": (1, 101)},
     ),
 }
+# The same heads as the head table describes them (crossval.heads: head, K, InnerProduct name).
+DESCRIBED = {
+    "sigmoid_scale": ("sigmoid_scale", 100, ""),
+    "expectation_100": ("expectation", 100, ""),
+    "expectation_101": ("expectation", 101, "fc8-101"),
+}
+
+
+def described(case: str) -> tuple[table.Head, table.Case]:
+    """The head table's row for `case` and a case of its shape (D = 7)."""
+    name, bins, ip_name = DESCRIBED[case]
+    x = np.zeros((1, 7), np.float32)
+    shape = table.Case(name, "euclidean", x, x[:, :1], {}, bins=bins, ip_name=ip_name)
+    return table.HEADS[name], shape
 
 
 @pytest.mark.parametrize("case", HEADS)
@@ -96,10 +111,10 @@ def test_head_state_dict_keys_and_shapes(case: str) -> None:
 @pytest.mark.parametrize("case", HEADS)
 def test_head_fixed_constants_are_buffers(case: str) -> None:
     head = HEADS[case][0]()
-    assert [n for n, _ in head.named_parameters()] == list(head.learnable)
-    assert [n for n, _ in head.named_buffers()] == list(head.fixed)
-    assert head.fixed == ("pred_age.weight",)
-    assert head.output_blob == "pred_age"
+    row, shape = described(case)
+    assert [n for n, _ in head.named_parameters()] == list(row.learnable(shape))
+    assert [n for n, _ in head.named_buffers()] == [f"{row.fixed_layer}.weight"]
+    assert row.fixed_layer == "pred_age"
 
 
 @pytest.mark.parametrize("case", HEADS)
@@ -108,7 +123,8 @@ def test_head_float64_converts_everything(case: str) -> None:
     for key, value in head.state_dict().items():
         assert value.dtype == torch.float64, key
     out = head(torch.randn(3, 7, dtype=torch.float64))
-    assert list(out) == list(head.blobs)
+    row, shape = described(case)
+    assert list(out) == list(row.blobs(shape))
     for blob, value in out.items():
         assert value.dtype == torch.float64, blob
 
@@ -130,10 +146,10 @@ def test_expectation_kernel_is_arange(bins: int, dtype: torch.dtype) -> None:
 def test_expectation_names() -> None:
     head = ref.ExpectationHead(4, bins=101, ip_name="fc8-101")
     assert head.ip_layer == "fc8-101"
-    assert head.blobs == ("fc8-101", "prob", "pred_age")
-    assert head.learnable == ("fc8_101.weight", "fc8_101.bias")
-    assert ref.ExpectationHead(4).blobs == ("fc100", "prob", "pred_age")
-    assert ref.SigmoidScaleHead(4).blobs == ("fc1", "pred01", "pred_age")
+    assert list(head(torch.zeros(1, 4))) == ["fc8-101", "prob", "pred_age"]
+    assert [n for n, _ in head.named_parameters()] == ["fc8_101.weight", "fc8_101.bias"]
+    assert list(ref.ExpectationHead(4)(torch.zeros(1, 4))) == ["fc100", "prob", "pred_age"]
+    assert list(ref.SigmoidScaleHead(4)(torch.zeros(1, 4))) == ["fc1", "pred01", "pred_age"]
     with pytest.raises(ValueError):
         ref.ExpectationHead(4, ip_name="prob")
 
@@ -439,7 +455,7 @@ def test_gradcheck_head_with_loss(head_name: str, loss_name: str) -> None:
     head = HEADS[head_name][0]().to(torch.float64)
     loss = LOSSES[loss_name]
     x = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
-    names = list(head.learnable)
+    names = [n for n, _ in head.named_parameters()]
     params = tuple(head.state_dict()[k].clone().requires_grad_() for k in names)
     # Targets 0.1 and 3 away from the prediction: with sigma 2 (kink at 0.25) one sample is
     # on the quadratic side and one on the linear side, both far from the kink.

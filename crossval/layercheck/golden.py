@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis import find
 from hypothesis.errors import NoSuchExample
 from numpy.typing import NDArray
 
@@ -30,6 +30,7 @@ from reference import layers as ref
 from reference.layers import LayerSpec
 
 from ..errors import CrossvalError
+from ..profiles import fixed_settings
 from ..tolerances.layers import LAYER_BOUNDS
 from ..worker import CaffeWorker
 from . import CASES
@@ -74,14 +75,7 @@ def draw(type_name: str, n: int = PER_TYPE) -> list[LayerCase]:
         find(
             CASES[type_name](),
             enough,
-            settings=settings(
-                max_examples=n,
-                derandomize=True,
-                database=None,
-                deadline=None,
-                phases=[Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            ),
+            settings=fixed_settings(n, generate_only=True),
         )
     except NoSuchExample:
         pass
