@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import PROFILE
 from crossval_cli import run_crossval
 
 from crossval import provision
@@ -43,6 +44,11 @@ def nets(
     return out
 
 
+# Examples a correct port must pass through the command (the many-example search for false
+# alarms is tests/test_port_campaign.py's, on the engine): ci 20, thorough 100.
+CLEAN = {"thorough": "100"}.get(PROFILE, "20")
+
+
 def with_init(nets: dict[str, Path], net: str) -> list[str]:
     """--weights for a net that needs the surgery's kernel (learnable weights generated)."""
     init = nets.get(net + ".init")
@@ -67,7 +73,7 @@ def first_failing(stdout: str) -> str:
 )
 def test_correct_ports_match(nets: dict[str, Path], net: str, port: str) -> None:
     proc = run_crossval(
-        "validate-port", str(nets[net]), "--port", port, "--examples", "60", *with_init(nets, net)
+        "validate-port", str(nets[net]), "--port", port, "--examples", CLEAN, *with_init(nets, net)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MATCH" in proc.stdout and re.search(r"\b[1-9]\d* comparisons", proc.stdout)
