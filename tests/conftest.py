@@ -12,26 +12,28 @@ from hypothesis import HealthCheck, settings
 
 from crossval import provision
 from crossval.errors import CaffeNotAvailable
+from crossval.profiles import PROFILES
 from crossval.worker import CaffeWorker
 
 # One PyTorch thread: the Caffe worker runs beside the tests on the other core, and the
 # tensors are small; two threads each (oversubscribed) made the layer checks 6x slower.
 torch.set_num_threads(1)
 
-# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (tox sets `ci`).
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (tox sets `ci`): the commands' profiles
+# (crossval.profiles), with the test suite's own settings.
 settings.register_profile(
     "ci",
     derandomize=True,
     deadline=None,
-    max_examples=200,
+    max_examples=PROFILES["ci"],
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("dev", deadline=None, max_examples=25)
+settings.register_profile("dev", deadline=None, max_examples=PROFILES["dev"])
 settings.register_profile(
     "thorough",
     deadline=None,
-    max_examples=5000,
+    max_examples=PROFILES["thorough"],
     suppress_health_check=[HealthCheck.too_slow],
 )
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
