@@ -139,10 +139,6 @@ class HeadSpec:
     def learnable(self) -> tuple[str, ...]:
         return self.row.learnable(self.shape)
 
-    @property
-    def fixed_key(self) -> str:
-        return f"{self.row.fixed_layer}.weight"
-
     def fixed_value(self) -> F32:
         """The constant the head must hold (the Scale's [99.], the kernel arange(K)[None])."""
         return self.row.fixed_value(self.shape)
