@@ -192,12 +192,11 @@ def gradient_checker_rows(harness: Harness, examples: int, say: Progress) -> lis
 
 
 def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
-    from reference.solvers import SOLVER_TYPES, SolverConfig
+    from reference.solvers import SOLVER_TYPES, USUAL_BASE_LR, USUAL_MOMENTUM, SolverConfig
 
     from .training import TrainCase, run_parity
 
     rows = []
-    momentum = {"SGD": 0.9, "Nesterov": 0.9, "AdaDelta": 0.95, "Adam": 0.9}
     for kind in SOLVER_TYPES:
         row = Row(f"training {kind}")
         for head in HEADS:
@@ -206,11 +205,11 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
             batches = build_batches(head, "euclidean", range(100, 100 + steps), **shape)
             cfg = SolverConfig(
                 type=kind,
-                base_lr=1.0 if kind == "AdaDelta" else 0.01,
+                base_lr=USUAL_BASE_LR.get(kind, 0.01),
                 lr_policy="step",
                 stepsize=max(steps // 2, 1),
                 gamma=0.5,
-                momentum=momentum.get(kind, 0.0),
+                momentum=USUAL_MOMENTUM.get(kind, 0.0),
                 weight_decay=0.001,
                 clip_gradients=10.0,
             )

@@ -194,7 +194,7 @@ __all__ = ["BATCHES", "BINS", "FEATURES", "SPREADS", "build_case", "cases"]
 def solver_configs(draw: st.DrawFn, steps: int, types: tuple[str, ...] = SOLVER_TYPES) -> Any:
     """A Caffe SolverParameter Caffe accepts: momentum only where the solver allows it, every
     lr policy with parameters that change the rate within `steps` iterations."""
-    from reference.solvers import LR_POLICIES, SolverConfig
+    from reference.solvers import LR_POLICIES, REGULARIZATIONS, SolverConfig
 
     kind = draw(st.sampled_from(types), label="solver")
     policy = draw(st.sampled_from(LR_POLICIES), label="lr_policy")
@@ -224,7 +224,7 @@ def solver_configs(draw: st.DrawFn, steps: int, types: tuple[str, ...] = SOLVER_
         rms_decay=draw(st.sampled_from([0.9, 0.98]), label="rms_decay"),
         delta=draw(st.sampled_from([1e-8, 1e-6]), label="delta"),
         weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.01, 0.1]), label="weight_decay"),
-        regularization_type=draw(st.sampled_from(["L2", "L1"]), label="regularization"),
+        regularization_type=draw(st.sampled_from(REGULARIZATIONS), label="regularization"),
         clip_gradients=draw(st.sampled_from([-1.0, 0.5, 10.0]), label="clip_gradients"),
     )
 

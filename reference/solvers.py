@@ -20,6 +20,11 @@ from torch import Tensor
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 REGULARIZATIONS = ("L2", "L1")
+# The momentum each solver type is run with where a check needs a usual setting (AdaGrad and
+# RMSProp have no momentum term), and its usual base_lr (AdaDelta's rate multiplies its
+# own normalized step: 1.0).
+USUAL_MOMENTUM = {"SGD": 0.9, "Nesterov": 0.9, "AdaDelta": 0.95, "Adam": 0.9}
+USUAL_BASE_LR = {"AdaDelta": 1.0}
 
 
 @dataclass(frozen=True)

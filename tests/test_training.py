@@ -22,7 +22,13 @@ from crossval.training import (
     torch_trajectory,
 )
 from crossval.worker import CaffeWorker
-from reference.solvers import LR_POLICIES, SOLVER_TYPES, SolverConfig
+from reference.solvers import (
+    LR_POLICIES,
+    SOLVER_TYPES,
+    USUAL_BASE_LR,
+    USUAL_MOMENTUM,
+    SolverConfig,
+)
 
 
 def steps_of(case: Case, steps: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -32,8 +38,8 @@ def steps_of(case: Case, steps: int) -> tuple[tuple[np.ndarray, np.ndarray], ...
 
 def solver_for(kind: str, policy: str, **kw: float) -> SolverConfig:
     """A solver of `kind` with momentum where Caffe allows it, decay, clipping and `policy`."""
-    momentum = {"SGD": 0.9, "Nesterov": 0.9, "AdaDelta": 0.95, "Adam": 0.9}.get(kind, 0.0)
-    base = {"AdaDelta": 1.0}.get(kind, 0.01)
+    momentum = USUAL_MOMENTUM.get(kind, 0.0)
+    base = USUAL_BASE_LR.get(kind, 0.01)
     args: dict[str, object] = dict(
         type=kind,
         base_lr=base,
