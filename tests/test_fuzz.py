@@ -911,6 +911,48 @@ CASES: tuple[Fuzz, ...] = (
         env={"CROSSVAL_CACHE_DIR": "{f}/notes.txt"},
         process=True,
     ),
+    # conformance: a converter that cannot be loaded, a grid it cannot select, outputs
+    F("conf-converter-no-colon", "conformance --converter nocolon", 2, r"MODULE:CALLABLE"),
+    F("conf-converter-no-module", "conformance --converter nosuch:convert", 2, r"cannot import"),
+    F(
+        "conf-converter-no-callable",
+        "conformance --converter crossval.conformance.reference:nothing",
+        2,
+        r"no callable 'nothing'",
+    ),
+    F(
+        "conf-layers-unknown",
+        "conformance --converter crossval.conformance.reference:convert --layers Pooling,Nope",
+        2,
+        r"'Nope' is neither a layer type",
+    ),
+    F(
+        "conf-timeout-0",
+        "conformance --converter crossval.conformance.reference:convert --timeout 0",
+        2,
+        r"--timeout",
+    ),
+    F(
+        "conf-case-unknown",
+        "conformance --converter crossval.conformance.reference:convert --case Nope/99",
+        2,
+        r"no such case",
+    ),
+    F(
+        "conf-json-exists",
+        "conformance --converter crossval.conformance.reference:convert --layers Pooling "
+        "--json {f}/report.json",
+        2,
+        EXISTS,
+        "report.json",
+    ),
+    F(
+        "conf-out-not-empty",
+        "conformance --converter crossval.conformance.reference:convert --layers Pooling --out {f}",
+        2,
+        r"not empty|exists",
+        "notes.txt",
+    ),
 )
 
 
