@@ -260,6 +260,14 @@ def _validate_port(args: argparse.Namespace) -> int:
             isinstance(k, str) and isinstance(x, str) for k, x in mapping.items()
         ):
             raise CrossvalError(f'--map {args.map}: expected {{"layer/index": "state_dict key"}}')
+    # What needs no PyTorch is refused here, before the child is started (it checks again).
+    from .inputs import InputError, read_prototxt
+
+    read_prototxt(Path(args.net))
+    if args.weights and not Path(args.weights).is_file():
+        raise InputError(f"no caffemodel at {args.weights}")
+    if ":" not in args.port:
+        raise InputError(f"--port {args.port!r}: expected MODULE:CALLABLE, e.g. myport:make")
     # The port runs in a child process: its crash, exit or hang is a finding, not ours.
     report = validate_isolated(
         Path(args.net),
