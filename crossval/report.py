@@ -156,7 +156,7 @@ def head_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
 
 def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row:
     row = Row("+".join(combo) + " caffe gradient checker")
-    row.rule = "Caffe GradientChecker (step 1e-2, threshold 1e-3) + float32 slack"
+    row.rule = fd_tol.RULE
     strategy = cases(
         combos=(combo,), small=SMALL_SCALES, sigmas=MODERATE_SIGMAS, near_prediction=True
     )

@@ -20,6 +20,17 @@ CAFFE_FD_STEP = 1e-2
 CAFFE_FD_THRESHOLD = 1e-3
 
 
+def _power(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+RULE = (
+    f"Caffe GradientChecker (step {_power(CAFFE_FD_STEP)}, threshold "
+    f"{_power(CAFFE_FD_THRESHOLD)}) + float32 slack"
+)
+"""The rule a finite-difference check reports."""
+
+
 def slacks(
     loss_bound: float, truncation: Sequence[float], step: float = CAFFE_FD_STEP
 ) -> list[float]:
