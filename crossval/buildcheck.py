@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import numpy as np
+
+from reference.layers import LayerSpec
 
 from . import golden, provision
 from . import outputs as out_policy
@@ -40,6 +42,7 @@ from .errors import CaffeNotAvailable, CrossvalError
 from .heads import COMBINATIONS, HEADS, Case, Head
 from .layercheck import golden as layer_golden
 from .layercheck.run import LAYER
+from .portcheck.net import NetLayer, NetParam, read_net
 from .profiles import PROFILES, fixed_settings
 from .report import Progress, Row
 from .transfer import state_dict_key
@@ -47,19 +50,6 @@ from .worker import CaffeCrash, CaffeError, CaffeWorker, searching, stops_search
 
 CLEAN, REGRESSION, UNUSABLE = "clean", "regression", "unusable"
 EXIT = {CLEAN: 0, REGRESSION: 1, UNUSABLE: 2}
-
-
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    type: str
-    bottoms: tuple[str, ...]
-    tops: tuple[str, ...]
-    param_keys: tuple[str, ...]  # state_dict keys of its param blobs
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.type})"
 
 
 @dataclass
@@ -115,33 +105,48 @@ class Failing(Protocol):
     def name(self) -> str: ...
 
 
-def localize(layers: Sequence[Layer], failing: Sequence[Failing]) -> tuple[str, set[str]]:
+def localize(
+    layers: Sequence[NetLayer],
+    failing: Sequence[Failing],
+    *,
+    param_key: Callable[[NetLayer, int], str] = lambda lay, i: f"{lay.name}/{i}",
+    diff_key: Callable[[str], str] = lambda blob: blob,
+) -> tuple[str, set[str]]:
     """The first layer whose output goes wrong and in which pass, with the keys (blobs or
     params) of that layer's wrong outputs. Shared with validate-port (crossval.portcheck),
-    whose "layers" are the segments its local checks judge."""
+    whose failing values name a param `layer/index` and a blob's diff `d/d blob`:
+    `param_key` and `diff_key` give a caller's names."""
     if not failing:
         return "", set()
     bad_fixed = {v.key for v in failing if v.kind == "fixed"}
     bad_fwd = {v.key for v in failing if v.kind == "forward"}
     bad_bwd = {v.key for v in failing if v.kind == "backward"}
+
+    def params(layer: NetLayer) -> set[str]:
+        return {param_key(layer, p.index) for p in layer.params}
+
     for layer in layers:
-        if bad_fixed & set(layer.param_keys):
-            return f"fixed param of layer {layer.label}", bad_fixed & set(layer.param_keys)
+        if bad_fixed & params(layer):
+            return f"fixed param of layer {layer.label}", bad_fixed & params(layer)
     for layer in layers:
         if bad_fwd & set(layer.tops):
             return f"forward of layer {layer.label}", bad_fwd & set(layer.tops)
     for layer in reversed(layers):
-        outputs = bad_bwd & (set(layer.bottoms) | set(layer.param_keys))
-        if outputs and not bad_bwd & set(layer.tops):
+        outputs = bad_bwd & ({diff_key(b) for b in layer.bottoms} | params(layer))
+        if outputs and not bad_bwd & {diff_key(t) for t in layer.tops}:
             return f"backward of layer {layer.label}", outputs
     return "no single layer (" + ", ".join(sorted(v.name for v in failing)) + ")", set()
 
 
 def _judge(
-    name: str, layers: list[Layer], values: list[Value], comparisons: list[Comparison]
+    name: str,
+    layers: list[NetLayer],
+    values: list[Value],
+    comparisons: list[Comparison],
+    param_key: Callable[[NetLayer, int], str] = lambda lay, i: state_dict_key(lay.name, i),
 ) -> CaseCheck:
     failing = [(v, c) for v, c in zip(values, comparisons, strict=True) if not c.passed]
-    culprit, keys = localize(layers, [v for v, _ in failing])
+    culprit, keys = localize(layers, [v for v, _ in failing], param_key=param_key)
     evidence = next((str(c) for v, c in failing if v.key in keys), "")
     return CaseCheck(name, values, comparisons, culprit, evidence)
 
@@ -152,22 +157,12 @@ class BuildChecker:
     def __init__(self, worker: CaffeWorker) -> None:
         self.worker = worker
         self.harness = Harness(worker)
-        self._layers: dict[str, list[Layer]] = {}
+        self._layers: dict[str, list[NetLayer]] = {}
 
-    def layers(self, head: Head, case: Case) -> list[Layer]:
+    def layers(self, head: Head, case: Case) -> list[NetLayer]:
         proto = self.harness.prototxt(head, case)
         if proto not in self._layers:
-            got = self.worker.call("describe", prototxt=proto, phase="TRAIN", surgery=head.surgery)
-            self._layers[proto] = [
-                Layer(
-                    lay["name"],
-                    lay["type"],
-                    tuple(lay["bottoms"]),
-                    tuple(lay["tops"]),
-                    tuple(state_dict_key(lay["name"], i) for i in range(len(lay["params"]))),
-                )
-                for lay in got["layers"]
-            ]
+            self._layers[proto] = read_net(self.worker, proto, "TRAIN").layers
         return self._layers[proto]
 
     def check(self, ref: golden.Reference) -> CaseCheck:
@@ -226,7 +221,9 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
     return values
 
 
-def check_layer_golden(worker: CaffeWorker, g: layer_golden.LayerGolden) -> tuple[CaseCheck, Layer]:
+def check_layer_golden(
+    worker: CaffeWorker, g: layer_golden.LayerGolden
+) -> tuple[CaseCheck, NetLayer]:
     """A layer golden case on the build behind `worker`; a failure is pinned to the layer
     type's forward or backward."""
     values = [
@@ -234,17 +231,21 @@ def check_layer_golden(worker: CaffeWorker, g: layer_golden.LayerGolden) -> tupl
         for v in layer_golden.caffe_values(worker, g)
     ]
     comparisons = [v.compare("caffe~ref64", v.desired, g.name) for v in values]
-    layer = Layer(
-        g.name,
-        g.type,
-        tuple(f"b{i}" for i in range(len(g.bottoms))),
-        tuple(f"t{i}" for i in range(len(g.tops))),
-        tuple(f"{LAYER}/{i}" for i in range(len(g.blobs))),
+    layer = NetLayer(
+        LayerSpec(
+            g.name,
+            g.type,
+            tuple(f"b{i}" for i in range(len(g.bottoms))),
+            tuple(f"t{i}" for i in range(len(g.tops))),
+        ),
+        tuple(NetParam(i, tuple(np.shape(b)), 1.0) for i, b in enumerate(g.blobs)),
     )
-    return _judge(g.name, [layer], values, comparisons), layer
+    # the case's values name its params as the layer under test's (LAYER/i)
+    judged = _judge(g.name, [layer], values, comparisons, lambda _, i: f"{LAYER}/{i}")
+    return judged, layer
 
 
-def compare_pair(a: CaseCheck, b: CaseCheck, layers: list[Layer], case: str) -> CaseCheck:
+def compare_pair(a: CaseCheck, b: CaseCheck, layers: list[NetLayer], case: str) -> CaseCheck:
     """Build A's outputs against build B's on the same case, within twice the bound."""
     pairs = zip(a.values, b.values, strict=True)
     comparisons = [va.compare("A~B", vb.actual, case, cross=True) for va, vb in pairs]
@@ -264,7 +265,7 @@ class BuildResult:
     golden: list[CaseCheck] = field(default_factory=list)
     generated: list[CaseCheck] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
-    layers: dict[str, list[Layer]] = field(default_factory=dict)  # by golden case
+    layers: dict[str, list[NetLayer]] = field(default_factory=dict)  # by golden case
     skipped_layer_golden: list[str] = field(default_factory=list)  # types the build lacks
 
     def regressed_layers(self) -> Counter[str]:

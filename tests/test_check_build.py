@@ -15,12 +15,15 @@ from crossval_cli import run_crossval
 from hypothesis import given
 from profiles import thorough
 
-from crossval import golden, provision
-from crossval.buildcheck import BuildChecker, Layer, Value, localize
+from crossval import buildcheck, golden, provision
+from crossval.buildcheck import BuildChecker, Value
 from crossval.heads import Case
+from crossval.portcheck.net import NetLayer, NetParam
 from crossval.provision.progress import Progress
 from crossval.strategies import cases
+from crossval.transfer import state_dict_key
 from crossval.worker import CaffeWorker
+from reference.layers import LayerSpec
 
 
 def _variant(name: str) -> provision.CaffeInstall:
@@ -165,13 +168,29 @@ def test_the_golden_vectors_pass_on_the_default_build(checker: BuildChecker) -> 
 
 # ---- localization, on the heads' own layer structure ---------------------------------------
 
+
+def _layer(
+    name: str, kind: str, bottoms: tuple[str, ...], tops: tuple[str, ...], n: int
+) -> NetLayer:
+    return NetLayer(
+        LayerSpec(name, kind, bottoms, tops), tuple(NetParam(i, (1,), 1.0) for i in range(n))
+    )
+
+
 LAYERS = [
-    Layer("input", "Input", (), ("pool5", "true_age"), ()),
-    Layer("fc100", "InnerProduct", ("pool5",), ("fc100",), ("fc100.weight", "fc100.bias")),
-    Layer("prob", "Softmax", ("fc100",), ("prob",), ()),
-    Layer("pred_age", "Convolution", ("prob",), ("pred_age",), ("pred_age.weight",)),
-    Layer("loss", "EuclideanLoss", ("pred_age", "true_age"), ("loss",), ()),
+    _layer("input", "Input", (), ("pool5", "true_age"), 0),
+    _layer("fc100", "InnerProduct", ("pool5",), ("fc100",), 2),
+    _layer("prob", "Softmax", ("fc100",), ("prob",), 0),
+    _layer("pred_age", "Convolution", ("prob",), ("pred_age",), 1),
+    _layer("loss", "EuclideanLoss", ("pred_age", "true_age"), ("loss",), 0),
 ]
+
+
+def localize(layers: list[NetLayer], failing: list[Value]) -> tuple[str, set[str]]:
+    """buildcheck.localize with check-build's names for params (state_dict keys)."""
+    return buildcheck.localize(
+        layers, failing, param_key=lambda lay, i: state_dict_key(lay.name, i)
+    )
 
 
 def _bad(kind: str, key: str) -> Value:

@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 from reference import param_name
 
 from .. import examplegen
-from ..buildcheck import Layer as LocLayer
 from ..buildcheck import localize
 from ..compare import Comparison, exact
 from ..errors import CrossvalError
@@ -1018,23 +1017,8 @@ class PortChecker:
         first_struct = min(structural, key=lambda f: f.position) if structural else None
         first_num: Finding | None = None
         if numeric:
-            layers = self._loc_layers()
-            _, keys = localize(layers, numeric)
+            _, keys = localize(self.net.compute_layers, numeric, diff_key=lambda b: f"d/d {b}")
             first_num = next((f for f in numeric if f.key in keys), numeric[0])
         if first_struct and (first_num is None or first_struct.position <= first_num.position):
             return first_struct
         return first_num
-
-    def _loc_layers(self) -> list[LocLayer]:
-        out = []
-        for lay in self.net.compute_layers:
-            out.append(
-                LocLayer(
-                    lay.name,
-                    lay.type,
-                    tuple(f"d/d {b}" for b in lay.spec.bottoms) + lay.spec.bottoms,
-                    lay.spec.tops + tuple(f"d/d {t}" for t in lay.spec.tops),
-                    tuple(f"{lay.name}/{p.index}" for p in lay.params),
-                )
-            )
-        return out

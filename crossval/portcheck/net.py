@@ -41,6 +41,14 @@ class NetLayer:
     def label(self) -> str:
         return f"{self.spec.name} ({self.spec.type})"
 
+    @property
+    def bottoms(self) -> tuple[str, ...]:
+        return self.spec.bottoms
+
+    @property
+    def tops(self) -> tuple[str, ...]:
+        return self.spec.tops
+
     def describe(self) -> str:
         """Name, type and the parameters the prototxt sets (for findings)."""
         set_ = []
