@@ -133,13 +133,16 @@ def test_each_buggy_port_is_caught_at_its_layer(
         assert any("made in training mode" in n for n in checker.notes), checker.notes
         _clean(checker, PortExample(0, batch=NETS[key].batch))
         return
-    expected = named_layer(make.__doc__)
+    caught_at_its_layer(checker, key, variant, named_layer(make.__doc__))
+
+
+def caught_at_its_layer(checker: PortChecker, key: str, variant: str, expected: str) -> None:
+    """Within 5 examples the port's fault is at `expected` (a segment, an in-place chain whose
+    Caffe blob holds only its last value, is named by all its layers), Caffe's side clean."""
     for seed in range(5):
         v = checker.run(PortExample(seed, batch=NETS[key].batch))
         fault = checker.fault(v)
         if fault is not None:
-            # a segment (an in-place chain, Caffe's blob holding only its last value) is
-            # named by all its layers
             assert expected in re.findall(r"(\S+) \(", fault.layer), f"{variant}: {fault}"
             assert not v.caffe_findings, "\n".join(map(str, v.caffe_findings))
             return

@@ -250,7 +250,7 @@ def test_only_big_linear_layers_are_sampled() -> None:
 # layer is checked on its sample instead, and the campaign's verdicts must not change: the
 # correct ports pass, every buggy port is caught at its layer.
 
-from test_port_campaign import _checker, _clean, zoo  # noqa: E402, F401
+from test_port_campaign import _checker, _clean, caught_at_its_layer, zoo  # noqa: E402, F401
 from test_zoo_nets import BUGS, NETS  # noqa: E402
 
 from crossval.portcheck.engine import PortExample  # noqa: E402
@@ -290,18 +290,8 @@ def test_sampled_engine_catches_each_buggy_port_at_its_layer(
     key: str,
     variant: str,
 ) -> None:
-    import re
-
     from test_zoo_nets import named_layer
 
     checker = _checker(worker, zoo[key], variant)
     make = getattr(__import__(f"ports.{zoo[key].port_module}", fromlist=[variant]), variant)
-    expected = named_layer(make.__doc__)
-    for seed in range(5):
-        v = checker.run(PortExample(seed, batch=NETS[key].batch))
-        fault = checker.fault(v)
-        if fault is not None:
-            assert expected in re.findall(r"(\S+) \(", fault.layer), f"{variant}: {fault}"
-            assert not v.caffe_findings, "\n".join(map(str, v.caffe_findings))
-            return
-    raise AssertionError(f"{variant} passes 5 sampled examples")
+    caught_at_its_layer(checker, key, variant, named_layer(make.__doc__))
