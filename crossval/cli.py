@@ -803,3 +803,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if in_main:
             sys.unraisablehook = unraisable
             clear_interrupt()  # the caller (a test calling main) goes on undisturbed
+
+
+def entry() -> int:
+    """The `crossval` command: `main`, and a signal that lands while main restores its
+    handlers (after its own except) is an interruption too, never a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("crossval: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
