@@ -188,27 +188,20 @@ def test_a_wrong_convolution_is_caught_on_its_sample(worker: Any) -> None:
     for seed in range(8):
         part = smp.sampled(specs, ws, inputs, ["y"], None, seed)
         pos = part.positions[("v", "y")]
-        ok = Comparison(
-            "fwd",
-            "y",
-            y.reshape(-1)[pos],
-            part.values["y"],
-            part.value_bounds["y"],
-            "r",
-            positions=pos,
-            shape=y.shape,
+        ok, wrong = (
+            Comparison(
+                "fwd",
+                "y",
+                top.reshape(-1)[pos],
+                part.values["y"],
+                part.value_bounds["y"],
+                "r",
+                positions=pos,
+                shape=y.shape,
+            )
+            for top in (y, bad)
         )
         assert ok.passed, str(ok)
-        wrong = Comparison(
-            "fwd",
-            "y",
-            bad.reshape(-1)[pos],
-            part.values["y"],
-            part.value_bounds["y"],
-            "r",
-            positions=pos,
-            shape=y.shape,
-        )
         if not wrong.passed:
             caught += 1
             assert wrong.worst[2] == 11 and "sampled elements (of 2304)" in str(wrong)

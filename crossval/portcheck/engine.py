@@ -4,6 +4,7 @@ port's own inputs, forward and backward; the same for Caffe on Caffe's blobs."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,11 @@ class _DiffSum:
         self.desired = self.desired + d
         self.bound = self.bound + bound
         return True
+
+
+def _top_diff_seed(ex: PortExample) -> int:
+    """The seed of an example's top diffs (drawn by the Caffe worker and here alike)."""
+    return ex.seed ^ 0x5EED
 
 
 class _Running:
@@ -415,19 +421,20 @@ class PortChecker:
         self,
         ex: PortExample,
         arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None,
-    ) -> Callable[[dict[str, list[np.ndarray]]], dict[str, Any]]:
+    ) -> Callable[[dict[str, list[np.ndarray]] | None], dict[str, Any]]:
         """Start Caffe's forward and backward on the example in the worker (the top diffs
         drawn there from the example's seed) and return what waits for it. A generated example
         (`arrays` None) is made by the worker itself (no 550 MB of VGG-16 weights through a
         pipe) while this process makes it too; the waiting function takes the weights this
-        process made and checks by digest that Caffe ran with them."""
+        process made and checks by digest that Caffe ran with them (None: the reply is only
+        drained, after the port failed)."""
         common: dict[str, Any] = dict(
             prototxt=self.prototxt,
             phase="TEST",
             backward=True,
             all_diffs=True,
             surgery=self.surgery,
-            top_diff_seed=(ex.seed ^ 0x5EED, list(self.net.outputs)),
+            top_diff_seed=(_top_diff_seed(ex), list(self.net.outputs)),
         )
         if arrays is not None:
             inputs, params = arrays
@@ -447,9 +454,9 @@ class PortChecker:
             **common,
         )
 
-        def collect(params: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+        def collect(params: dict[str, list[np.ndarray]] | None) -> dict[str, Any]:
             got = dict(wait())
-            if got["digest"] != examplegen.digest(params):
+            if params is not None and got["digest"] != examplegen.digest(params):
                 raise CrossvalError(
                     "the Caffe worker generated other weights than the port got (different "
                     "numpy?); rerun with --replay"
@@ -490,10 +497,10 @@ class PortChecker:
             top_diffs = self._top_diffs(ex, expected)
             verdict = self._port_side(ex, desc, inputs, params, top_diffs, expected)
         except BaseException:
-            try:
-                pending({})
-            except Exception:
-                pass  # the port's own failure is the one to report
+            # the worker takes one request at a time: its reply is collected before the port's
+            # own failure, the one to report, goes on up
+            with contextlib.suppress(CrossvalError):
+                pending(None)
             raise
         caffe = pending(params)
         shapes = {b: tuple(np.shape(v)) for b, v in caffe["blobs"].items() if b in expected}
@@ -511,7 +518,7 @@ class PortChecker:
     ) -> dict[str, np.ndarray]:
         """The diffs the backward starts from at the net's outputs, drawn from the example's
         seed as the Caffe worker draws them (at Caffe's shapes)."""
-        return examplegen.top_diffs(ex.seed ^ 0x5EED, [(o, shapes[o]) for o in self.net.outputs])
+        return examplegen.top_diffs(_top_diff_seed(ex), [(o, shapes[o]) for o in self.net.outputs])
 
     def _port_side(
         self,
