@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch.func import functional_call, vmap
 
-from reference.losses import check_labels
+from crossval.reference.losses import check_labels
 
 from . import transfer
 from .checks import REFERENCE, CaseResult, Harness

@@ -31,7 +31,7 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from reference.layers import LayerSpec
+from crossval.reference.layers import LayerSpec
 
 from . import golden, provision
 from . import outputs as out_policy

@@ -86,19 +86,19 @@ def _losses() -> Iterable[str]:
 
 
 def _solver_types() -> Iterable[str]:
-    from reference.solvers import SOLVER_TYPES
+    from crossval.reference.solvers import SOLVER_TYPES
 
     return SOLVER_TYPES
 
 
 def _lr_policies() -> Iterable[str]:
-    from reference.solvers import LR_POLICIES
+    from crossval.reference.solvers import LR_POLICIES
 
     return LR_POLICIES
 
 
 def _regularizations() -> Iterable[str]:
-    from reference.solvers import REGULARIZATIONS
+    from crossval.reference.solvers import REGULARIZATIONS
 
     return REGULARIZATIONS
 
@@ -318,7 +318,7 @@ def _train(args: argparse.Namespace) -> int:
     from . import outputs
 
     out = outputs.directory(args.out, "--out", force=args.force, empty=True).path
-    from reference.solvers import SolverConfig
+    from crossval.reference.solvers import SolverConfig
 
     from .strategies import build_batches, build_case
     from .training import TrainCase, train_report

@@ -18,8 +18,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-import reference
-from reference import losses as ref_losses
+from crossval import reference
+from crossval.reference import losses as ref_losses
 
 from . import tolerances as tol
 from .names import HEAD_NAMES, LOSS_NAMES

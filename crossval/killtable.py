@@ -27,7 +27,7 @@ from hypothesis import find, settings
 from hypothesis.errors import NoSuchExample
 from hypothesis.strategies import SearchStrategy
 
-from reference.solvers import SOLVER_TYPES, CaffeSolver
+from crossval.reference.solvers import SOLVER_TYPES, CaffeSolver
 
 from .checks import REFERENCE, Harness
 from .compare import Comparison

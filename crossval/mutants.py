@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import reference
-from reference import losses as ref_losses
-from reference.solvers import SOLVER_TYPES, CaffeSolver, Param
+from crossval import reference
+from crossval.reference import losses as ref_losses
+from crossval.reference.solvers import SOLVER_TYPES, CaffeSolver, Param
 
 from .checks import Impl, ModuleFactory
 from .heads import Case

@@ -192,7 +192,7 @@ def gradient_checker_rows(harness: Harness, examples: int, say: Progress) -> lis
 
 
 def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
-    from reference.solvers import SOLVER_TYPES, USUAL_BASE_LR, USUAL_MOMENTUM, SolverConfig
+    from crossval.reference.solvers import SOLVER_TYPES, USUAL_BASE_LR, USUAL_MOMENTUM, SolverConfig
 
     from .training import TrainCase, run_parity
 

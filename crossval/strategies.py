@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from reference.losses import NORMALIZATIONS
-from reference.solvers import SOLVER_TYPES
+from crossval.reference.losses import NORMALIZATIONS
+from crossval.reference.solvers import SOLVER_TYPES
 
 from .heads import COMBINATIONS, F32, HEADS, LOSSES, Case
 
@@ -194,7 +194,7 @@ __all__ = ["BATCHES", "BINS", "FEATURES", "SPREADS", "build_case", "cases"]
 def solver_configs(draw: st.DrawFn, steps: int, types: tuple[str, ...] = SOLVER_TYPES) -> Any:
     """A Caffe SolverParameter Caffe accepts: momentum only where the solver allows it, every
     lr policy with parameters that change the rate within `steps` iterations."""
-    from reference.solvers import LR_POLICIES, REGULARIZATIONS, SolverConfig
+    from crossval.reference.solvers import LR_POLICIES, REGULARIZATIONS, SolverConfig
 
     kind = draw(st.sampled_from(types), label="solver")
     policy = draw(st.sampled_from(LR_POLICIES), label="lr_policy")

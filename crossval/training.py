@@ -4,7 +4,7 @@ Workflow (as the answer describes it): write the train_val net and a solver, set
 `pred_age` kernel by net surgery (the sigmoid head's 99 comes from its Scale filler), save
 ``init_weights.caffemodel``, and run Caffe's solver from it, snapshotting as it goes.
 
-Parity: the same steps in PyTorch with ``reference.solvers.CaffeSolver`` in float32, and in
+Parity: the same steps in PyTorch with ``crossval.reference.solvers.CaffeSolver`` in float32, and in
 float64 as the reference trajectory. After every step the learnable params and the loss are
 compared three ways (Caffe~ref64, torch~ref64, torch~caffe) within bounds carried along the
 trajectory (``tolerances.solver_update``: they grow with the step count). The fixed blobs
@@ -25,7 +25,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from reference.solvers import CaffeSolver, Param, SolverConfig
+from crossval.reference.solvers import CaffeSolver, Param, SolverConfig
 
 from . import outputs, transfer
 from .checks import REFERENCE, Impl

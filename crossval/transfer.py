@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from reference import param_name
+from crossval.reference import param_name
 
 from .errors import CrossvalError
 

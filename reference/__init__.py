@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from reference.heads import ExpectationHead, SigmoidScaleHead, param_name, sigmoid, softmax
-from reference.losses import (
+from crossval.reference.heads import ExpectationHead, SigmoidScaleHead, param_name, sigmoid, softmax
+from crossval.reference.losses import (
     FLT_MIN,
     NORMALIZATIONS,
     euclidean_loss,

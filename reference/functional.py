@@ -1,6 +1,6 @@
 """The two squashing functions Caffe's heads and layers share, on tensors (no Caffe params).
 
-The Sigmoid and Softmax layers of ``reference.layers`` read their Caffe params and call
+The Sigmoid and Softmax layers of ``crossval.reference.layers`` read their Caffe params and call
 these; everything else in the project that needs a Caffe sigmoid or softmax goes through
 those layers or these functions, so each formula is written once.
 """

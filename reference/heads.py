@@ -1,5 +1,5 @@
 """PyTorch references for the two Caffe age-regression heads, built from the reference
-layer library (``reference.layers``): one implementation of each layer in the project.
+layer library (``crossval.reference.layers``): one implementation of each layer in the project.
 
 Each head returns every Caffe blob it computes, keyed by blob name, and names its submodules
 after Caffe layers so that ``state_dict()`` keys are ``<layer>.weight`` / ``<layer>.bias``
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reference import layers
-from reference.functional import sigmoid, softmax
-from reference.layers import defaults
+from crossval.reference import layers
+from crossval.reference.functional import sigmoid, softmax
+from crossval.reference.layers import defaults
 
 __all__ = [
     "ExpectationHead",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from reference.functional import softmax
+from crossval.reference.functional import softmax
 
 __all__ = [
     "FLT_MIN",

@@ -29,9 +29,9 @@ from crossval.batched import (
 from crossval.checks import Harness
 from crossval.compare import Comparison
 from crossval.heads import COMBINATIONS, HEADS
+from crossval.reference import losses as ref_losses
 from crossval.strategies import build_case
 from crossval.worker import CaffeWorker
-from reference import losses as ref_losses
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from crossval.buildcheck import BuildChecker, Value
 from crossval.heads import Case
 from crossval.portcheck.net import NetLayer, NetParam
 from crossval.provision.progress import Progress
+from crossval.reference.layers import LayerSpec
 from crossval.strategies import cases
 from crossval.transfer import state_dict_key
 from crossval.worker import CaffeWorker
-from reference.layers import LayerSpec
 
 
 def _variant(name: str) -> provision.CaffeInstall:

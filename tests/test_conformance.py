@@ -20,9 +20,9 @@ from crossval.conformance import command
 from crossval.conformance.cases import Case
 from crossval.errors import EXIT_FINDING, EXIT_PASS, EXIT_USAGE
 from crossval.layercheck.run import LAYER
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference.layers import LayerSpec
 
 sys.path.insert(0, str(TESTS))
 from converters import faulty

@@ -21,10 +21,10 @@ from crossval import tolerances as tol
 from crossval.compare import Comparison
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck import golden as layer_golden
+from crossval.reference import layers as ref
+from crossval.reference.layers import defaults
 from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference.layers import defaults
 
 
 def test_every_layer_type_has_a_reference_a_bound_and_cases() -> None:
@@ -110,7 +110,7 @@ def test_layer_golden_cases_pass_on_the_default_build(worker: CaffeWorker) -> No
 
 
 def test_code_built_specs_have_caffes_defaults(worker: CaffeWorker) -> None:
-    """reference.layers.defaults (the heads' layers, built in code) equals Caffe's parse."""
+    """crossval.reference.layers.defaults (the heads' layers, built in code) is Caffe's parse."""
     types = sorted(defaults.KIND)
     text = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
     text += "".join(f'layer {{ name: "{t}" type: "{t}" bottom: "x" top: "{t}" }}\n' for t in types)

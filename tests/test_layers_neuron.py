@@ -19,9 +19,9 @@ from torch import Tensor
 from crossval import layercheck
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import LAYER, spec_of
+from crossval.reference import layers as ref
+from crossval.reference.layers import neuron, normalization
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference.layers import neuron, normalization
 
 Fn = Callable[[ref.LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
 

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import spec_of
+from crossval.reference import layers as ref
+from crossval.reference import losses
+from crossval.reference.layers import LayerSpec
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference import losses
-from reference.layers import LayerSpec
 
 F32 = np.float32
 Fn = Callable[[LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
@@ -339,7 +339,7 @@ def test_concat_axis_and_concat_dim_together_are_refused() -> None:
 
 
 def test_smooth_l1_layer_is_the_one_loss_implementation() -> None:
-    """The Python layer wraps reference.losses.smooth_l1_loss (no second implementation)."""
+    """The Python layer wraps crossval.reference.losses.smooth_l1_loss (no second copy)."""
     a, b = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     spec = LayerSpec(
         "s",

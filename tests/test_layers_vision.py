@@ -17,10 +17,10 @@ from torch import Tensor
 
 from crossval import layercheck
 from crossval.layercheck import LayerCase, run_case
+from crossval.reference import layers as ref
+from crossval.reference.layers import vision
 from crossval.tolerances import LIBM_ULPS, U32, gamma
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference.layers import vision
 
 
 def _x(shape: tuple[int, ...], seed: int = 0, scale: float = 1.0) -> np.ndarray[Any, Any]:

@@ -22,7 +22,7 @@ import ctypes
 import os
 import time
 
-import reference
+from crossval import reference
 
 
 class Port(reference.SigmoidScaleHead):

@@ -18,8 +18,8 @@ from crossval.portcheck.command import check_port, generated, port_examples
 from crossval.portcheck.engine import ExampleVerdict, Finding, PortChecker, PortExample
 from crossval.portcheck.port import UsageError
 from crossval.portcheck.refport import reference_port
+from crossval.reference.layers import UnsupportedLayer
 from crossval.worker import CaffeWorker
-from reference.layers import UnsupportedLayer
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +382,7 @@ def test_caffe_side_reports_a_disagreement_distinctly(
 ) -> None:
     """Caffe's blobs are checked against the reference too: with a deliberately wrong
     Softmax reference (over the batch axis), Caffe's prob is reported as Caffe's."""
-    from reference import layers as ref
+    from crossval.reference import layers as ref
 
     right = ref.LAYERS["Softmax"]
 

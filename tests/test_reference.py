@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch import Tensor
 
-import reference as ref
+import crossval.reference as ref
 from crossval import heads as table
 
 DTYPES = (torch.float32, torch.float64)

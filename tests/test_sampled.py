@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from crossval import tolerances as tol
 from crossval.compare import Comparison
+from crossval.reference.layers import LayerSpec
 from crossval.tolerances import sampled as smp
 from crossval.tolerances.segments import segment
-from reference.layers import LayerSpec
 
 CONV = """
 name: "s"

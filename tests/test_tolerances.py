@@ -57,9 +57,9 @@ def test_softmax_layer_backward_bound_covers_its_own_rounding() -> None:
     least the rounding of each result, u |g_z|, must be allowed. Summing over the trailing
     axis of (N, K, 1) gave 0.16 ulp and a false alarm on a correct port (validate-port, tiny
     net, prob's d/d fc2)."""
+    from crossval.reference import layers as ref
+    from crossval.reference.layers import LayerSpec
     from crossval.tolerances.layers import LAYER_BOUNDS
-    from reference import layers as ref
-    from reference.layers import LayerSpec
 
     rng = np.random.default_rng(0)
     spec = LayerSpec("prob", "Softmax", ("z",), ("p",), {"softmax_param": {"axis": 1, "engine": 0}})

@@ -13,6 +13,13 @@ from profiles import examples
 
 from crossval.heads import HEADS, Case
 from crossval.mutants import TRAINING_MUTANTS
+from crossval.reference.solvers import (
+    LR_POLICIES,
+    SOLVER_TYPES,
+    USUAL_BASE_LR,
+    USUAL_MOMENTUM,
+    SolverConfig,
+)
 from crossval.strategies import build_batches, build_case, train_cases
 from crossval.training import (
     TrainCase,
@@ -22,13 +29,6 @@ from crossval.training import (
     torch_trajectory,
 )
 from crossval.worker import CaffeWorker
-from reference.solvers import (
-    LR_POLICIES,
-    SOLVER_TYPES,
-    USUAL_BASE_LR,
-    USUAL_MOMENTUM,
-    SolverConfig,
-)
 
 
 def steps_of(case: Case, steps: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from crossval.errors import CrossvalError
+from crossval.reference import ExpectationHead, SigmoidScaleHead
 from crossval.transfer import (
     CaffeParams,
     TransferError,
@@ -20,7 +21,6 @@ from crossval.transfer import (
     state_dict_key,
     state_dict_to_caffe,
 )
-from reference import ExpectationHead, SigmoidScaleHead
 
 IN_FEATURES = 3
 

@@ -3,7 +3,7 @@
 Each net is built by its zoo builder in the worker, run in Caffe (TEST phase) on generated
 weights and inputs, and its port runs on the same weights and inputs. Every layer is then
 checked locally, on each side's own values: the layer's top must be within
-``LAYER_BOUNDS[type].forward`` of ``reference.layers.forward`` applied in float64 to that
+``LAYER_BOUNDS[type].forward`` of ``crossval.reference.layers.forward`` applied in float64 to that
 side's own bottoms (Caffe's layer spec from the worker's ``layer_specs``). Layers that run in
 place (ReLU, Dropout, BatchNorm, Scale after their producer) leave only the last value in
 the blob, so they are checked together with the layer that produced it: the reference runs
@@ -29,11 +29,11 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 from crossval.tolerances.layers import LAYER_BOUNDS
 from crossval.transfer import caffe_to_state_dict, state_dict_key
 from crossval.worker import CaffeWorker
-from reference import layers as ref
-from reference.layers import LayerSpec
 
 Array = NDArray[Any]
 

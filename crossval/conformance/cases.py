@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from reference.layers.vision import pool_geometry
+from crossval.reference.layers.vision import pool_geometry
 
 from ..errors import CrossvalError
 from ..inputs import closest

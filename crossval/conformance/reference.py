@@ -12,7 +12,7 @@ import atexit
 
 from torch import nn
 
-from reference.layers import UnsupportedLayer
+from crossval.reference.layers import UnsupportedLayer
 
 from ..inputs import read_prototxt
 from ..portcheck.refport import reference_port

@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from reference.layers import LayerSpec
-from reference.layers.vision import pool_geometry
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.vision import pool_geometry
 
 from .gen import SCALES, arrays, seeds
 from .run import LayerCase

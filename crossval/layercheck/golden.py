@@ -26,8 +26,8 @@ from hypothesis import find
 from hypothesis.errors import NoSuchExample
 from numpy.typing import NDArray
 
-from reference import layers as ref
-from reference.layers import LayerSpec
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 
 from ..errors import CrossvalError
 from ..profiles import fixed_settings

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference import layers as ref
-from reference.layers import LayerSpec
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 
 
 @dataclass(frozen=True)

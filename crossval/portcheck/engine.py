@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from reference import param_name
+from crossval.reference import param_name
 
 from .. import examplegen
 from ..buildcheck import localize

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from reference.layers import LayerSpec
+from crossval.reference.layers import LayerSpec
 
 from ..worker import CaffeError, CaffeWorker
 from .port import UsageError

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import Tensor
 
-from reference.layers import LAYERS, LayerSpec
-from reference.layers.loss import PYTHON_LAYERS
+from crossval.reference.layers import LAYERS, LayerSpec
+from crossval.reference.layers.loss import PYTHON_LAYERS
 
 from ..tolerances.layers import BackwardBound, ForwardBound, LayerBound
 from ..tolerances.loss import PYTHON_BOUNDS

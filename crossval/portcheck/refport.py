@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from reference import layers as ref
-from reference import param_name
+from crossval.reference import layers as ref
+from crossval.reference import param_name
 
 from ..transfer import SUFFIXES
 from ..worker import CaffeWorker
@@ -94,7 +94,7 @@ def reference_port(
 ) -> ReferencePort:
     """The reference of `prototxt_text` as a port, its params Caffe's (from `weights`, a
     caffemodel path, or Caffe's fillers). A layer type outside the library raises
-    ``reference.layers.UnsupportedLayer`` naming the layer."""
+    ``crossval.reference.layers.UnsupportedLayer`` naming the layer."""
     net = read_net(worker, prototxt_text, phase)
     values = worker.call("params", prototxt=prototxt_text, phase=phase, weights=weights)["params"]
     port = ReferencePort(net, values, dtype)

@@ -1,4 +1,4 @@
-"""Per-layer float32 error bounds for the reference layer library (reference.layers).
+"""Per-layer float32 error bounds for the reference layer library (crossval.reference.layers).
 
 A layer is checked on its own: Caffe's float32 top (or a port's) for given float32 bottoms
 and params, against the float64 reference on the same values. So these bounds carry no input
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference import layers as ref
-from reference.layers import LayerSpec
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 
 from . import ETA32, F64, TABLE, Rule, gamma
 

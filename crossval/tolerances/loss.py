@@ -12,11 +12,11 @@ import json
 import numpy as np
 import torch
 
-from reference.functional import softmax as ref_softmax
-from reference.layers import LayerSpec, UnsupportedLayer
-from reference.layers.loss import normalization_of
-from reference.layers.vision import canonical_axis
-from reference.losses import FLT_MIN
+from crossval.reference.functional import softmax as ref_softmax
+from crossval.reference.layers import LayerSpec, UnsupportedLayer
+from crossval.reference.layers.loss import normalization_of
+from crossval.reference.layers.vision import canonical_axis
+from crossval.reference.losses import FLT_MIN
 
 from . import (
     ETA32,

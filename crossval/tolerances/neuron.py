@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.layers import LayerSpec
-from reference.layers.neuron import f32
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.neuron import f32
 
 from . import ETA32, F64, LIBM_ULPS, TABLE, U32, Rule, gamma
 from . import sigmoid as _sigmoid_bound

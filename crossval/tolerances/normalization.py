@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.layers import LayerSpec
-from reference.layers.neuron import f32
-from reference.layers.normalization import use_global_stats
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.neuron import f32
+from crossval.reference.layers.normalization import use_global_stats
 
 from . import ETA32, F64, LIBM_ULPS, TABLE, U32, Rule, gamma
 from .layers import LAYER_BOUNDS, Arrays, LayerBound, linear

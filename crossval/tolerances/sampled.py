@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from reference.layers import LayerSpec
-from reference.layers.vision import conv_geometry
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.vision import conv_geometry
 
 from . import F64, TABLE, Rule
 

@@ -58,8 +58,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from reference import layers as ref
-from reference.layers import LayerSpec
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 
 from . import ETA32, F64, TABLE, Rule, gamma
 from .layers import LAYER_BOUNDS, WIDE, diff_magnitudes

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from reference.solvers import SolverConfig
+from crossval.reference.solvers import SolverConfig
 
 from . import ETA32, U32, gamma, solver_update
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from reference.layers import LayerSpec
-from reference.layers.vision import canonical_axis
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.vision import canonical_axis
 
 from . import ETA32, F64, TABLE, U32, Rule, gamma, softmax, softmax_grad
 from .layers import LAYER_BOUNDS, Arrays, LayerBound

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from reference import layers as ref
-from reference.layers import LayerSpec
-from reference.layers import vision as ref_vision
-from reference.layers.vision import LRNParams, conv_geometry, lrn_params, pool_geometry
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
+from crossval.reference.layers import vision as ref_vision
+from crossval.reference.layers.vision import LRNParams, conv_geometry, lrn_params, pool_geometry
 
 from . import ETA32, F64, LIBM_ULPS, TABLE, U32, Rule, gamma
 from .layers import LAYER_BOUNDS, Arrays, LayerBound, diff_magnitudes, linear, magnitudes

@@ -192,7 +192,7 @@ def vjp(
 
 
 # The families register themselves on import.
-from reference.layers import (  # noqa: E402
+from crossval.reference.layers import (  # noqa: E402
     loss,
     neuron,
     normalization,

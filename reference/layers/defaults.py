@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference.layers import LayerSpec
+from crossval.reference.layers import LayerSpec
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "inner_product_param": {"num_output": 0, "bias_term": True, "axis": 1, "transpose": False},

@@ -1,7 +1,7 @@
 """Loss layers: EuclideanLoss, SoftmaxWithLoss, SigmoidCrossEntropyLoss, and the SmoothL1
 Python layer the seed's answer suggests.
 
-The losses themselves live in reference.losses (one implementation each); these functions
+The losses themselves live in crossval.reference.losses (one implementation each); these functions
 read the layer's parameters as Caffe does and give the top Caffe's shape (a scalar for
 Caffe's loss layers, (1,) for the Python layer). Caffe scales every loss backward by the
 top's diff, which autograd does through the top.
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from reference import losses
-from reference.functional import sigmoid
-from reference.layers import LayerSpec, UnsupportedLayer, register
-from reference.layers.vision import canonical_axis
+from crossval.reference import losses
+from crossval.reference.functional import sigmoid
+from crossval.reference.layers import LayerSpec, UnsupportedLayer, register
+from crossval.reference.layers.vision import canonical_axis
 
 
 def _bad(spec: LayerSpec, why: str) -> ValueError:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reference.functional import sigmoid as _sigmoid
-from reference.layers import LayerSpec, register
+from crossval.reference.functional import sigmoid as _sigmoid
+from crossval.reference.layers import LayerSpec, register
 
 
 def f32(value: Any) -> float:

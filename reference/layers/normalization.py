@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reference.layers import LayerSpec, register
-from reference.layers.neuron import f32
+from crossval.reference.layers import LayerSpec, register
+from crossval.reference.layers.neuron import f32
 
 
 def use_global_stats(spec: LayerSpec) -> bool:

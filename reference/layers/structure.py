@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from reference.functional import softmax as _softmax
-from reference.layers import LayerSpec, register
-from reference.layers.vision import canonical_axis
+from crossval.reference.functional import softmax as _softmax
+from crossval.reference.layers import LayerSpec, register
+from crossval.reference.layers.vision import canonical_axis
 
 
 def _bad(spec: LayerSpec, why: str) -> ValueError:

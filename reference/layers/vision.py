@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.layers import LayerSpec, register
+from crossval.reference.layers import LayerSpec, register
 
 FLT_MAX = float(np.finfo(np.float32).max)
 

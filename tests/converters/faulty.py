@@ -29,8 +29,8 @@ from crossval.conformance.reference import caffe_worker
 from crossval.inputs import read_prototxt
 from crossval.portcheck.net import read_net
 from crossval.portcheck.refport import ReferencePort
-from reference import layers as ref
-from reference.layers import LayerSpec
+from crossval.reference import layers as ref
+from crossval.reference.layers import LayerSpec
 
 Forward = Callable[[LayerSpec, Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
 

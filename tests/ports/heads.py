@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import reference
-from crossval import mutants
+from crossval import mutants, reference
 
 FEATURES = 16
 
