@@ -217,7 +217,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     inputs = [args.prototxt, args.weights]
     outputs.target(args.output, "-o", force=args.force, inputs=inputs)  # before torch loads
-    from .onnx_export import export_caffe_head
+    from .onnx import export_caffe_head
     from .worker import CaffeWorker
 
     with CaffeWorker(timeout=args.timeout) as worker:

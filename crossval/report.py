@@ -232,7 +232,7 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
 
 
 def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
-    from .onnx_export import HeadSpec, Runtime, export, forward_comparisons
+    from .onnx import HeadSpec, Runtime, export, forward_comparisons
 
     rows = []
     for head, loss in ((head, "euclidean") for head in HEADS):
@@ -240,7 +240,7 @@ def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
         first = build_case(head, loss, batch=8, features=64, bins=101, seed=0)
         spec = HeadSpec.from_case(first)
         model = export(spec)
-        from .onnx_export import with_weights
+        from .onnx import with_weights
 
         for s in range(examples):
             spread = (1.0, 25.0, 60.0, 120.0, 300.0)[s % 5]

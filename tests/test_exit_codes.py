@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from crossval import cli, errors
-from crossval import onnx_export as ox
+from crossval import onnx as ox
 from crossval.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
 
 PORTS = Path(__file__).resolve().parent / "ports"

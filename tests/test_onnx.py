@@ -19,11 +19,11 @@ from onnx import numpy_helper
 from profiles import examples
 
 from crossval import cli
-from crossval import onnx_export as ox
+from crossval import onnx as ox
 from crossval.checks import Harness
 from crossval.compare import Comparison
 from crossval.heads import HEADS, Case
-from crossval.onnx_export import HeadSpec
+from crossval.onnx import HeadSpec
 from crossval.strategies import build_case, cases
 from crossval.worker import CaffeWorker
 
@@ -407,7 +407,7 @@ def test_export_onnx_failing_model_is_not_written(
         mutate(model, spec)
         return model
 
-    monkeypatch.setattr(ox, "export", broken_export)
+    monkeypatch.setattr(ox.command, "export", broken_export)
     out = where / "broken.onnx"
     code = cli.main(["export-onnx", str(proto), str(weights), "-o", str(out)])
     err = capsys.readouterr().err
