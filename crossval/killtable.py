@@ -1,7 +1,7 @@
 """The kill table: every mutant in the catalogue run through the checks until one catches it.
 
 Each mutant is searched with Hypothesis over its head and loss (forward/loss/gradient
-mutants: ``strategies.cases``; training mutants: ``strategies.train_cases``), generation
+mutants: ``strategies.cases``; training mutants: ``training.strategies.train_cases``), generation
 only (no shrinking), derandomized and without a database, so that the count of examples to
 detection is reproducible. The unmutated reference then runs on the same example sequence,
 as many examples as the slowest-caught mutant of that search needed: it must pass them all
@@ -21,31 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from hypothesis import find, settings
 from hypothesis.errors import NoSuchExample
 from hypothesis.strategies import SearchStrategy
 
 from crossval.reference.solvers import SOLVER_TYPES, CaffeSolver
 
-from .checks import REFERENCE, Harness
+from .checks import Harness
 from .compare import Comparison
-from .heads import HEADS
 from .layercheck import CASES as LAYER_CASES
 from .layercheck import run_case as run_layer_case
 from .layercheck.mutants import LAYER_MUTANTS
 from .mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
 from .profiles import fixed_settings
-from .strategies import cases, train_cases
-from .training import (
-    TrainCase,
-    caffe_trajectory,
-    compare_trajectories,
-    fixed_moved,
-    torch_trajectory,
-    write_workflow,
-)
+from .strategies import cases
+from .training import TrainCase, run_parity
+from .training.strategies import train_cases
 from .worker import CaffeWorker
 
 
@@ -174,18 +165,11 @@ def training_failures(
     port: Any = None,
 ) -> list[Comparison | str]:
     """Failing trajectory comparisons (and a moved constant) of a port trained with `solver`
-    (or, with `port`, the Impl `port` trained by Caffe's rules)."""
+    (or, with `port`, the Impl `port` trained by Caffe's rules): `run_parity`'s findings."""
     with tempfile.TemporaryDirectory(prefix="crossval-kill-") as d:
-        wf = write_workflow(worker, tc, Path(d))
-        caffe = caffe_trajectory(worker, tc, wf)
-    t32 = torch_trajectory(tc, torch.float32, port or REFERENCE, solver_type=solver)
-    t64 = torch_trajectory(tc, torch.float64, REFERENCE, bounds=True)
-    out: list[Comparison | str] = []
-    head = HEADS[tc.case.head]
-    moved = fixed_moved(t32, np.asarray(head.fixed_value(tc.case)), "port pred_age.weight")
-    if moved is not None:
-        out.append(moved)
-    out.extend(c for c in compare_trajectories(tc, caffe, t32, t64) if not c.passed)
+        got = run_parity(worker, tc, Path(d), port=port, solver=solver)
+    out: list[Comparison | str] = [m for m in (got.caffe_fixed, got.torch_fixed) if m is not None]
+    out.extend(c for c in got.comparisons if not c.passed)
     return out
 
 

@@ -217,9 +217,9 @@ def training_rows(worker: CaffeWorker, steps: int, say: Progress) -> list[Row]:
             with tempfile.TemporaryDirectory() as tmp:
                 got = run_parity(worker, tc, Path(tmp), snapshot=max(steps // 2, 1))
             row.examples += 1
-            for c in got["comparisons"] + got["snapshots"]:
+            for c in got.comparisons + got.snapshots:
                 row.add(c)
-            for moved in (got["caffe_fixed"], got["torch_fixed"]):
+            for moved in (got.caffe_fixed, got.torch_fixed):
                 if moved:
                     row.failures += 1
                     row.first_failure = row.first_failure or moved

@@ -20,7 +20,7 @@ from crossval.reference.solvers import (
     USUAL_MOMENTUM,
     SolverConfig,
 )
-from crossval.strategies import build_batches, build_case, train_cases
+from crossval.strategies import build_batches, build_case
 from crossval.training import (
     TrainCase,
     compare_trajectories,
@@ -28,6 +28,7 @@ from crossval.training import (
     torch_optim_trajectory,
     torch_trajectory,
 )
+from crossval.training.strategies import train_cases
 from crossval.worker import CaffeWorker
 
 
@@ -74,18 +75,18 @@ def test_fixed_values_stay_bit_identical(
             ip_mults=((1.0, 2.0), (2.0, 0.0)),
         )
         got = run_parity(worker, tc, tmp_path / policy, snapshot=2)
-        assert got["caffe_fixed"] is None, (policy, got["caffe_fixed"])
-        assert got["torch_fixed"] is None, (policy, got["torch_fixed"])
-        snaps = got["snapshots"]
+        assert got.caffe_fixed is None, (policy, got.caffe_fixed)
+        assert got.torch_fixed is None, (policy, got.torch_fixed)
+        snaps = got.snapshots
         assert [s.blob.split()[-1] for s in snaps] == [
             f"snapshot_iter_{i}.caffemodel" for i in (2, 4, 6)
         ]
         assert all(s.passed for s in snaps), [str(s) for s in snaps if not s.passed]
-        wf = got["workflow"]
+        wf = got.workflow
         assert wf.init_weights.is_file() and wf.solver.read_text().startswith('net: "')
-        bad = [str(c) for c in got["comparisons"] if not c.passed]
+        bad = [str(c) for c in got.comparisons if not c.passed]
         assert not bad, bad[:3]
-        assert got["comparable_steps"] >= 1
+        assert got.comparable_steps >= 1
 
 
 # 50 examples in `ci` (each trains in Caffe and in float32 and float64 for several steps);
@@ -114,10 +115,10 @@ def test_training_trajectories_agree(
 ) -> None:
     """Params and loss after each step: Caffe, CaffeSolver in float32 and float64."""
     got = run_parity(worker, tc, tmp_path_factory.mktemp("train"))
-    bad = [str(c) for c in got["comparisons"] if not c.passed]
+    bad = [str(c) for c in got.comparisons if not c.passed]
     assert not bad, f"{len(bad)} comparisons failed, first: {bad[0]}" if bad else ""
-    assert got["caffe_fixed"] is None and got["torch_fixed"] is None
-    assert got["comparable_steps"] >= 1  # the first step is always held to its bound
+    assert got.caffe_fixed is None and got.torch_fixed is None
+    assert got.comparable_steps >= 1  # the first step is always held to its bound
 
 
 def test_torch_optim_sgd_momentum_diverges_after_an_lr_change(
@@ -134,14 +135,14 @@ def test_torch_optim_sgd_momentum_diverges_after_an_lr_change(
     )
     tc = TrainCase(case, steps_of(case, 8), cfg)
     got = run_parity(worker, tc, tmp_path)
-    assert got["comparable_steps"] == tc.steps
-    assert all(c.passed for c in got["comparisons"])  # Caffe's rule, reimplemented: agrees
+    assert got.comparable_steps == tc.steps
+    assert all(c.passed for c in got.comparisons)  # Caffe's rule, reimplemented: agrees
     stock = torch_optim_trajectory(
         tc,
         lambda ps: torch.optim.SGD(ps, lr=cfg.base_lr, momentum=cfg.momentum),
         lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=change, gamma=cfg.gamma),
     )
-    cmp = compare_trajectories(tc, got["caffe"], stock, got["ref64"])
+    cmp = compare_trajectories(tc, got.caffe, stock, got.ref64)
     port = [c for c in cmp if c.check == "train torch~caffe" and "weight" in c.blob]
     before = [c for c in port if int(c.blob.rsplit(" ", 1)[1]) <= change]
     after = [c for c in port if int(c.blob.rsplit(" ", 1)[1]) > change]
@@ -157,11 +158,11 @@ def test_fixed_layer_with_lr_mult_1_is_reported(tmp_path: Path, worker: CaffeWor
         case = build_case(head, "euclidean", batch=4, features=8, bins=10, spread=3.0, seed=1)
         tc = TrainCase(case, steps_of(case, 3), solver_for("SGD", "fixed"))
         got = run_parity(worker, tc, tmp_path / head, fixed_lr_mult=1.0)
-        msg = got["caffe_fixed"]
+        msg = got.caffe_fixed
         assert msg is not None and msg.startswith(
             "fixed parameter moved: Caffe pred_age/0 at step 1, largest change "
         ), msg
-        assert got["torch_fixed"] is None
+        assert got.torch_fixed is None
 
 
 @pytest.mark.parametrize("name", list(TRAINING_MUTANTS))
@@ -173,11 +174,11 @@ def test_port_training_a_constant_is_reported(
     case = build_case(mutant.head, mutant.loss, batch=4, features=8, bins=10, spread=3.0, seed=1)
     tc = TrainCase(case, steps_of(case, 3), solver_for("SGD", "fixed", weight_decay=0.0))
     got = run_parity(worker, tc, tmp_path, port=mutant.impl)
-    msg = got["torch_fixed"]
+    msg = got.torch_fixed
     assert msg is not None and msg.startswith(
         "fixed parameter moved: port pred_age.weight at step 1, largest change "
     ), msg
-    assert got["caffe_fixed"] is None
+    assert got.caffe_fixed is None
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"])
