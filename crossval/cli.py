@@ -361,7 +361,7 @@ def _train(args: argparse.Namespace) -> int:
 def _mutants(args: argparse.Namespace) -> int:
     import time
 
-    from .killtable import kill_table
+    from .mutants.killtable import kill_table
     from .worker import CaffeWorker
 
     _single_threaded()

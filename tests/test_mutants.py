@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-from crossval.killtable import KillTable, kill_table
 from crossval.layercheck.mutants import LAYER_MUTANTS
 from crossval.mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
+from crossval.mutants.killtable import KillTable, kill_table
 from crossval.worker import CaffeWorker
 
 # About 15 s with Caffe; part of the default suite. One xdist worker builds the kill table

@@ -27,17 +27,18 @@ from hypothesis.strategies import SearchStrategy
 
 from crossval.reference.solvers import SOLVER_TYPES, CaffeSolver
 
-from .checks import Harness
-from .compare import Comparison
-from .layercheck import CASES as LAYER_CASES
-from .layercheck import run_case as run_layer_case
-from .layercheck.mutants import LAYER_MUTANTS
-from .mutants import CATALOGUE, EQUIVALENT, SOLVER_MUTANTS, TRAINING_MUTANTS
-from .profiles import fixed_settings
-from .strategies import cases
-from .training import TrainCase, run_parity
-from .training.strategies import train_cases
-from .worker import CaffeWorker
+from ..checks import Harness
+from ..compare import Comparison
+from ..layercheck import CASES as LAYER_CASES
+from ..layercheck import run_case as run_layer_case
+from ..layercheck.mutants import LAYER_MUTANTS
+from ..profiles import fixed_settings
+from ..strategies import cases
+from ..training import TrainCase, run_parity
+from ..training.strategies import train_cases
+from ..worker import CaffeWorker
+from .catalogue import CATALOGUE, EQUIVALENT, TRAINING_MUTANTS
+from .solvers import SOLVER_MUTANTS
 
 
 @dataclass
