@@ -18,6 +18,10 @@ class CrossvalError(Exception):
     exit_code = 2
 
 
+class UsageError(CrossvalError):
+    """Bad input to a command: the message names the file, blob, layer or key at fault."""
+
+
 class ProvisionError(CrossvalError):
     """Caffe could not be provisioned (fetch, verify, build, or a selected build is unusable)."""
 

@@ -15,10 +15,11 @@ from crossval_cli import run_crossval
 from hypothesis import given
 from profiles import thorough
 
-from crossval import buildcheck, golden, provision
+from crossval import golden, provision
+from crossval import localize as localization
 from crossval.buildcheck import BuildChecker, Value
 from crossval.heads import Case
-from crossval.portcheck.net import NetLayer, NetParam
+from crossval.net import NetLayer, NetParam
 from crossval.provision.progress import Progress
 from crossval.reference.layers import LayerSpec
 from crossval.strategies import cases
@@ -187,8 +188,8 @@ LAYERS = [
 
 
 def localize(layers: list[NetLayer], failing: list[Value]) -> tuple[str, set[str]]:
-    """buildcheck.localize with check-build's names for params (state_dict keys)."""
-    return buildcheck.localize(
+    """crossval.localize with check-build's names for params (state_dict keys)."""
+    return localization.localize(
         layers, failing, param_key=lambda lay, i: state_dict_key(lay.name, i)
     )
 

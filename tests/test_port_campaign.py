@@ -23,9 +23,9 @@ from hypothesis import Phase, example, given, settings
 from test_zoo_nets import BUGS, NETS, generate_params, load_weights, named_layer
 from torch import nn
 
+from crossval.errors import UsageError
 from crossval.portcheck.command import port_examples
 from crossval.portcheck.engine import PortChecker, PortExample
-from crossval.portcheck.port import UsageError
 from crossval.portcheck.refport import ReferencePort, reference_port
 from crossval.worker import CaffeWorker
 

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from ports import dex, heads, tiny
 from torch import Tensor, nn
 
+from crossval.errors import UsageError
 from crossval.portcheck.command import check_port, generated, port_examples
 from crossval.portcheck.engine import ExampleVerdict, Finding, PortChecker, PortExample
-from crossval.portcheck.port import UsageError
 from crossval.portcheck.refport import reference_port
 from crossval.reference.layers import UnsupportedLayer
 from crossval.worker import CaffeWorker

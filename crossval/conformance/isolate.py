@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..compare import exact
-from ..errors import CrossvalError
+from ..errors import CrossvalError, UsageError
 from ..portcheck.engine import ExampleVerdict, PortChecker
-from ..portcheck.port import PortFailure, PortGuard, UsageError, importable_from_cwd, squeeze
+from ..portcheck.port import PortFailure, PortGuard, importable_from_cwd, squeeze
 from ..transfer import state_dict_key
 from ..worker import (
     CaffeCrash,

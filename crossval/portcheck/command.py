@@ -26,13 +26,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from .. import outputs
-from ..errors import CrossvalError
+from ..errors import CrossvalError, UsageError
 from ..inputs import check_net, read_prototxt, read_replay
+from ..net import append_expectation_head, read_net
 from ..worker import CaffeCrash, CaffeWorker, searching, stops_search
 from . import plugins
 from .engine import ExampleVerdict, Finding, PortChecker, PortExample
-from .net import append_expectation_head, read_net
-from .port import PortFailure, PortGuard, UsageError, load_port
+from .port import PortFailure, PortGuard, load_port
 
 SHRINK_BELOW = 0.5  # seconds per example: a slower net reports its first failure unshrunk
 Arrays = tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]

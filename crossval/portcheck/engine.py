@@ -18,18 +18,18 @@ from torch.overrides import TorchFunctionMode
 from crossval.reference import param_name
 
 from .. import examplegen
-from ..buildcheck import localize
 from ..compare import Comparison, exact
-from ..errors import CrossvalError
+from ..errors import CrossvalError, UsageError
 from ..inputs import closest
+from ..localize import localize
+from ..net import Net, NetLayer, Segment, read_net, segments
 from ..tolerances import sampled
 from ..tolerances import segments as segtol
 from ..tolerances.layers import WIDE
 from ..transfer import state_dict_key
 from ..worker import CaffeError, CaffeWorker
 from . import plugins
-from .net import Net, NetLayer, Segment, read_net, segments
-from .port import Binding, PortFailure, PortGuard, UsageError, squeeze
+from .port import Binding, PortFailure, PortGuard, squeeze
 
 F64 = NDArray[np.float64]
 RANDOM_OPS = ("dropout", "bernoulli", "rand", "normal", "multinomial", "poisson")
@@ -1006,7 +1006,7 @@ class PortChecker:
 
     def fault(self, verdict: ExampleVerdict) -> Finding | None:
         """The first port finding: an exception or a nondeterministic blob first, then
-        ``buildcheck.localize`` over the segments (fixed params, then the first layer in
+        ``crossval.localize`` over the segments (fixed params, then the first layer in
         Caffe's order whose forward fails, then backward)."""
         found = verdict.port_findings
         for kind in ("exception", "nondeterministic"):

@@ -29,9 +29,10 @@ from torch import Tensor
 from crossval.reference.layers import LAYERS, LayerSpec
 from crossval.reference.layers.loss import PYTHON_LAYERS
 
+from ..errors import UsageError
 from ..tolerances.layers import BackwardBound, ForwardBound, LayerBound
 from ..tolerances.loss import PYTHON_BOUNDS
-from .port import UsageError, importable_from_cwd
+from .port import importable_from_cwd
 
 
 def register_python_layer(

@@ -20,11 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CrossvalError
-
-
-class UsageError(CrossvalError):
-    """Bad input to validate-port: the message names the file, blob, layer or key at fault."""
+from ..errors import CrossvalError, UsageError
 
 
 class PortFailure(CrossvalError):

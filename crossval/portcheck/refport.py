@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from crossval.reference import layers as ref
 from crossval.reference import param_name
 
+from ..net import Net, NetLayer, read_net
 from ..transfer import SUFFIXES
 from ..worker import CaffeWorker
-from .net import Net, NetLayer, read_net
 
 __all__ = ["ReferencePort", "blob_key", "reference_port"]
 

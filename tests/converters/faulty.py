@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from crossval.conformance.reference import caffe_worker
 from crossval.inputs import read_prototxt
-from crossval.portcheck.net import read_net
+from crossval.net import read_net
 from crossval.portcheck.refport import ReferencePort
 from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec

@@ -9,8 +9,8 @@ from typing import Any
 
 from crossval.reference.layers import LayerSpec
 
-from ..worker import CaffeError, CaffeWorker
-from .port import UsageError
+from .errors import UsageError
+from .worker import CaffeError, CaffeWorker
 
 
 @dataclass(frozen=True)
