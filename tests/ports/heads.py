@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from crossval import mutants, reference
+from crossval import reference
+from crossval.mutants import catalogue as mutants
 
 FEATURES = 16
 
