@@ -1,5 +1,6 @@
-"""The package's layering: every bound is computed in crossval/tolerances, and importing
-crossval changes nothing in the process."""
+"""The package's layering: the import graph runs one way (reference -> core -> checks and
+generation -> commands -> entry points), every bound is computed in crossval/tolerances, and
+importing crossval changes nothing in the process."""
 
 from __future__ import annotations
 
@@ -136,3 +137,119 @@ def test_import_changes_no_torch_setting() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == out[1], out
+
+
+# ---- the import graph -------------------------------------------------------------------
+
+# Each unit (a top-level module or subpackage of crossval) and its layer. A unit may import
+# its own layer or a lower one, never a higher one; a new module must be placed here.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "reference": ("reference",),
+    "core": (
+        "__init__", "errors", "names", "profiles", "outputs", "provision", "examplegen",
+        "heads", "tolerances", "compare", "transfer", "worker", "caffe_side", "net", "inputs",
+    ),
+    "checks and generation": (
+        "checks", "batched", "strategies", "localize", "golden", "layercheck",
+    ),
+    "commands": (
+        "onnx", "training", "buildcheck", "mutants", "portcheck", "conformance", "report",
+        "surgery", "isolation",
+    ),
+    "entry points": ("cli", "__main__", "pytest_plugin"),
+}  # fmt: skip
+RANK = {unit: i for i, units in enumerate(LAYERS.values()) for unit in units}
+
+
+def _unit(module: str) -> str:
+    """crossval.a.b -> a; crossval -> __init__."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports_of(source: str, module: str, is_package: bool) -> set[str]:
+    """The crossval modules `source` (the module `module`) imports, relative imports resolved."""
+    package = module if is_package else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            # `from crossval import heads` imports crossval.heads
+            if base == "crossval" or (node.level and not node.module):
+                found.update(f"{base}.{a.name}" for a in node.names)
+            else:
+                found.add(base)
+    return {m for m in found if m.startswith("crossval.")}
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Unit -> the other units it imports (the reference is one unit and imports none)."""
+    edges: dict[str, set[str]] = {}
+    # crossval/reference is a symlink to the top-level reference/ folder: walked explicitly
+    paths = {*package.rglob("*.py"), *(package / "reference").rglob("*.py")}
+    for path in sorted(paths):
+        rel = path.relative_to(package.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        module = ".".join(parts)
+        unit = _unit(module) if len(parts) > 1 else "__init__"
+        for target in imports_of(path.read_text(), module, rel.name == "__init__"):
+            if (other := _unit(target)) != unit:
+                edges.setdefault(unit, set()).add(other)
+        edges.setdefault(unit, set())
+    return edges
+
+
+def layering_faults(edges: dict[str, set[str]]) -> list[str]:
+    """Units with no layer, arrows running up a layer, and cycles between units."""
+    faults = [f"{u} has no layer in LAYERS" for u in sorted(edges) if u not in RANK]
+    for unit, targets in sorted(edges.items()):
+        for target in sorted(targets):
+            if unit in RANK and target in RANK and RANK[target] > RANK[unit]:
+                faults.append(f"{unit} ({_layer(unit)}) imports {target} ({_layer(target)})")
+    seen: set[str] = set()
+
+    def visit(unit: str, path: tuple[str, ...]) -> None:
+        if unit in path:
+            faults.append("cycle: " + " -> ".join((*path[path.index(unit) :], unit)))
+            return
+        if unit in seen:
+            return
+        for target in sorted(edges.get(unit, ())):
+            visit(target, (*path, unit))
+        seen.add(unit)
+
+    for unit in sorted(edges):
+        visit(unit, ())
+    return faults
+
+
+def _layer(unit: str) -> str:
+    return list(LAYERS)[RANK[unit]]
+
+
+def test_the_import_graph_runs_one_way() -> None:
+    edges = import_graph()
+    assert {"reference", "heads", "portcheck", "cli"} <= set(edges), sorted(edges)
+    assert edges["reference"] == set(), edges["reference"]
+    faults = layering_faults(edges)
+    assert not faults, "; ".join(faults)
+
+
+def test_the_layering_check_sees_each_fault() -> None:
+    """Shown failing: an arrow up a layer, a cycle within one, a unit with no layer, and a
+    relative import resolved to the unit it names."""
+    assert imports_of("from ..tolerances import gamma\n", "crossval.onnx.spec", False) == {
+        "crossval.tolerances"
+    }
+    assert imports_of("from . import heads\n", "crossval.checks", False) == {"crossval.heads"}
+    up = {"heads": {"report"}, "report": set()}
+    assert layering_faults(up) == ["heads (core) imports report (commands)"]
+    cycle = {"onnx": {"training"}, "training": {"onnx"}}
+    assert any(f.startswith("cycle: ") for f in layering_faults(cycle)), layering_faults(cycle)
+    assert layering_faults({"newthing": set()}) == ["newthing has no layer in LAYERS"]
