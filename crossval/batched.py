@@ -20,7 +20,9 @@ with both, and hypothesis shrinks the spec as it shrinks any example.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from torch.func import functional_call, vmap
 
+from crossval.reference import losses as ref_losses
 from crossval.reference.losses import check_labels
 
 from . import transfer
@@ -51,6 +54,32 @@ _ZERO: F64 = np.zeros(())
 # gain little from batching, their cost being the arithmetic itself.
 COUNT = 16
 MAX_WORK = 2**20
+
+
+# glibc's malloc, left to itself, serves each array of a batch's size (a few MB: the weights
+# and weight gradients of 64 cases) with a fresh mmap, or returns the freed heap top to the
+# kernel, so that every such array costs its pages' faults again, batch after batch: about a
+# third of the parent's time (measured: 388 against 260 us of CPU a case, expectation head).
+# `steady_allocator` keeps arrays up to 32 MB (glibc's ceiling for the threshold) on the heap
+# and up to 64 MB of freed heap top for the next batch.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_steady = False
+
+
+def steady_allocator() -> None:
+    """Keep the batches' arrays' memory in the process between batches (glibc's mallopt; a
+    no-op elsewhere). Runs start here (`run_batch`), as `checks.single_threaded` does for
+    torch's threads: importing crossval leaves the allocator alone."""
+    global _steady
+    if _steady:
+        return
+    _steady = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def batched_examples(profile_examples: int) -> int:
@@ -243,16 +272,101 @@ def case_batches(
 # ---- comparisons of many cases at once -----------------------------------------------------
 
 
+def _failed_each(
+    actual: np.ndarray, desired: np.ndarray, bound: np.ndarray, factor: float, chunk: int
+) -> NDArray[np.bool_]:
+    """Which cases (leading axis) of `actual` against `desired` fail, by `Comparison`'s rules:
+    every element's error |actual - desired| (float64) within `factor` times its `bound`
+    (factor 2: `cross`). A few cases at a time (`chunk` elements), through one buffer. An
+    element passes when err <= bound, which a NaN error never does: a case with an error not
+    finite, or an element over, is flagged and decided again with `Comparison`'s rules for
+    special values (the same values on both sides are no error, anything else an infinite
+    one); flagged cases are failures or special values, few."""
+    if factor not in (1.0, 2.0):
+        raise ValueError(f"a comparison's factor is 1 or 2 (cross), got {factor}")
+    shape = np.shape(desired)
+    cases, per = int(shape[0]), math.prod(shape[1:])
+    out = np.zeros(cases, dtype=bool)
+    if cases == 0 or per == 0:
+        return out
+    limit = np.broadcast_to(cross(bound) if factor == 2.0 else bound, shape)
+    step = max(1, chunk // per)
+    axes = tuple(range(1, len(shape)))
+    diff = np.empty((min(step, cases), *shape[1:]))
+    ok = np.empty(diff.shape, dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for lo in range(0, cases, step):
+            part, n = slice(lo, lo + step), min(step, cases - lo)
+            err = np.subtract(actual[part], desired[part], out=diff[:n], dtype=np.float64)
+            np.abs(err, out=err)
+            np.less_equal(err, limit[part], out=ok[:n])
+            out[part] = ~ok[:n].all(axis=axes)
+        for i in np.flatnonzero(out):
+            exact = Comparison("", "", actual[i], desired[i], _ZERO, "").err
+            out[i] = bool((exact > limit[i]).any())
+    return out
+
+
+# Within this fraction of their bound, the errors of caffe~ref64 and torch~ref64 imply that
+# torch~caffe passes (see `_three_verdicts`).
+_MARGIN = 1.0 - 2.0**-50
+
+
+def _three_verdicts(
+    caffe: np.ndarray, torch32: np.ndarray, ref: np.ndarray, bound: np.ndarray, chunk: int
+) -> list[NDArray[np.bool_]]:
+    """Which cases fail caffe~ref64, torch~ref64 and torch~caffe (against twice the bound),
+    each by `Comparison`'s rules, from the differences of the first two only.
+
+    Where both |caffe - ref| and |torch - ref| are within `_MARGIN` times the bound, so is
+    torch~caffe within twice it: each error computed in float64 is the true one rounded once
+    (relative 2^-53), as is `_MARGIN` times the bound, so the true errors are below
+    bound (1 - 2^-50)(1 + 2^-52), and by the triangle inequality the true |torch - caffe| is
+    below 2 bound (1 - 2^-51); rounding is monotone and 2 bound is a float64 number, so the
+    float64 |torch - caffe| cannot pass it. So torch~caffe costs no pass of its own: the
+    cases flagged by the other two (an element beyond the margin, or an error not finite:
+    failures and special values, few) are decided again, all three comparisons, with
+    `Comparison`'s rules."""
+    pairs = [(caffe, ref, 1.0), (torch32, ref, 1.0), (torch32, caffe, 2.0)]
+    shape = np.shape(ref)
+    cases, per = int(shape[0]), math.prod(shape[1:])
+    out = [np.zeros(cases, dtype=bool) for _ in pairs]
+    if cases == 0 or per == 0:
+        return out
+    limit = np.broadcast_to(bound, shape)
+    flagged = np.zeros(cases, dtype=bool)
+    step = max(1, chunk // per)
+    axes = tuple(range(1, len(shape)))
+    diff = np.empty((min(step, cases), *shape[1:]))
+    tight = np.empty(diff.shape)
+    ok = np.empty(diff.shape, dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for lo in range(0, cases, step):
+            part, n = slice(lo, lo + step), min(step, cases - lo)
+            np.multiply(limit[part], _MARGIN, out=tight[:n])
+            for actual in (caffe, torch32):
+                err = np.subtract(actual[part], ref[part], out=diff[:n], dtype=np.float64)
+                np.abs(err, out=err)
+                np.less_equal(err, tight[:n], out=ok[:n])
+                flagged[part] |= ~ok[:n].all(axis=axes)
+        for i in np.flatnonzero(flagged):
+            for j, (actual, desired, factor) in enumerate(pairs):
+                exact = Comparison("", "", actual[i], desired[i], _ZERO, "").err
+                out[j][i] = bool((exact > (cross(limit[i]) if factor == 2.0 else limit[i])).any())
+    return out
+
+
 class BatchComparison:
     """`Comparison` for every case of a batch at once (arrays with a leading case axis): the
     same error, bound and verdict per element; `one(i)` is case i's own `Comparison`.
 
-    Made by `three_way_each` (within `factor` times a bound) or `exact_each` (bit for bit).
-    The arrays are kept as given (float32 stays float32) and compared in float64, a few cases
-    at a time (so the temporaries stay in cache); only the verdict of each case is kept, the
-    error array being made again when asked for (reports, a failing case)."""
+    Made by `three_way_each` (within `factor` times a bound: 1, or 2 for `cross`) or
+    `exact_each` (bit for bit). The arrays are kept as given (float32 stays float32) and
+    compared in float64 a few cases at a time (`_failed_each`, unless the verdicts are
+    given: `failed_each`); only the verdict of each case is kept, the error array being made
+    again when asked for (reports, a failing case)."""
 
-    CHUNK = 1 << 15  # elements per step of the verdict
+    CHUNK = 1 << 16  # elements per step of the verdict
 
     def __init__(
         self,
@@ -266,6 +380,7 @@ class BatchComparison:
         *,
         factor: float = 1.0,
         differs: NDArray[np.bool_] | None = None,
+        failed_each: NDArray[np.bool_] | None = None,
     ) -> None:
         self.check, self.blob, self.rule, self.describe = check, blob, rule, describe
         self.actual, self.desired = actual, desired
@@ -278,21 +393,10 @@ class BatchComparison:
         self.failed_each: NDArray[np.bool_]
         if differs is not None:
             self.failed_each = np.asarray(differs.reshape(cases, -1).any(1), dtype=bool)
-            return
-        failed = np.zeros(cases, dtype=bool)
-        per = max(1, desired[0].size if cases else 1)
-        step = max(1, self.CHUNK // per)
-        for lo in range(0, cases, step):
-            part = slice(lo, lo + step)
-            err = np.subtract(actual[part], desired[part], dtype=np.float64)
-            np.abs(err, out=err)
-            if not np.isfinite(err.max(initial=0.0)):
-                # NaN or inf somewhere: Comparison's rules for them (same special values on
-                # both sides are no error, anything else is an infinite one)
-                err = Comparison(check, blob, actual[part], desired[part], _ZERO, rule).err
-            over = err > (cross(self._base[part]) if factor == 2.0 else self._base[part])
-            failed[part] = over.reshape(len(err), -1).any(1)
-        self.failed_each = failed
+        elif failed_each is not None:
+            self.failed_each = failed_each
+        else:
+            self.failed_each = _failed_each(actual, desired, bound, factor, self.CHUNK)
 
     @property
     def bound(self) -> F64:
@@ -378,18 +482,19 @@ def three_way_each(
     bound: Any,
     rule: str,
     describe: Callable[[int], str],
-    torch_ref: BatchComparison | None = None,
 ) -> list[BatchComparison]:
-    """`compare.three_way` for every case at once (`torch_ref`: the torch~ref64 comparison,
-    if already made)."""
+    """`compare.three_way` for every case at once: caffe~ref64, torch~ref64 and torch~caffe,
+    their verdicts made together (`_three_verdicts`)."""
     b = np.broadcast_to(np.asarray(bound, dtype=np.float64), np.shape(ref))
     c = caffe.reshape(np.shape(ref))
-    if torch_ref is None:
-        torch_ref = BatchComparison(f"{kind} torch~ref64", name, torch32, ref, b, rule, describe)
+    pairs = [(c, ref, 1.0), (torch32, ref, 1.0), (torch32, c, 2.0)]
+    failed = _three_verdicts(c, torch32, ref, b, BatchComparison.CHUNK)
+    names = ("caffe~ref64", "torch~ref64", "torch~caffe")
     return [
-        BatchComparison(f"{kind} caffe~ref64", name, c, ref, b, rule, describe),
-        torch_ref,
-        BatchComparison(f"{kind} torch~caffe", name, torch32, c, b, rule, describe, factor=2.0),
+        BatchComparison(
+            f"{kind} {pair}", name, a, d, b, rule, describe, factor=f, failed_each=verdicts
+        )
+        for pair, (a, d, f), verdicts in zip(names, pairs, failed, strict=True)
     ]
 
 
@@ -470,14 +575,16 @@ def run_torch_batch(
     blobs: dict[str, torch.Tensor] = vmap(forward)(w, b, x)
     loss = vmap(loss_of)(blobs[head.consumed(case)], target)
     # Each case's loss depends on its own inputs only: the gradient of the sum is every
-    # case's gradient. autograd.grad hands them over as computed (backward() would copy the
-    # weight's, transposed by the batched product, into the parameter's layout).
+    # case's gradient. autograd.grad hands them over as computed; the weight's comes
+    # transposed by the batched product, and is copied into the parameter's layout here, once:
+    # compared with Caffe's, the reference's and its bound, all in that layout, it would
+    # otherwise cost every comparison a strided pass (2 to 3 times the time).
     names = [name for name, t in blobs.items() if t.requires_grad]
     wrt = [x, w, b, *(blobs[name] for name in names)]
     got = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
     grads: dict[str, np.ndarray] = {
         "pool5": _np(got[0]),
-        keys[0]: _np(got[1]),
+        keys[0]: np.ascontiguousarray(_np(got[1])),
         keys[1]: _np(got[2]),
     }
     for name, t in blobs.items():
@@ -489,6 +596,158 @@ def run_torch_batch(
     return TorchBatch({k: _np(v) for k, v in blobs.items()}, _np(loss), grads, fixed)
 
 
+# ---- the float64 reference in closed form ---------------------------------------------------
+#
+# The float64 side gives each case's reference values (blobs, loss, gradients) that the bounds
+# are computed from and every comparison measures against. Under vmap and autograd it cost
+# 2 to 3 times the float32 side (their Python overhead, and the custom autograd.Function of
+# SoftmaxWithLoss batched by functorch's generated rule); here the same formulas are written
+# out once more with numpy, forward and backward, for the heads' chains and the losses of the
+# tables (3 to 5 times less). They are the reference's own formulas term by term (its
+# softmax with the max shifted out, Caffe's double-precision sigmoid through tanh and tanh's
+# derivative 1 - tanh^2 as autograd takes it, the SmoothL1 branches, SoftmaxWithLoss's
+# FLT_MIN clamp and Caffe's backward that ignores it, each normalization and ignore_label), so
+# they agree with the reference modules run in float64 to float64 rounding: checked for every
+# head x loss in tests/test_batched.py, against the vmapped modules and against the per-case
+# path. A chain or loss not written here falls back to the reference modules under vmap.
+
+F64Grads = tuple[F64, dict[str, F64]]  # the loss per case; d loss / d (the consumed blob)
+
+
+def _euclidean64(a: F64, t: F64, case: Case) -> F64Grads:
+    d = a - t.reshape(a.shape)
+    n = a.shape[1]
+    loss: F64 = (d * d).sum(axis=(1, 2)) / n / 2
+    return loss, {"": d / n}
+
+
+def _smooth_l1_64(a: F64, t: F64, case: Case) -> F64Grads:
+    d = a - t.reshape(a.shape)
+    n, s2 = a.shape[1], case.sigma * case.sigma
+    ad = np.abs(d)
+    inner = ad < 1.0 / s2
+    loss: F64 = np.where(inner, 0.5 * d * d * s2, ad - 0.5 / s2).sum(axis=(1, 2)) / n
+    return loss, {"": np.where(inner, s2 * d, np.sign(d)) / n}
+
+
+def _softmax_with_loss64(z: F64, t: F64, case: Case) -> F64Grads:
+    m, n = z.shape[:2]
+    lab = np.trunc(t.reshape(m, n)).astype(np.int64)
+    valid = (
+        np.ones(lab.shape, dtype=bool) if case.ignore_label is None else lab != case.ignore_label
+    )
+    norm = case.normalization or "VALID"
+    if norm == "VALID":
+        normalizer = np.maximum(valid.sum(axis=1), 1).astype(np.float64)
+    else:
+        normalizer = np.full(m, float(max({"FULL": n, "BATCH_SIZE": n, "NONE": 1}[norm], 1)))
+    p = _softmax64(z)
+    index = np.where(valid, lab, 0)[..., None]
+    picked = np.maximum(np.take_along_axis(p, index, -1)[..., 0], ref_losses.FLT_MIN)
+    loss: F64 = np.where(valid, -_libm(torch.log, picked), 0.0).sum(axis=1) / normalizer
+    weight = valid.astype(np.float64)[..., None]
+    diff = p.copy()
+    np.put_along_axis(diff, index, np.take_along_axis(diff, index, -1) - weight, -1)
+    grad = diff * weight * (1.0 / normalizer)[:, None, None]
+    return loss, {"": grad}
+
+
+_LOSSES64: dict[str, Callable[[F64, F64, Case], F64Grads]] = {
+    "euclidean": _euclidean64,
+    "smooth_l1": _smooth_l1_64,
+    "softmax_with_loss": _softmax_with_loss64,
+}
+
+
+def _libm(fn: Callable[[torch.Tensor], torch.Tensor], a: F64) -> F64:
+    """`fn` (torch.exp, tanh, log) of `a`, as the reference evaluates it: another libm (numpy's
+    own) may round some values the other way, and at a saturated sigmoid one ulp of tanh
+    is the difference between a tiny age gradient and exactly 0."""
+    out: F64 = fn(torch.from_numpy(a)).numpy()
+    return out
+
+
+def _softmax64(z: F64) -> F64:
+    e = _libm(torch.exp, z - z.max(axis=-1, keepdims=True))
+    out: F64 = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+def _expectation64(
+    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], F64Grads]
+) -> tuple[dict[str, F64], F64, dict[str, F64]]:
+    """<ip> -> Softmax prob -> Convolution pred_age (kernel `fixed`, (1, K))."""
+    p = _softmax64(z)
+    age = p @ fixed.T
+    ip = HEADS[case.head].ip_layer(case)
+    loss, g = loss_of(z if LOSSES[case.loss].labels else age)
+    if LOSSES[case.loss].labels:
+        g_z, g_p, g_age = g[""], np.zeros_like(p), np.zeros_like(age)
+    else:
+        g_age = g[""]
+        g_p = g_age * fixed
+        g_z = p * (g_p - (g_p * p).sum(axis=-1, keepdims=True))
+    return {ip: z, "prob": p, "pred_age": age}, loss, {ip: g_z, "prob": g_p, "pred_age": g_age}
+
+
+def _sigmoid_scale64(
+    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], F64Grads]
+) -> tuple[dict[str, F64], F64, dict[str, F64]]:
+    """fc1 -> Sigmoid pred01 (0.5 tanh(0.5 z) + 0.5) -> Scale pred_age (scale `fixed`)."""
+    tanh = _libm(torch.tanh, 0.5 * z)
+    p01 = 0.5 * tanh + 0.5
+    age = p01 * fixed
+    loss, g = loss_of(age)
+    g_age = g[""]
+    g_p01 = g_age * fixed
+    g_z = g_p01 * 0.5 * (1.0 - tanh * tanh) * 0.5
+    return (
+        {"fc1": z, "pred01": p01, "pred_age": age},
+        loss,
+        {"fc1": g_z, "pred01": g_p01, "pred_age": g_age},
+    )
+
+
+_CHAINS64 = {
+    ("InnerProduct", "Softmax", "Convolution"): _expectation64,
+    ("InnerProduct", "Sigmoid", "Scale"): _sigmoid_scale64,
+}
+
+
+def reference64(
+    head: Head,
+    batch: CaseBatch,
+    module: torch.nn.Module,
+    weights64: dict[str, F64] | None = None,
+) -> TorchBatch:
+    """The float64 reference of every case of `batch`: its blobs, loss and gradients (d loss
+    / d pool5, the learnable params and each blob), from the closed forms above; a head or
+    loss they do not cover runs `module` (the reference in float64) under vmap.
+    `weights64`: the batch's weights in float64, if the caller has them."""
+    case = batch.template
+    chain = _CHAINS64.get(head.layer_types)
+    loss_fn = _LOSSES64.get(case.loss)
+    if chain is None or loss_fn is None:
+        return run_torch_batch(head, batch, torch.float64, module)
+    keys = head.learnable(case)
+    if weights64 is None:
+        weights64 = {k: batch.weights[k].astype(np.float64) for k in keys}
+    x, w = batch.x.astype(np.float64), weights64[keys[0]]
+    z = np.matmul(x, w.transpose(0, 2, 1))
+    z += weights64[keys[1]][:, None, :]
+    target = batch.target.astype(np.float64)
+    fixed = head.fixed_value(case).astype(np.float64)
+    blobs, loss, g = chain(z, fixed, case, lambda a: loss_fn(a, target, case))
+    g_z = g[head.ip_layer(case)]
+    grads = {
+        "pool5": np.matmul(g_z, w),
+        keys[0]: np.matmul(g_z.transpose(0, 2, 1), x),
+        keys[1]: g_z.sum(axis=1),
+        **g,
+    }
+    return TorchBatch(blobs, loss, grads, np.zeros(0))
+
+
 def _np(t: torch.Tensor | None) -> np.ndarray:
     assert t is not None
     return t.detach().cpu().numpy()
@@ -496,6 +755,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray:
 
 def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     """Every comparison of ``Harness.run_case`` for every case of `batch`, at once."""
+    steady_allocator()
     case = batch.template
     head = HEADS[case.head]
     proto = harness.prototxt(head, case)
@@ -516,12 +776,10 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     t32 = run_torch_batch(
         head, batch, torch.float32, harness.module(REFERENCE, head, case, torch.float32)
     )
-    t64 = run_torch_batch(
-        head, batch, torch.float64, harness.module(REFERENCE, head, case, torch.float64)
-    )
-    # The bounds, and the comparisons of the float32 side with the float64 reference, need
-    # no Caffe: made while Caffe may still be running.
-    b = head.bounds_each(case, batch.x, batch.target, batch.weights, t64.blobs, t64.grads)
+    # The float64 weights, made once for the reference and its bounds.
+    weights64 = {k: v.astype(np.float64) for k, v in batch.weights.items()}
+    t64 = reference64(head, batch, harness.module(REFERENCE, head, case, torch.float64), weights64)
+    b = head.bounds_each(case, batch.x, batch.target, weights64, t64.blobs, t64.grads)
     desc = batch.describe
     grad_rule = f"tolerances.{b.loss_rule}_grad -> backward chain"
     triples: list[tuple[str, str, str, np.ndarray, np.ndarray, Any, str]] = [
@@ -542,12 +800,6 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     triples += [
         ("gradient", f"d loss/d {k}", k, t32.grads[k], t64.grads[k], b.backward[k], grad_rule)
         for k in head.gradient_keys(case)
-    ]
-    early = [
-        BatchComparison(
-            f"{kind} torch~ref64", name, t, r, np.asarray(bd, dtype=np.float64), rule, desc
-        )
-        for kind, name, _, t, r, bd, rule in triples
     ]
     caffe: ManyRuns = pending()
     out = BatchResult(batch)
@@ -571,10 +823,8 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
         "loss": {"loss": caffe.blobs["loss"].reshape(batch.size)},
         "gradient": caffe_grads,
     }
-    for (kind, name, key, t, r, bd, rule), torch_ref in zip(triples, early, strict=True):
-        out.comparisons += three_way_each(
-            kind, name, caffe_side[kind][key], t, r, bd, rule, desc, torch_ref=torch_ref
-        )
+    for kind, name, key, t, r, bd, rule in triples:
+        out.comparisons += three_way_each(kind, name, caffe_side[kind][key], t, r, bd, rule, desc)
     return out
 
 

@@ -4,6 +4,7 @@ batch to its failing case."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,13 @@ from crossval.batched import (
     check_batch,
     exact_each,
     expand,
+    reference64,
     run_batch,
+    run_torch_batch,
     three_way_each,
 )
 from crossval.checks import Harness
-from crossval.compare import Comparison
+from crossval.compare import Comparison, three_way
 from crossval.heads import COMBINATIONS, HEADS
 from crossval.reference import losses as ref_losses
 from crossval.strategies import build_case
@@ -135,6 +138,86 @@ def test_vectorised_softmax_with_loss_is_the_checked_one_per_case(
         torch.testing.assert_close(
             zb.grad[i], zi.grad, rtol=0, atol=1e-15 if dtype == torch.float64 else 1e-7
         )
+
+
+# Specs reaching every branch of the closed forms: saturated sigmoids and softmaxes, SmoothL1
+# on both sides of its kink, every normalization, ignored labels (some, all, out of range).
+REFERENCE64_SPECS = [
+    _spec("sigmoid_scale", "euclidean", spread=60.0, targets="ends"),
+    _spec("sigmoid_scale", "smooth_l1", spread=2.0, sigma=3.0),
+    _spec("sigmoid_scale", "smooth_l1", spread=60.0, sigma=0.5, targets="ends"),
+    _spec("expectation", "euclidean", spread=300.0, targets="ends"),
+    _spec("expectation", "smooth_l1", spread=5.0, sigma=2.0, targets="integers"),
+    _spec("expectation", "smooth_l1", spread=120.0, sigma=0.3),
+    *(
+        _spec("expectation", "softmax_with_loss", spread=spread, normalization=norm, ignoring=ig)
+        for spread, norm, ig in [
+            (5.0, "VALID", "some"),
+            (300.0, "FULL", "out-of-range"),
+            (120.0, "BATCH_SIZE", "none"),
+            (60.0, "NONE", "all"),
+            (90.0, "VALID", "all"),
+        ]
+    ),
+]
+
+
+def _reference64_disagreements(spec: Spec) -> list[str]:
+    """Where `reference64` (closed forms) and the reference modules run in float64 under vmap
+    differ by more than float64 recomputation (the table's regenerated_f64)."""
+    batch = expand(spec)
+    head = HEADS[spec.head]
+    module = head.reference(batch.template, torch.float64)
+    mine = reference64(head, batch, module)
+    theirs = run_torch_batch(head, batch, torch.float64, module)
+    pairs = [(f"blob {k}", mine.blobs[k], v) for k, v in theirs.blobs.items()]
+    pairs += [(f"grad {k}", mine.grads[k], v) for k, v in theirs.grads.items()]
+    pairs.append(("loss", mine.loss, theirs.loss))
+    return [
+        name
+        for name, a, b in pairs
+        if a.shape != b.shape or not np.all(np.abs(a - b) <= tol.regenerated_f64(b))
+    ]
+
+
+@pytest.mark.parametrize("spec", REFERENCE64_SPECS, ids=lambda s: f"{s.head}+{s.loss}")
+def test_reference64_is_the_reference_modules_in_float64(
+    spec: Spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The float64 side of a batch in closed form gives every blob, loss and gradient the
+    reference modules give under vmap, to float64 rounding; no head or loss of the tables
+    falls back to vmap."""
+    real = batched.run_torch_batch
+
+    def no_fallback(head: Any, b: CaseBatch, dtype: torch.dtype, module: Any) -> Any:
+        assert dtype == torch.float32, "reference64 fell back to the modules"
+        return real(head, b, dtype, module)
+
+    monkeypatch.setattr(batched, "run_torch_batch", no_fallback)
+    assert _reference64_disagreements(spec) == []
+
+
+@pytest.mark.parametrize(
+    "loss, broken",
+    [
+        ("euclidean", lambda a, t, c: batched._euclidean64(a, t, c)[0] * 2),  # no 1/2
+        ("smooth_l1", lambda a, t, c: batched._smooth_l1_64(a, t, replace(c, sigma=1.0))[0]),
+        ("softmax_with_loss", lambda z, t, c: batched._softmax_with_loss64(-z, t, c)[0]),
+    ],
+)
+def test_a_wrong_closed_form_is_seen(
+    loss: str, broken: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agreement check above fails on a deliberately wrong loss: the value only (the
+    gradients kept right), so the loss alone is named."""
+    right = batched._LOSSES64[loss]
+
+    def wrong(a: Any, t: Any, c: Any) -> Any:
+        return broken(a, t, c), right(a, t, c)[1]
+
+    monkeypatch.setitem(batched._LOSSES64, loss, wrong)
+    spec = next(s for s in REFERENCE64_SPECS if s.loss == loss and s.spread < 100)
+    assert _reference64_disagreements(spec) == ["loss"]
 
 
 def test_label_checks_moved_to_the_generator_keep_their_messages() -> None:
@@ -301,6 +384,44 @@ def test_batch_verdicts_are_comparison_verdicts_in_any_chunking(
         ]
         assert c.failed_each.tolist() == want and any(want) and not all(want)
         assert [c.one(i).passed for i in range(9)] == [not w for w in want]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_three_way_verdicts_are_three_way_comparisons(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three verdicts of `three_way_each` (torch~caffe's derived from the other two where
+    they pass with margin) are `compare.three_way`'s, case by case, in any chunking: with
+    errors over, special values on one side or both, and errors at the bound exactly."""
+    monkeypatch.setattr(batched.BatchComparison, "CHUNK", chunk)
+    rng = np.random.default_rng(11)
+    ref = rng.standard_normal((12, 4, 5))
+    bound = np.full(ref.shape, 2.0**-10)
+    caffe = (ref + rng.uniform(-0.9, 0.9, ref.shape) * 2.0**-10).astype(np.float32)
+    torch32 = (ref + rng.uniform(-0.9, 0.9, ref.shape) * 2.0**-10).astype(np.float32)
+    caffe[1, 0, 0] += 0.01  # caffe~ref64 and torch~caffe
+    torch32[2, 1, 1] = np.nan  # torch~ref64 and torch~caffe
+    caffe[3, 0, 0] = torch32[3, 0, 0] = ref[3, 0, 0] = np.inf  # the same special value
+    caffe[4, 2, 2] = torch32[4, 2, 2] = np.inf  # the same inf, but the reference finite
+    # At the bound exactly: |caffe - ref| = |torch - ref| = bound, |torch - caffe| = 2 bound,
+    # all within (beyond the margin, so decided by Comparison's rules).
+    ref[5, 0, 0], caffe[5, 0, 0], torch32[5, 0, 0] = 0.0, 2.0**-10, -(2.0**-10)
+    # One float32 step past it on the caffe side: caffe~ref64 and torch~caffe fail.
+    ref[6, 0, 0], torch32[6, 0, 0] = 0.0, -(2.0**-10)
+    caffe[6, 0, 0] = np.nextafter(np.float32(2.0**-10), np.float32(1))
+    got = three_way_each("forward", "b", caffe, torch32, ref, bound, "r", str)
+    want = [
+        [
+            not c.passed
+            for c in three_way("forward", "b", caffe[i], torch32[i], ref[i], bound[i], "r")
+        ]
+        for i in range(12)
+    ]
+    assert [[bool(c.failed_each[i]) for c in got] for i in range(12)] == want
+    assert want[1] == [True, False, True] and want[2] == [False, True, True]
+    assert want[3] == [False, False, False] and want[4] == [True, True, False]
+    assert want[5] == [False, False, False] and want[6] == [True, False, True]
+    assert not any(any(want[i]) for i in (0, 7, 8, 9, 10, 11))
 
 
 def test_params_caffe_cannot_hold_come_back_as_read(harness: Harness) -> None:
