@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from crossval_cli import run_crossval
 from profiles import thorough
 
 from crossval import provision
 from crossval.batched import three_way_each
 from crossval.compare import Comparison
-from crossval.report import Row, table
+from crossval.report import Row, relative_error, table
 
 
 def test_report_runs_the_matrix_and_writes_its_files(
@@ -87,7 +88,25 @@ def test_a_batch_adds_to_a_row_as_its_cases_one_by_one() -> None:
     for i in range(6):
         one.add(batch.one(i), keep_ratio=True)
     assert each.failures == one.failures == 1 and each.comparisons == one.comparisons == 6
-    assert each.max_abs == one.max_abs and each.max_ulp == one.max_ulp
+    assert each.max_abs == one.max_abs and each.max_rel == one.max_rel
     assert each.max_ratio == one.max_ratio > 1 and each.rule == one.rule
     assert each.first_failure == one.first_failure and "prob[1, 2]" in each.first_failure
     assert each.ratios == one.ratios
+
+
+def test_relative_error_is_measured_against_the_value_or_its_bound() -> None:
+    """The error scale column: a plain relative error where the value stands clear of its
+    bound; against the bound where the value is below it (cancellation, a saturated sigmoid's
+    gradient), so a passing row never shows an error as large as the value as an alarm."""
+    clear = Comparison("forward", "x", np.array([2.0 + 2e-7]), np.array([2.0]), 1e-6, "r")
+    assert relative_error(clear.err, clear.desired, clear.bound) == pytest.approx(1e-7)
+    tiny = Comparison("gradient", "g", np.array([6e-7]), np.array([3e-7]), 1e-5, "r")
+    assert tiny.passed and tiny.err[0] / abs(tiny.desired[0]) == pytest.approx(1.0)
+    assert relative_error(tiny.err, tiny.desired, tiny.bound) == pytest.approx(0.03)
+    # and it still shows a failure: an error over the bound reads above 1 there
+    wrong = Comparison("gradient", "g", np.array([1e-4]), np.array([3e-7]), 1e-5, "r")
+    assert not wrong.passed and relative_error(wrong.err, wrong.desired, wrong.bound) > 1
+    exact_zero = Comparison("transfer", "w", np.zeros(3), np.zeros(3), 0.0, "exact")
+    assert relative_error(exact_zero.err, exact_zero.desired, exact_zero.bound) == 0.0
+    off_zero = Comparison("transfer", "w", np.ones(1), np.zeros(1), 0.0, "exact")
+    assert relative_error(off_zero.err, off_zero.desired, off_zero.bound) == float("inf")
