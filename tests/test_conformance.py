@@ -18,6 +18,7 @@ from crossval.cli import main
 from crossval.conformance import cases as grid
 from crossval.conformance import command
 from crossval.conformance.cases import Case
+from crossval.conformance.options import PROFILES
 from crossval.errors import EXIT_FINDING, EXIT_PASS, EXIT_USAGE
 from crossval.layercheck.run import LAYER
 from crossval.reference import layers as ref
@@ -51,7 +52,7 @@ def test_reference_converter_passes_every_case(worker: CaffeWorker) -> None:
 @pytest.mark.parametrize("profile", ["ci", "thorough"])
 def test_reference_converter_passes_the_whole_grid(worker: CaffeWorker, profile: str) -> None:
     result = command.run(worker, REFERENCE, profile=profile)
-    per_type = grid.PROFILES[profile].per_type
+    per_type = PROFILES[profile].per_type
     assert len(result.rows) == per_type * len(grid.CASES) + len(grid.ZOO_NETS)
     failed = [(r.id, r.outcome.detail) for r in result.rows if r.outcome.verdict != "pass"]
     assert not failed
@@ -127,7 +128,7 @@ def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> 
     wrong (which only the check of the loaded weights sees: the engine sets the learnable
     params itself); Power converts correctly. Each is reported, and the next case runs."""
     types = ["ReLU", "Sigmoid", "TanH", "AbsVal", "ELU", "PReLU", "Power"]
-    ids = [grid.layer_cases(worker, t, grid.PROFILES["ci"])[0].id for t in types]
+    ids = [grid.layer_cases(worker, t, PROFILES["ci"])[0].id for t in types]
     result = command.run(worker, MISBEHAVING, cases=ids, timeout=2.0)
     got = {r.type: r.outcome for r in result.rows}
     assert {t: o.verdict for t, o in got.items()} == {

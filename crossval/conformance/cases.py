@@ -35,21 +35,12 @@ from ..layercheck.run import LAYER, LayerCase, param_shapes, spec_of
 from ..portcheck.command import generated
 from ..portcheck.engine import PortExample
 from ..worker import CaffeWorker
+from .options import Profile
 
 Arrays = tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]
 
 
-@dataclass(frozen=True)
-class Profile:
-    """How many cases per layer type, and examples per zoo net."""
-
-    name: str
-    per_type: int
-    zoo_examples: int
-
-
 POOL = 48  # cases drawn per layer type, the profiles' cases picked among them
-PROFILES = {"ci": Profile("ci", 3, 2), "thorough": Profile("thorough", 10, 6)}
 
 
 @dataclass(frozen=True)

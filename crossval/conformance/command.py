@@ -21,6 +21,7 @@ from ..errors import EXIT_FINDING, EXIT_INTERNAL, EXIT_PASS, CrossvalError
 from ..worker import CaffeWorker
 from . import cases as grid
 from .isolate import VERDICTS, Outcome, probe, run_case
+from .options import PROFILES, Profile
 
 PASS = "pass"
 
@@ -146,7 +147,7 @@ def select(
     worker: CaffeWorker,
     layers: Sequence[str] | None,
     wanted: Sequence[str] | None,
-    profile: grid.Profile,
+    profile: Profile,
 ) -> list[grid.Case]:
     """The cases `--layers` and `--case` select, built (prototxt and params)."""
     types, nets = grid.selection(layers)
@@ -180,7 +181,7 @@ def run(
 ) -> Conformance:
     """The conformance run of `converter` (MODULE:CALLABLE) against the Caffe of `worker`."""
     start = time.monotonic()
-    chosen = grid.PROFILES[profile]
+    chosen = PROFILES[profile]
     probe(converter)  # a converter that cannot be imported is bad usage, before any work
     todo = select(worker, layers, cases, chosen)
     result = Conformance(converter, profile, date=time.strftime("%Y-%m-%d"))

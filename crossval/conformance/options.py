@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 
 DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How many cases per layer type, and examples per zoo net."""
+
+    name: str
+    per_type: int
+    zoo_examples: int
+
+
+PROFILES = {"ci": Profile("ci", 3, 2), "thorough": Profile("thorough", 10, 6)}
 
 
 def add_arguments(p: argparse.ArgumentParser, positive_float: Callable[[str], float]) -> None:
@@ -26,9 +39,12 @@ def add_arguments(p: argparse.ArgumentParser, positive_float: Callable[[str], fl
     )
     p.add_argument(
         "--profile",
-        choices=["ci", "thorough"],
+        choices=list(PROFILES),
         default="ci",
-        help="ci: 3 cases per layer type, 2 examples per zoo net; thorough: 10 and 6",
+        help="; ".join(
+            f"{p.name}: {p.per_type} cases per layer type, {p.zoo_examples} examples per zoo net"
+            for p in PROFILES.values()
+        ),
     )
     p.add_argument(
         "--case",
