@@ -2,17 +2,21 @@
 hypothesis example, crossval.batched) and one case per example (the per-case path), against
 the raw cost of one Caffe and one PyTorch forward+backward of the same case.
 
-    python bench/bench_heads.py [--examples 20] [--cases 64] [--single 300]
+    python bench/bench_heads.py [--examples 20] [--cases 64] [--rounds 5] [--single 300]
                                 [--batch 8] [--features 64] [--bins 100]
 
-Prints a markdown table (docs/performance.md's figures come from it). Not a test: nothing
-here asserts a time.
+Prints a markdown table (docs/performance.md's figures come from it), with the load average
+before and after: the machine is shared, so the batched rate is measured `--rounds` times
+(best and median), the raw framework costs in the same run. Not a test: nothing here
+asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,13 +45,12 @@ def raw_costs(
     learnable = {key: torch.from_numpy(case.weights[key]) for key in h.learnable(case)}
     params = state_dict_to_caffe(learnable, {ip: harness._layouts[proto][ip]})
     label = "label" if LOSSES[loss].consumes == "logits" else "true_age"
-    caffe = harness.worker.call(
-        "time_raw",
+    caffe = harness.worker.time_raw(
         prototxt=proto,
         params=params,
         surgery=h.surgery,
         inputs={"pool5": case.x, label: case.target},
-    )["forward_backward"]
+    ).forward_backward
     module = h.reference(case, torch.float32)
     x = torch.from_numpy(case.x).requires_grad_(True)
     target = torch.from_numpy(case.target)
@@ -106,6 +109,11 @@ def batched_cases_per_second(
     return count / (time.perf_counter() - t0)
 
 
+def load_average() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min), {os.cpu_count()} cores"
+
+
 def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> float:
     """Examples/s of a property whose body does nothing: hypothesis's own cost per example."""
 
@@ -121,13 +129,11 @@ def hypothesis_floor(strategy: st.SearchStrategy[object], examples: int) -> floa
 
 
 def where_the_time_goes(harness: Harness, combo: tuple[str, str], rounds: int = 6) -> str:
-    """``run_batch`` on one batch of 64 cases (batch 8, 64 features, K 100), its stages timed
-    (ms a batch, summed over the run's calls: sending to the worker, PyTorch float32 and
-    float64, the bounds, the comparisons, waiting for the worker's reply), with run_many's
-    arrays through the shared memory file and through the pipe in alternate rounds (us a
-    case, best and median of `rounds`)."""
+    """``run_batch`` on one batch of 64 cases (batch 8, 64 features, K 100): us a case (best
+    and median of `rounds` rounds of 5 batches, and the parent's CPU time), and its stages
+    (ms a batch, wall, summed over their calls: sending to the worker, the PyTorch float32
+    side, the float64 reference, the bounds, the comparisons, waiting for the reply)."""
     from crossval import batched
-    from crossval import worker as worker_module
     from crossval.batched import Spec, expand, run_batch
     from crossval.heads import Head
 
@@ -148,50 +154,53 @@ def where_the_time_goes(harness: Harness, combo: tuple[str, str], rounds: int = 
 
         return run
 
-    real_submit, real_shared = batched.submit_run_many, worker_module._shared_file
-    saved = (batched.run_torch_batch, batched.BatchComparison.__init__, Head.bounds_each)
+    names = {
+        "run_torch_batch": "pytorch float32",
+        "reference64": "float64 reference",
+        "three_way_each": "compare",
+        "exact_each": "compare",
+    }
+    saved = {name: getattr(batched, name) for name in (*names, "submit_run_many")}
+    bounds_each = Head.bounds_each
 
     def submit(*a: Any, **kw: Any) -> Any:
-        return timed("wait", timed("send", real_submit)(*a, **kw))
+        return timed("wait", timed("send", saved["submit_run_many"])(*a, **kw))
 
-    batched.submit_run_many = submit  # type: ignore[assignment]
-    batched.run_torch_batch = timed("pytorch", saved[0])  # type: ignore[assignment]
-    batched.BatchComparison.__init__ = timed("compare", saved[1])  # type: ignore[method-assign]
-    Head.bounds_each = timed("bounds", saved[2])  # type: ignore[method-assign]
-    per_case: dict[str, list[float]] = {"shared memory": [], "pipe": []}
+    setattr(batched, "submit_run_many", submit)  # noqa: B010 (a module's function, timed)
+    for name, stage in names.items():
+        setattr(batched, name, timed(stage, saved[name]))
+    setattr(Head, "bounds_each", timed("bounds", bounds_each))  # noqa: B010
+    per_case: list[float] = []
+    cpu: list[float] = []
     stages: dict[str, float] = {}
     try:
+        run_batch(harness, batch)  # warm
         for _ in range(rounds):
-            for how in per_case:
-                piped = how == "pipe"
-                worker_module._shared_file = (lambda w: None) if piped else real_shared  # type: ignore[assignment]
-                run_batch(harness, batch)  # warm
-                spent.clear()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    assert run_batch(harness, batch).passed
-                per_case[how].append((time.perf_counter() - t0) / 5 / batch.size * 1e6)
-                if not piped:
-                    for k, v in spent.items():
-                        stages[k] = stages.get(k, 0.0) + v / 5 / rounds * 1e3
+            spent.clear()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(5):
+                assert run_batch(harness, batch).passed
+            per_case.append((time.perf_counter() - t0) / 5 / batch.size * 1e6)
+            cpu.append((time.thread_time() - c0) / 5 / batch.size * 1e6)
+            for k, v in spent.items():
+                stages[k] = stages.get(k, 0.0) + v / 5 / rounds * 1e3
     finally:
-        batched.submit_run_many = real_submit
-        worker_module._shared_file = real_shared  # type: ignore[assignment]
-        batched.run_torch_batch = saved[0]  # type: ignore[assignment]
-        batched.BatchComparison.__init__ = saved[1]  # type: ignore[method-assign]
-        Head.bounds_each = saved[2]  # type: ignore[method-assign]
-    times = "; ".join(
-        f"{how} {min(v):.0f} us/case (median {sorted(v)[len(v) // 2]:.0f})"
-        for how, v in per_case.items()
-    )
+        for name, fn in saved.items():
+            setattr(batched, name, fn)
+        setattr(Head, "bounds_each", bounds_each)  # noqa: B010
     parts = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
-    return f"- {'+'.join(combo)}: {times}; ms a batch of 64 (shared memory): {parts}"
+    return (
+        f"- {'+'.join(combo)}: {min(per_case):.0f} us/case (median "
+        f"{statistics.median(per_case):.0f}; the parent's CPU {min(cpu):.0f}); "
+        f"ms a batch of 64: {parts}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=20, help="hypothesis examples, batched")
     ap.add_argument("--cases", type=int, default=64, help="cases per example, batched")
+    ap.add_argument("--rounds", type=int, default=5, help="batched measurements (best, median)")
     ap.add_argument("--single", type=int, default=300, help="examples of the per-case path")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--features", type=int, default=64)
@@ -199,13 +208,16 @@ def main() -> None:
     ap.add_argument(
         "--where",
         action="store_true",
-        help="only where the time of a batch goes (stages; shared memory against the pipe)",
+        help="only where the time of a batch goes (its stages)",
     )
     args = ap.parse_args()
     if args.where:
         with CaffeWorker() as worker:
             harness = Harness(worker)
-            print(f"{datetime.date.today()}: run_batch, 64 cases of batch 8, 64 features, K 100")
+            print(
+                f"{datetime.datetime.now():%Y-%m-%d %H:%M}: run_batch, 64 cases of batch 8, "
+                f"64 features, K 100; {load_average()}"
+            )
             for combo in COMBINATIONS:
                 print(where_the_time_goes(harness, combo))
         return
@@ -213,33 +225,41 @@ def main() -> None:
     with CaffeWorker() as worker:
         harness = Harness(worker)
         print(
-            f"{datetime.date.today()}: batch {n}, features {d}, K {k}; batched: "
-            f"{args.examples} examples x {args.cases} cases per property; per case: "
-            f"{args.single} examples; torch threads {torch.get_num_threads()}\n"
+            f"{datetime.datetime.now():%Y-%m-%d %H:%M}: batch {n}, features {d}, K {k}; batched: "
+            f"{args.rounds} rounds of {args.examples} examples x {args.cases} cases per "
+            f"property; per case: {args.single} examples; torch threads "
+            f"{torch.get_num_threads()}\n{load_average()}\n"
         )
-        print(
-            "| property | cases/s, batched | us/case | overhead (x raw) "
-            "| cases/s, one per example | overhead (x raw) "
-            "| raw Caffe fwd+bwd | raw PyTorch fwd+bwd |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
-        for combo in COMBINATIONS:
-            caffe, pt = raw_costs(harness, *combo, n, d, k)
-            batched_cases_per_second(harness, combo, 2, args.cases, n, d, k)  # warm up
-            rate = batched_cases_per_second(harness, combo, args.examples, args.cases, n, d, k)
-            single = single_cases_per_second(harness, combo, args.single, n, d, k)
-            raw = caffe + pt
-            print(
-                f"| {'+'.join(combo)} | {rate:.0f} | {1e6 / rate:.0f} | "
-                f"{1 / rate / raw:.2f} | {single:.0f} | {1 / single / raw:.1f} | "
-                f"{caffe * 1e6:.0f} us | {pt * 1e6:.0f} us |"
-            )
+        # Hypothesis's own first-use costs (its scan of the loaded modules for constants,
+        # once per process: 0.2 s) before anything is timed.
         combo = ("expectation", "euclidean")
         strategy = cases(combos=(combo,), batches=st.just(n), features=st.just(d), bins=st.just(k))
         floors = [
             ("st.integers()", hypothesis_floor(st.integers(), 1000)),
             ("the heads' case strategy", hypothesis_floor(strategy, 1000)),
         ]
+        print(
+            "| property | cases/s, batched: best | median | us/case (best) | overhead (x raw) "
+            "| cases/s, one per example | overhead (x raw) "
+            "| raw Caffe fwd+bwd | raw PyTorch fwd+bwd |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for combo in COMBINATIONS:
+            caffe, pt = raw_costs(harness, *combo, n, d, k)
+            batched_cases_per_second(harness, combo, 2, args.cases, n, d, k)  # warm up
+            rates = [
+                batched_cases_per_second(harness, combo, args.examples, args.cases, n, d, k)
+                for _ in range(args.rounds)
+            ]
+            best, median = max(rates), statistics.median(rates)
+            single = single_cases_per_second(harness, combo, args.single, n, d, k)
+            raw = caffe + pt
+            print(
+                f"| {'+'.join(combo)} | {best:.0f} | {median:.0f} | {1e6 / best:.0f} | "
+                f"{1 / best / raw:.2f} | {single:.0f} | {1 / single / raw:.1f} | "
+                f"{caffe * 1e6:.0f} us | {pt * 1e6:.0f} us |"
+            )
+        print(f"\n{load_average()}")
         print("\nhypothesis alone (a property with an empty body, 1000 examples):")
         for name, rate in floors:
             print(f"- {name}: {rate:.0f} examples/s ({1e3 / rate:.2f} ms/example)")

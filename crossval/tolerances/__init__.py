@@ -270,12 +270,15 @@ def softmax_with_loss_each(
     py = np.maximum(np.take_along_axis(p, idx, -1)[..., 0], flt_min)
     ell = -np.log(py)
     per = np.take_along_axis(e_p, idx, -1)[..., 0] / py + (LIBM_ULPS + 1) * U32 * np.abs(ell)
-    totals = []
-    for per_i, ell_i, valid_i in zip(per, ell, valid, strict=True):
-        n = int(valid_i.sum())
-        g = gamma(n) if n else 0.0
-        totals.append(float(per_i[valid_i].sum()) + g * float(np.abs(ell_i[valid_i]).sum()))
-    out: F64 = np.array(totals) / normalizer + ETA32
+    # Every case at once: gamma(n) of its n valid positions (0 where none, as gamma(0) is),
+    # and its sums over them.
+    n = valid.sum(axis=-1)
+    if n.size and float(n.max()) * U32 >= 1:
+        raise ValueError(f"gamma({int(n.max())}) is undefined for float32 (n*u >= 1)")
+    g = n * U32 / (1.0 - n * U32)
+    per_sum = np.where(valid, per, 0.0).sum(axis=-1)
+    ell_sum = np.where(valid, np.abs(ell), 0.0).sum(axis=-1)
+    out: F64 = (per_sum + g * ell_sum) / normalizer + ETA32
     return out
 
 
