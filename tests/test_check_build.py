@@ -18,6 +18,7 @@ from profiles import thorough
 from crossval import golden, provision
 from crossval import localize as localization
 from crossval.buildcheck import BuildChecker, Value
+from crossval.cli import main
 from crossval.heads import Case
 from crossval.net import NetLayer, NetParam
 from crossval.provision.progress import Progress
@@ -100,27 +101,26 @@ def test_builds_side_by_side_and_the_regression_named(
 
 
 @pytest.mark.slow
-def test_a_build_without_the_python_layer_is_unusable(tmp_path: Path) -> None:
-    build = _variant("no-python-layer")
-    rc, text, data = check_build(out=tmp_path, extra=("--variant", "no-python-layer"))
-    assert rc == 2, text
-    assert data["builds"][0]["path"] == str(build.python_path)
-    assert data["builds"][0]["reason"] == "layer types missing: Python", text
-
-
-def test_a_build_that_does_not_import_is_unusable(
+def test_unusable_builds_are_named_and_each_is_checked(
     tmp_path: Path, caffe_install: provision.CaffeInstall
 ) -> None:
+    """A build without the Python layer (--variant), then one that does not import: each is
+    unusable for its own reason, the second still checked after the first (one run of the
+    command: a usable build beside them would add its whole check, about 25 s; the builds'
+    side-by-side checks are the test above)."""
+    no_python = _variant("no-python-layer")
     broken = tmp_path / "broken"
     shutil.copytree(caffe_install.python_path / "caffe", broken / "caffe")
     so = broken / "caffe" / "_caffe.so"
     so.write_bytes(so.read_bytes()[:4096])  # a truncated copy, as a failed install leaves
-    rc, text, data = check_build(broken, caffe_install.python_path, out=tmp_path)
+    rc, text, data = check_build(broken, out=tmp_path, extra=("--variant", "no-python-layer"))
     assert rc == 2, text
-    first, second = data["builds"]
-    assert first["status"] == "unusable" and first["reason"].startswith("import fails"), text
-    assert "_caffe.so" in first["reason"]
-    assert second["status"] == "clean"  # the other build is still checked
+    first, second = data["builds"]  # the --variant builds come first
+    assert first["path"] == str(no_python.python_path)
+    assert first["status"] == "unusable" and first["reason"] == "layer types missing: Python", text
+    assert second["path"] == str(broken)
+    assert second["status"] == "unusable" and second["reason"].startswith("import fails"), text
+    assert "_caffe.so" in second["reason"]
     assert data["pairs"] == []
 
 
@@ -143,9 +143,10 @@ def test_a_caffe_abort_is_reported_with_its_log_line(
     assert "Check failed: bottom[0]->count(1) == bottom[1]->count(1)" in reason
 
 
-def test_check_build_needs_a_build() -> None:
-    proc = run_crossval("check-build")
-    assert proc.returncode == 2 and "--caffe PATH or --variant NAME" in proc.stderr
+def test_check_build_needs_a_build(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check-build"])  # in process: refused before any build is looked at
+    err = capsys.readouterr().err
+    assert code == 2 and "--caffe PATH or --variant NAME" in err, err
 
 
 @pytest.fixture(scope="module")
