@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from crossval_cli import ROOT, run_crossval
+from profiles import thorough
 
 from crossval import provision
+from crossval.cli import main
 
 PORT = '''
 import ctypes
@@ -91,10 +93,8 @@ def sigmoid_net(
     tmp_path_factory: pytest.TempPathFactory, caffe_install: provision.CaffeInstall
 ) -> Path:
     path = tmp_path_factory.mktemp("nets") / "sigmoid.prototxt"
-    proc = run_crossval(
-        "prototxt", "sigmoid_scale", "--features", "16", "--deploy", "-o", str(path)
-    )
-    assert proc.returncode == 0, proc.stderr
+    # in process: the runs under test are validate-port's, each a process of its own
+    assert main(["prototxt", "sigmoid_scale", "--features", "16", "--deploy", "-o", str(path)]) == 0
     return path
 
 
@@ -154,6 +154,8 @@ def test_a_failing_port_is_a_finding_naming_the_example(
     (saved,) = saved_dir.glob("*.npz")
     replay = re.search(r"replay with:\n  crossval (.*)", out)
     assert replay and f"--replay {saved}" in replay.group(1)
+    if how != "segfault" and not thorough():
+        return  # the replay's run (a process again) for one fault in `ci`, each in `thorough`
     # The saved example fails the same way on its own.
     rc2, out2, err2, _ = _run(tmp_path, *replay.group(1).split()[1:])
     assert rc2 == 1, out2 + err2
