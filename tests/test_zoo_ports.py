@@ -146,6 +146,12 @@ def run_caffe(
     )
 
 
+# One pytest worker runs the module, so each Caffe run (a child process writing a DEX net's
+# 33 M params) is made once and shared by the tests that name it (the same kwargs, spelled
+# out: bins=101 is the zoo's default).
+pytestmark = pytest.mark.xdist_group("zoo_ports")
+
+
 @pytest.fixture(scope="module")
 def caffe_runs(
     caffe_install: provision.CaffeInstall, tmp_path_factory: pytest.TempPathFactory
@@ -320,7 +326,7 @@ def test_tiny_caffe_net_shapes(caffe_runs: Callable[..., CaffeRun]) -> None:
 
 
 def test_dex_caffe_net_layout(caffe_runs: Callable[..., CaffeRun]) -> None:
-    run = caffe_runs("dex_vgg16", batch=2, size=32)
+    run = caffe_runs("dex_vgg16", batch=2, size=32, bins=101)
     assert list(run.blobs) == DEX_BLOBS
     in_place = [layer["name"] for layer in run.layers if layer["tops"] == layer["bottoms"]]
     relus = [f"relu{b}_{i}" for b, convs, _ in DEX.VGG16_BLOCKS for i in range(1, convs + 1)]
@@ -363,8 +369,8 @@ def test_dex_port_matches_caffe(
 # at size 32 pool5 is 1 x 1 and both flatten orders agree, so it runs at 48 (pool5 2 x 2, by
 # Caffe's ceil rounding of pool4's 3 x 3).
 VARIANTS: list[tuple[ModuleType, str, str, dict[str, Any]]] = [
-    (DEX, "make_flatten_nhwc", "dex_vgg16", {"batch": 1, "size": 48}),
-    (DEX, "make_bgr_swap", "dex_vgg16", {"batch": 2, "size": 32}),
+    (DEX, "make_flatten_nhwc", "dex_vgg16", {"batch": 1, "size": 48, "bins": 101}),
+    (DEX, "make_bgr_swap", "dex_vgg16", {"batch": 2, "size": 32, "bins": 101}),
     (TINY, "make_pool_floor", "tiny_cnn", {"batch": 3, "seed": 3}),
     (TINY, "make_dropout_active", "tiny_cnn", {"batch": 3, "seed": 3}),
     (TINY, "make_softmax_dim0", "tiny_cnn", {"batch": 3, "seed": 3}),
@@ -433,7 +439,7 @@ def test_softmax_dim0_matches_caffe_at_batch_one(caffe_runs: Callable[..., Caffe
 def test_flatten_nhwc_is_invisible_when_pool5_is_one_by_one(
     caffe_runs: Callable[..., CaffeRun],
 ) -> None:
-    run = caffe_runs("dex_vgg16", batch=2, size=32)
+    run = caffe_runs("dex_vgg16", batch=2, size=32, bins=101)
     module = DEX.make_flatten_nhwc(size=32)
     transfer(module, run)
     checks = compare_blobs(run, forward(module, run))
