@@ -1,10 +1,14 @@
 """Bad inputs are exit-2 errors naming the thing at fault (crossval.inputs), a validation
 that compares nothing is a finding (exit 1); in-process through `crossval.cli.main`, with
-real Caffe. The user's files stay byte for byte unchanged; no traceback."""
+real Caffe. The user's files stay byte for byte unchanged; no traceback.
+
+validate-port's cases run its engine (`portcheck.command.validate`) on the shared Caffe
+worker, where the command would start a child process importing PyTorch for each; the exit
+code is the command's (the report's, or the error's). The command line's own refusals and
+its passing of the child's errors are tests/test_validate_port.py's and tests/test_fuzz.py's."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from crossval import cli
-from crossval.errors import EXIT_FINDING, EXIT_USAGE
+from crossval.errors import EXIT_FINDING, EXIT_USAGE, CrossvalError
+from crossval.portcheck.command import validate
+from crossval.worker import CaffeWorker
 
 PORTS = Path(__file__).resolve().parent / "ports"
 
@@ -64,6 +70,18 @@ def crossval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err, out + err
     return code, out, err
+
+
+def validate_port(
+    worker: CaffeWorker, net: str, port: str, **options: object
+) -> tuple[int, str, str]:
+    """validate-port NET --port PORT (options by validate()'s names) in this process, in the
+    current directory: the command's exit code, its report (stdout) and its error (stderr)."""
+    try:
+        report = validate(worker, Path(net), port, **options)  # type: ignore[arg-type]
+    except CrossvalError as exc:
+        return exc.exit_code, "", str(exc)
+    return report.exit_code, report.text(), ""
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -190,44 +208,43 @@ def test_bad_files_named(
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("options", "message"),
     [
-        (["--map", "map.json"], r"--map key 'fc_1/0' names no Caffe param .*closest: fc1/0"),
-        (["--replay", "missing.npz"], "--replay missing.npz does not exist"),
-        (["--replay", "bad.npz"], r"--replay bad\.npz is not a saved example"),
-        (["--weights", "a.caffemodel"], r"a\.caffemodel does not fit tiny\.prototxt: it has no "),
+        (
+            {"mapping": {"fc_1/0": "fc1.weight"}},
+            r"--map key 'fc_1/0' names no Caffe param .*closest: fc1/0",
+        ),
+        ({"replay": Path("missing.npz")}, "--replay missing.npz does not exist"),
+        ({"replay": Path("bad.npz")}, r"--replay bad\.npz is not a saved example"),
+        (
+            {"weights": Path("a.caffemodel")},
+            r"a\.caffemodel does not fit tiny\.prototxt: it has no ",
+        ),
     ],
 )
 def test_validate_port_bad_input(
-    user: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+    user: Path, worker: CaffeWorker, options: dict[str, object], message: str
 ) -> None:
-    (user / "map.json").write_text(json.dumps({"fc_1/0": "fc1.weight"}))
     before = snapshot(user)
-    code, _, err = crossval(
-        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make", *extra
-    )
+    code, _, err = validate_port(worker, "tiny.prototxt", "myport:make", **options)
     assert code == EXIT_USAGE, err
     assert re.search(message, err), err
     assert snapshot(user) == before
 
 
-def test_empty_net_is_named_as_such(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = crossval(capsys, "validate-port", "empty.prototxt", "--port", "myport:make")
+def test_empty_net_is_named_as_such(user: Path, worker: CaffeWorker) -> None:
+    code, _, err = validate_port(worker, "empty.prototxt", "myport:make")
     assert code == EXIT_USAGE and "empty.prototxt has no layers: the net is empty" in err, err
     assert "map" not in err
 
 
-def test_net_without_input_layer(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = crossval(capsys, "validate-port", "noinput.prototxt", "--port", "myport:make")
+def test_net_without_input_layer(user: Path, worker: CaffeWorker) -> None:
+    code, _, err = validate_port(worker, "noinput.prototxt", "myport:make")
     assert code == EXIT_USAGE and "noinput.prototxt has no Input layer" in err, err
 
 
-def test_port_returning_nothing_is_a_finding(
-    user: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = crossval(
-        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_empty", "--examples", "2"
-    )
+def test_port_returning_nothing_is_a_finding(user: Path, worker: CaffeWorker) -> None:
+    code, out, err = validate_port(worker, "tiny.prototxt", "myport:make_empty", examples_n=2)
     assert code == EXIT_FINDING, out + err
     assert "MATCH:" not in out and "MISMATCH" in out
     assert "first failing layer: conv1 (Convolution)" in out  # the first unverified layer
@@ -235,31 +252,21 @@ def test_port_returning_nothing_is_a_finding(
     assert "blobs the port did not return: conv1, relu1, pool1, fc1" in out
 
 
-def test_port_returning_non_tensors_is_a_finding(
-    user: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = crossval(
-        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_not_tensors"
-    )
+def test_port_returning_non_tensors_is_a_finding(user: Path, worker: CaffeWorker) -> None:
+    code, out, err = validate_port(worker, "tiny.prototxt", "myport:make_not_tensors")
     assert code == EXIT_FINDING, out + err
     assert "PORT FAILURE: the port's forward returned values that are not tensors" in out
     assert "('prob': list) in its forward while running example 1" in out
 
 
-def test_factory_returning_no_module_is_a_finding(
-    user: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = crossval(capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_int")
+def test_factory_returning_no_module_is_a_finding(user: Path, worker: CaffeWorker) -> None:
+    code, out, err = validate_port(worker, "tiny.prototxt", "myport:make_int")
     assert code == EXIT_FINDING, out + err
     assert "PORT FAILURE: --port 'myport:make_int' returned int, not a torch.nn.Module" in out
 
 
-def test_input_blob_divergence_is_named_as_an_input(
-    user: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = crossval(
-        capsys, "validate-port", "tiny.prototxt", "--port", "myport:make_changes_input"
-    )
+def test_input_blob_divergence_is_named_as_an_input(user: Path, worker: CaffeWorker) -> None:
+    code, out, err = validate_port(worker, "tiny.prototxt", "myport:make_changes_input")
     assert code == EXIT_FINDING, out + err
     assert "first failing layer: input data" in out
     assert "the port returned its input 'data' changed (does it modify its input in place?)" in out
