@@ -7,25 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from crossval_cli import run_crossval
 from profiles import thorough
 
 from crossval import provision
 from crossval.batched import three_way_each
+from crossval.cli import main
 from crossval.compare import Comparison
 from crossval.report import Row, relative_error, table
 
 
 def test_report_runs_the_matrix_and_writes_its_files(
-    tmp_path: Path, caffe_install: provision.CaffeInstall
+    tmp_path: Path, caffe_install: provision.CaffeInstall, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "rep"
-    # 3 examples a row (10 in `thorough`): every row runs and is asserted on below.
+    # 3 examples a row (10 in `thorough`): every row runs and is asserted on below. The
+    # command in process (`main`; as a process of its own in test_fuzz's signal tests).
     count = "10" if thorough() else "3"
-    proc = run_crossval("report", "--profile", "dev", "--examples", count, "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "every check passes" in proc.stdout
-    assert "[crossval report]" in proc.stderr  # progress while it runs
+    code = main(["report", "--profile", "dev", "--examples", count, "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
+    assert "every check passes" in stdout
+    assert "[crossval report]" in stderr  # progress while it runs
     data = json.loads((out / "report.json").read_text())
     assert data["passed"] is True
     checks = [r["check"] for r in data["rows"]]
