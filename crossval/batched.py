@@ -25,6 +25,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -68,8 +69,9 @@ _steady = False
 
 def steady_allocator() -> None:
     """Keep the batches' arrays' memory in the process between batches (glibc's mallopt; a
-    no-op elsewhere). Runs start here (`run_batch`), as `checks.single_threaded` does for
-    torch's threads: importing crossval leaves the allocator alone."""
+    no-op elsewhere). Batched runs start here (`expand`, `run_batch`), as `Harness` starts
+    with `checks.single_threaded` for torch's threads: importing crossval leaves the
+    allocator alone."""
     global _steady
     if _steady:
         return
@@ -168,6 +170,7 @@ def expand(spec: Spec) -> CaseBatch:
     variance) scaled so that each case reaches the spread, targets or labels by the targets
     mode, ignored labels by the ignoring mode (one ignore_label for the batch, as it is part
     of the net)."""
+    steady_allocator()
     head, loss, m, n, d = spec.head, spec.loss, spec.count, spec.batch, spec.features
     if m < 1:
         raise ValueError(f"a batch needs at least one case, got count={spec.count}")
@@ -721,18 +724,18 @@ _CHAINS64 = {
 def reference64(
     head: Head,
     batch: CaseBatch,
-    module: torch.nn.Module,
+    module: Callable[[], torch.nn.Module],
     weights64: dict[str, F64] | None = None,
 ) -> TorchBatch:
     """The float64 reference of every case of `batch`: its blobs, loss and gradients (d loss
     / d pool5, the learnable params and each blob), from the closed forms above; a head or
-    loss they do not cover runs `module` (the reference in float64) under vmap.
+    loss they do not cover runs `module()` (the reference in float64) under vmap.
     `weights64`: the batch's weights in float64, if the caller has them."""
     case = batch.template
     chain = _CHAINS64.get(head.layer_types)
     loss_fn = _LOSSES64.get(case.loss)
     if chain is None or loss_fn is None:
-        return run_torch_batch(head, batch, torch.float64, module)
+        return run_torch_batch(head, batch, torch.float64, module())
     keys = head.learnable(case)
     if weights64 is None:
         weights64 = {k: batch.weights[k].astype(np.float64) for k in keys}
@@ -782,7 +785,8 @@ def run_batch(harness: Harness, batch: CaseBatch) -> BatchResult:
     )
     # The float64 weights, made once for the reference and its bounds.
     weights64 = {k: v.astype(np.float64) for k, v in batch.weights.items()}
-    t64 = reference64(head, batch, harness.module(REFERENCE, head, case, torch.float64), weights64)
+    module64 = partial(harness.module, REFERENCE, head, case, torch.float64)  # if it falls back
+    t64 = reference64(head, batch, module64, weights64)
     b = head.bounds_each(case, batch.x, batch.target, weights64, t64.blobs, t64.grads)
     desc = batch.describe
     grad_rule = f"tolerances.{b.loss_rule}_grad -> backward chain"

@@ -168,7 +168,7 @@ def _reference64_disagreements(spec: Spec) -> list[str]:
     batch = expand(spec)
     head = HEADS[spec.head]
     module = head.reference(batch.template, torch.float64)
-    mine = reference64(head, batch, module)
+    mine = reference64(head, batch, lambda: module)
     theirs = run_torch_batch(head, batch, torch.float64, module)
     pairs = [(f"blob {k}", mine.blobs[k], v) for k, v in theirs.blobs.items()]
     pairs += [(f"grad {k}", mine.grads[k], v) for k, v in theirs.grads.items()]
@@ -195,6 +195,24 @@ def test_reference64_is_the_reference_modules_in_float64(
 
     monkeypatch.setattr(batched, "run_torch_batch", no_fallback)
     assert _reference64_disagreements(spec) == []
+
+
+def test_a_loss_without_closed_form_runs_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss the closed forms do not cover gets the reference modules' float64 values."""
+    monkeypatch.delitem(batched._LOSSES64, "euclidean")
+    batch = expand(_spec("expectation", "euclidean", count=3))
+    head = HEADS["expectation"]
+    module = head.reference(batch.template, torch.float64)
+    built: list[int] = []
+
+    def factory() -> torch.nn.Module:
+        built.append(1)
+        return module
+
+    got = reference64(head, batch, factory)
+    want = run_torch_batch(head, batch, torch.float64, module)
+    assert built == [1] and np.array_equal(got.loss, want.loss)
+    assert all(np.array_equal(got.grads[k], v) for k, v in want.grads.items())
 
 
 @pytest.mark.parametrize(
