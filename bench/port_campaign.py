@@ -44,11 +44,11 @@ def main() -> int:
     with CaffeWorker() as worker, tempfile.TemporaryDirectory() as tmp:
         made = {}
         for key, net in NETS.items():
-            text = worker.call("prototxt", head=net.builder, batch=net.batch, **net.kwargs)
-            described = worker.call("describe", prototxt=text)
+            text = worker.prototxt(net.builder, batch=net.batch, **net.kwargs)
+            described = worker.describe(text)
             params = generate_params(described, np.random.default_rng(0))
             path = str(Path(tmp) / f"{key}.caffemodel")
-            worker.call("save", prototxt=text, params=params, out=path)
+            worker.save(text, params, path)
             made[key] = (text, path, params)
             module = importlib.import_module(f"ports.{net.port}")
             mapping = module.caffe_map() if hasattr(module, "caffe_map") else None

@@ -42,13 +42,11 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=2)
     args = ap.parse_args()
     with CaffeWorker() as worker, tempfile.TemporaryDirectory() as tmp:
-        text = worker.call("prototxt", head="dex_vgg16", bins=101, size=args.size)
+        text = worker.prototxt("dex_vgg16", bins=101, size=args.size)
         port = dex.make(size=args.size)
         checker = PortChecker(worker, text, port)
         inputs, params = checker.arrays(PortExample(0, batch=1))
-        raw_caffe = worker.call(
-            "time_raw", prototxt=checker.prototxt, inputs=inputs, params=params, repeat=2
-        )["forward_backward"]
+        raw_caffe = worker.time_raw(checker.prototxt, inputs, params, repeat=2).forward_backward
         x = {k: torch.from_numpy(v).requires_grad_(True) for k, v in inputs.items()}
         best = float("inf")
         for _ in range(3):
@@ -61,9 +59,7 @@ def main() -> int:
         raw_port = best
         # a trained net's weights, as a user runs it (--weights), and fresh weights drawn
         # for every example (no --weights): drawing VGG-16's 138 M weights is part of it
-        model = worker.call(
-            "save", prototxt=text, params=params, out=str(Path(tmp, "w.caffemodel"))
-        )
+        model = worker.save(text, params, str(Path(tmp, "w.caffemodel")))
         trained = _per_example(
             PortChecker(worker, text, port, weights=model, generate=False), args.examples
         )

@@ -23,11 +23,22 @@ import torch
 from torch import nn
 
 from . import transfer
+from .caffe_side.replies import Params, RunReply
 from .compare import Comparison, exact, three_way
 from .heads import HEADS, LOSSES, Case, Head, label_blob
 from .tolerances import finite_difference as fd_tol
 from .tolerances.finite_difference import CAFFE_FD_STEP, CAFFE_FD_THRESHOLD
 from .worker import CaffeWorker
+
+
+@dataclass(frozen=True)
+class CaffeRun:
+    """A head's case run in Caffe: the worker's reply and, beside it, the learnable params
+    sent (transferred from the case's weights), which the reply's params are checked
+    against."""
+
+    reply: RunReply
+    sent: Params
 
 
 def single_threaded() -> None:
@@ -157,22 +168,20 @@ class Harness:
         key = tuple(sorted(args.items()))
         proto = self._protos.get(key)
         if proto is None:
-            proto = str(self.worker.call("prototxt", batch=1, **args))
-            got = self.worker.call("params", prototxt=proto, phase="TRAIN", surgery=head.surgery)
-            self._layouts[proto] = {
-                k: [tuple(a.shape) for a in v] for k, v in got["params"].items()
-            }
+            proto = self.worker.prototxt(batch=1, **args)
+            got = self.worker.params(proto, phase="TRAIN", surgery=head.surgery)
+            self._layouts[proto] = {k: [tuple(a.shape) for a in v] for k, v in got.params.items()}
             self._protos[key] = proto
         return proto
 
-    def run_caffe(self, head: Head, case: Case) -> dict[str, Any]:
+    def run_caffe(self, head: Head, case: Case) -> CaffeRun:
         """Caffe forward+backward with the case's learnable weights transferred in; the fixed
         blob keeps what Caffe itself put there (Scale filler, or the surgery)."""
         return self.submit_caffe(head, case)()
 
     def submit_caffe(
         self, head: Head, case: Case, all_diffs: bool = False
-    ) -> Callable[[], dict[str, Any]]:
+    ) -> Callable[[], CaffeRun]:
         """`run_caffe` started in the worker; call the result to wait for it. With
         `all_diffs`, the diff of every blob comes back (not just the inputs')."""
         proto = self.prototxt(head, case)
@@ -180,8 +189,7 @@ class Harness:
         learnable = {k: torch.from_numpy(case.weights[k]) for k in head.learnable(case)}
         params = transfer.state_dict_to_caffe(learnable, {ip: self._layouts[proto][ip]})
         label = label_blob(case)
-        pending = self.worker.submit(
-            "run",
+        pending = self.worker.submit_run(
             prototxt=proto,
             inputs={"pool5": case.x, label: case.target},
             params=params,
@@ -190,12 +198,7 @@ class Harness:
             all_diffs=all_diffs,
         )
 
-        def wait() -> dict[str, Any]:
-            result: dict[str, Any] = pending()
-            result["sent"] = params
-            return result
-
-        return wait
+        return lambda: CaffeRun(pending(), params)
 
     def run_case(
         self, case: Case, *, port: Impl | None = None, reference: Impl | None = None
@@ -216,16 +219,17 @@ class Harness:
         t64 = run_torch(
             head, ref_impl, case, torch.float64, self.module(ref_impl, head, case, torch.float64)
         )
-        caffe = pending()
+        run = pending()
+        caffe = run.reply
         out = CaseResult(case)
         add = out.comparisons.append
 
         # Copies, bit for bit: weights into Caffe and back, and the fixed blob on both sides.
-        for layer, blobs in caffe["sent"].items():
+        for layer, blobs in run.sent.items():
             for i, value in enumerate(blobs):
-                add(exact("transfer", f"{layer}/{i}", caffe["params"][layer][i], value, desc))
+                add(exact("transfer", f"{layer}/{i}", caffe.params[layer][i], value, desc))
         fixed, want = head.fixed_layer, head.fixed_value(case)
-        add(exact("fixed caffe", f"{fixed}/0", caffe["params"][fixed][0], want, desc))
+        add(exact("fixed caffe", f"{fixed}/0", caffe.params[fixed][0], want, desc))
         key = transfer.state_dict_key(fixed, 0)
         if key in t32.state:
             add(exact("fixed torch", key, t32.state[key].astype(np.float32), want, desc))
@@ -241,7 +245,7 @@ class Harness:
             triple(
                 "forward",
                 blob,
-                caffe["blobs"][blob],
+                caffe.blobs[blob],
                 t32.blobs[blob],
                 b.ref[blob],
                 b.forward[blob],
@@ -250,16 +254,16 @@ class Harness:
         triple(
             "loss",
             "loss",
-            np.array(caffe["blobs"]["loss"]).reshape(()),
+            np.array(caffe.blobs["loss"]).reshape(()),
             np.array(t32.loss),
             np.array(t64.loss),
             np.array(b.loss),
             "tolerances." + b.loss_rule,
         )
-        caffe_grads = {"pool5": caffe["diffs"]["pool5"]}
+        caffe_grads = {"pool5": caffe.diffs["pool5"]}
         ip = head.ip_layer(case)
         for i, k in enumerate(head.learnable(case)):
-            caffe_grads[k] = caffe["param_diffs"][ip][i]
+            caffe_grads[k] = caffe.param_diffs[ip][i]
         for name in head.gradient_keys(case):
             triple(
                 "gradient",
@@ -323,8 +327,7 @@ def caffe_gradient_check(
     e_l = loss_bound(case)
     truncation = _reference_truncation(case, targets, CAFFE_FD_STEP)
     slacks = fd_tol.slacks(e_l, truncation, CAFFE_FD_STEP)
-    got = harness.worker.call(
-        "gradient_check",
+    got = harness.worker.gradient_check(
         slacks=slacks,
         prototxt=proto,
         inputs={"pool5": case.x, label: case.target},
@@ -336,8 +339,8 @@ def caffe_gradient_check(
         kink=kink,
     )
     return [
-        FiniteDifference(f"d loss/d {name}[{idx}]", c, e, v, slack)
-        for (_, name, idx, c, e, v), slack in zip(got["results"], slacks, strict=True)
+        FiniteDifference(f"d loss/d {r.name}[{r.index}]", r.computed, r.estimated, r.verdict, slack)
+        for r, slack in zip(got.results, slacks, strict=True)
     ]
 
 

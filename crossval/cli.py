@@ -79,6 +79,12 @@ def _heads() -> Iterable[str]:
     return HEAD_NAMES
 
 
+def _appendable_heads() -> Iterable[str]:
+    from .net import HEAD_APPENDERS
+
+    return HEAD_APPENDERS
+
+
 def _losses() -> Iterable[str]:
     from .names import LOSS_NAMES
 
@@ -204,7 +210,7 @@ def _prototxt(args: argparse.Namespace) -> int:
         if LOSSES[args.loss].has_sigma:
             opts["sigma"] = args.sigma
     with CaffeWorker(timeout=args.timeout) as worker:
-        text = worker.call("prototxt", head=args.head, **opts)
+        text = worker.prototxt(args.head, **opts)
     if target is not None:
         outputs.write_text(target, text)
     else:
@@ -580,11 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
         "taking only the fixed (lr_mult 0) params from the file",
     )
     vp.add_argument("--map", default=None, help='JSON {"layer/index": "state_dict key"}')
-    vp.add_argument(
+    _choice(
+        vp,
         "--head",
-        choices=["expectation"],
+        choices=_Names(_appendable_heads),
         default=None,
-        help="append the seed's expectation head (pred_age) to the net's Softmax",
+        help="append one of the seed's heads to the net (expectation: pred_age on its Softmax)",
     )
     vp.add_argument("--bins", type=positive_int, default=None, help="K for --head expectation")
     vp.add_argument(

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `generate` needs to know of a net: each input as (name, shape, number of
+    classes when it holds SoftmaxWithLoss labels, else 0), and each layer with params as
+    (layer, [(shape, lr_mult) per param blob], whether it feeds a squashing layer)."""
+
+    inputs: list[tuple[str, Shape, int]]
+    params: list[tuple[str, list[tuple[Shape, float]], bool]]
+
 
 def generate(
-    recipe: dict[str, Any],
+    recipe: Recipe,
     seed: int,
     input_scale: float,
     weight_scale: float,
@@ -24,21 +36,21 @@ def generate(
     base: dict[str, list[np.ndarray]] | None,
     learnable: bool,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
-    """`recipe`: {"inputs": [(name, shape, classes or 0)], "params": [(layer, [(shape,
-    lr_mult)], saturating)]}. Labels of SoftmaxWithLoss are class indices; params with
+    """The example drawn from `seed` for the net `recipe` describes. Labels of
+    SoftmaxWithLoss are class indices; params with
     lr_mult 0 (and all params unless `learnable`) come from `base` (None: left out, the
     holder keeps its own); the others are He-scaled normals, the layer feeding a squashing
     layer scaled by `weight_scale`."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
-    for name, shape, classes in recipe["inputs"]:
+    for name, shape, classes in recipe.inputs:
         full = (batch, *shape[1:])
         if classes:
             inputs[name] = rng.integers(0, classes, size=full).astype(np.float32)
         else:
             inputs[name] = (rng.standard_normal(full) * input_scale).astype(np.float32)
     params: dict[str, list[np.ndarray]] = {}
-    for layer, blobs, saturating in recipe["params"]:
+    for layer, blobs, saturating in recipe.params:
         out = []
         for i, (shape, lr_mult) in enumerate(blobs):
             if not learnable or lr_mult == 0:

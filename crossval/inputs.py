@@ -10,7 +10,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -175,9 +175,7 @@ def check_net(
     if weights is not None and not Path(weights).is_file():
         raise InputError(f"no caffemodel at {weights}")
     try:
-        got: dict[str, Any] = worker.call(
-            "check_net", prototxt=text, phase=phase, weights=str(weights or "")
-        )
+        got = worker.check_net(text, phase=phase, weights=str(weights or ""))
     except CaffeError as exc:
         why = str(exc).split(": ", 1)[-1].removeprefix("ValueError: ")
         raise InputError(f"{where}: {why}") from None
@@ -189,7 +187,7 @@ def check_net(
             "zero dimension, i.e. some layer's output is empty (an input too small for the "
             "kernels and strides that follow?)"
         ) from None
-    names = [name for name, _ in got["layers"]]
+    names = [name for name, _ in got.layers]
     if not names:
         raise InputError(f"{where} has no layers: the net is empty")
     twice = sorted(n for n, c in Counter(names).items() if c > 1)
@@ -198,14 +196,14 @@ def check_net(
             f"{where}: layer names used more than once: {', '.join(map(repr, twice))} "
             "(Caffe finds a layer's weights by its name: give each layer its own)"
         )
-    shapes: dict[str, list[int]] = got["inputs"]
+    shapes = got.inputs
     if need_input and not shapes:
-        types = ", ".join(sorted({t for _, t in got["layers"]}))
+        types = ", ".join(sorted({t for _, t in got.layers}))
         raise InputError(
             f"{where} has no Input layer (layer types: {types}); crossval feeds a net through "
             "Input layers: replace its data layer by one (input_param { shape { dim: ... } })"
         )
-    unread = got.get("unwritten_bottoms", [])
+    unread = got.unwritten_bottoms
     if unread:
         layer, blob = unread[0]
         hint = " (the net has no Input layer)" if not shapes else ""
@@ -220,8 +218,7 @@ def check_net(
             )
     if weights is None:
         return
-    net: dict[str, list[tuple[list[int], float]]] = got["params"]
-    model: dict[str, list[list[int]]] = got["model"]
+    net, model = got.params, got.model
     problems = []
     for layer, blobs in net.items():
         want = [tuple(shape) for shape, _ in blobs]

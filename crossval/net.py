@@ -3,13 +3,16 @@ param layout), and its partition into the segments a set of observed blobs allow
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import dataclasses
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from crossval.reference.layers import LayerSpec
 
+from .caffe_side.replies import CaffeLayerSpec
 from .errors import UsageError
+from .examplegen import Recipe
 from .worker import CaffeError, CaffeWorker
 
 
@@ -98,7 +101,7 @@ class Net:
     def layer(self, name: str) -> NetLayer:
         return next(lay for lay in self.layers if lay.name == name)
 
-    def recipe(self) -> dict[str, Any]:
+    def recipe(self) -> Recipe:
         """What ``examplegen.generate`` needs to know of the net: each input's shape (and
         its number of classes when it holds SoftmaxWithLoss labels), each layer's params,
         and whether the layer feeds a squashing layer (its weights are scaled up to
@@ -110,9 +113,9 @@ class Net:
         squashed = {
             b for lay in self.compute_layers if lay.type in SQUASHING for b in lay.spec.bottoms
         }
-        return {
-            "inputs": [(n, tuple(s), label_of.get(n, 0)) for n, s in self.inputs.items()],
-            "params": [
+        return Recipe(
+            inputs=[(n, tuple(s), label_of.get(n, 0)) for n, s in self.inputs.items()],
+            params=[
                 (
                     lay.name,
                     [(p.shape, p.lr_mult) for p in lay.params],
@@ -121,7 +124,7 @@ class Net:
                 for lay in self.compute_layers
                 if lay.params
             ],
-        }
+        )
 
 
 SQUASHING = ("Softmax", "Sigmoid", "TanH")
@@ -158,36 +161,44 @@ def append_expectation_head(prototxt: str, net: Net, bins: int) -> str:
     return prototxt + head
 
 
+# The seed's heads validate-port can append to a net (--head NAME --bins K): the expectation
+# head, on a Softmax output. (The sigmoid-scale head needs a feature blob of the user's
+# choosing and a trained InnerProduct: no net ends where it could be appended.)
+HEAD_APPENDERS: dict[str, Callable[[str, Net, int], str]] = {
+    "expectation": append_expectation_head,
+}
+
+
 def read_net(worker: CaffeWorker, prototxt: str, phase: str = "TEST") -> Net:
     """The net as Caffe instantiates it in `phase` (`describe`), each layer's parameter
     messages with Caffe's defaults (`layer_specs`)."""
     try:
-        got = worker.call("describe", prototxt=prototxt, phase=phase)
-        specs = worker.call("layer_specs", prototxt=prototxt)
+        got = worker.describe(prototxt, phase=phase)
+        specs = worker.layer_specs(prototxt)
     except CaffeError as exc:
         raise UsageError(str(exc)) from None
-    by_name: dict[str, list[dict[str, Any]]] = {}
+    by_name: dict[str, list[CaffeLayerSpec]] = {}
     for s in specs:
-        by_name.setdefault(str(s["name"]), []).append(s)
+        by_name.setdefault(s.name, []).append(s)
     renamed: dict[str, str] = {}  # an auto-inserted split's top -> the blob it copies
     layers = []
-    for lay in got["layers"]:
-        candidates = [s for s in by_name.get(lay["name"], []) if s["type"] == lay["type"]]
-        bottoms = tuple(renamed.get(b, b) for b in lay["bottoms"])
+    for lay in got.layers:
+        candidates = [s for s in by_name.get(lay.name, []) if s.type == lay.type]
+        bottoms = tuple(renamed.get(b, b) for b in lay.bottoms)
         if not candidates:
-            if lay["type"] == "Split":
-                for t in lay["tops"]:
+            if lay.type == "Split":
+                for t in lay.tops:
                     renamed[t] = bottoms[0]
                 continue
-            raise UsageError(f"layer {lay['name']!r} ({lay['type']}) is not in the prototxt")
-        d = {**candidates[-1], "bottoms": list(bottoms), "tops": list(lay["tops"])}
-        spec = LayerSpec.from_dict(d, phase)
-        params = tuple(
-            NetParam(i, tuple(p["shape"]), float(p["lr_mult"])) for i, p in enumerate(lay["params"])
+            raise UsageError(f"layer {lay.name!r} ({lay.type}) is not in the prototxt")
+        # the built net's blob names (splits resolved), the parsed layer's messages
+        spec = dataclasses.replace(
+            LayerSpec.from_caffe(candidates[-1], phase), bottoms=bottoms, tops=tuple(lay.tops)
         )
+        params = tuple(NetParam(i, p.shape, p.lr_mult) for i, p in enumerate(lay.params))
         layers.append(NetLayer(spec, params))
-    blobs = {k: tuple(v) for k, v in got["blobs"].items() if k not in renamed}
-    return Net(prototxt, phase, layers, blobs, {k: tuple(v) for k, v in got["inputs"].items()})
+    blobs = {k: v for k, v in got.blobs.items() if k not in renamed}
+    return Net(prototxt, phase, layers, blobs, dict(got.inputs))
 
 
 # ---- segments -----------------------------------------------------------------------------

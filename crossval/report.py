@@ -253,7 +253,7 @@ def onnx_rows(harness: Harness, examples: int, say: Progress) -> list[Row]:
                 head, loss, batch=1 + 7 * (s % 2), features=64, bins=101, spread=spread, seed=s
             )
             runtime = Runtime(with_weights(model, spec, case.weights))
-            caffe = harness.run_caffe(HEADS[head], case)["blobs"]
+            caffe = harness.run_caffe(HEADS[head], case).reply.blobs
             runs = {"onnxruntime": runtime(case.x), "caffe": caffe}
             for c in forward_comparisons(spec, case.x, case.weights, runs, case.describe()):
                 row.add(c)

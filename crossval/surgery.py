@@ -52,19 +52,19 @@ def surgery(
     inputs.check_net(worker, text, prototxt, phase=phase, weights=weights, doing="surgery")
     with outputs.staged(target) as tmp:
         try:
-            got = worker.call(
-                "surgery",
+            got = worker.surgery(
                 prototxt=text,
                 phase=phase,
                 layer=layer,
                 weights=str(weights or ""),
                 out=str(tmp),
             )
-            back = worker.call("params", prototxt=text, phase=phase, weights=str(tmp))
+            back = worker.params(text, phase=phase, weights=str(tmp))
         except CaffeError as exc:
             raise SurgeryError(f"{prototxt}: {exc}") from None
-        want = np.arange(got["bins"], dtype=np.float32)[None, :]
-        check = exact("surgery", f"{layer}/0 in {out.name}", back["params"][layer][0], want)
+        assert got is not None  # the worker replies None only when no layer is given
+        want = np.arange(got.bins, dtype=np.float32)[None, :]
+        check = exact("surgery", f"{layer}/0 in {out.name}", back.params[layer][0], want)
         if not check.passed:
             raise SurgeryError(f"the saved kernel does not read back exactly: {check}")
-    return SurgeryResult(out, layer, int(got["bins"]), str(got["bottom"]))
+    return SurgeryResult(out, layer, got.bins, got.bottom)

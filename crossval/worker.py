@@ -38,7 +38,25 @@ from typing import IO, Any, NoReturn, TypeVar, cast
 import numpy as np
 
 from . import provision
+from .caffe_side.replies import (
+    CaffeLayerSpec,
+    CheckNetReply,
+    Descriptor,
+    GeneratedRun,
+    GradientCheckReply,
+    ManyRunsReply,
+    NetDescription,
+    NetParams,
+    Ping,
+    RawTime,
+    RunReply,
+    SurgeryReply,
+    TrainReply,
+    run_many_arrays,
+    with_arrays,
+)
 from .errors import CrossvalError, raise_if_interrupted
+from .examplegen import Recipe
 
 _HEADER = struct.Struct("<Q")
 DIR_PREFIX = "crossval-worker-"
@@ -279,7 +297,287 @@ def sweep_stale(prefix: str = DIR_PREFIX) -> None:
                 pass
 
 
-class CaffeWorker:
+_R = TypeVar("_R")
+
+
+class CaffeOps:
+    """The worker's operations, typed: one method per ``op_<name>`` of
+    ``crossval.caffe_side.server.Ops``, with its keyword arguments and its reply (a dataclass
+    of ``crossval.caffe_side.replies``). Built on the transport a subclass provides:
+    `request` (and `submit_request`, which may start the op and return a function that waits
+    for its reply)."""
+
+    def request(self, op: str, **kwargs: Any) -> object:
+        """The transport: run `op` in the worker and return its reply, as it came."""
+        raise NotImplementedError
+
+    def submit_request(self, op: str, **kwargs: Any) -> Callable[[], object]:
+        """The transport: start `op` and return a function that waits for its reply (here
+        the op runs at once; `CaffeWorker` runs it while the caller works)."""
+        reply = self.request(op, **kwargs)
+        return lambda: reply
+
+    # TRANSITIONAL (removed once crossval.portcheck.engine uses the typed methods): the
+    # untyped calls with the reply as a dict of its fields.
+    def call(self, op: str, **kwargs: Any) -> Any:
+        return _fields(self.request(op, **kwargs))
+
+    def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
+        pending = self.submit_request(op, **kwargs)
+        return lambda: _fields(pending())
+
+    def _submit(self, op: str, kind: type[_R], **kwargs: Any) -> Callable[[], _R]:
+        pending = self.submit_request(op, **kwargs)
+        return lambda: _expect(op, pending(), kind)
+
+    def ping(self) -> Ping:
+        """Where the worker's pycaffe comes from, and its process id."""
+        return _expect("ping", self.request("ping"), Ping)
+
+    def prototxt(self, head: str, **options: object) -> str:
+        """The prototxt text of a net the worker builds (``crossval.caffe_side.nets.BUILDERS``:
+        a head or a zoo net) with the builder's `options`."""
+        return _expect("prototxt", self.request("prototxt", head=head, **options), str)
+
+    def describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> NetDescription:
+        """The built net's layers, blob shapes and inputs (``Ops.op_describe``)."""
+        reply = self.request("describe", prototxt=prototxt, phase=phase, surgery=surgery)
+        return _expect("describe", reply, NetDescription)
+
+    def layer_specs(self, prototxt: str, phase: str = "TEST") -> list[CaffeLayerSpec]:
+        """Each layer `phase` keeps, as Caffe parses it (``Ops.op_layer_specs``)."""
+        reply = self.request("layer_specs", prototxt=prototxt, phase=phase)
+        return _expect_list("layer_specs", reply, CaffeLayerSpec)
+
+    def layer_types(self, prototxt: str, phase: str | None = None) -> list[str]:
+        """The type of each layer (only those `phase` keeps, when given), parsed only."""
+        reply = self.request("layer_types", prototxt=prototxt, phase=phase)
+        return _expect_list("layer_types", reply, str)
+
+    def params(
+        self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = ""
+    ) -> NetParams:
+        """Every param blob of the net (from `weights`, or as Caffe fills it in)."""
+        reply = self.request(
+            "params", prototxt=prototxt, phase=phase, weights=weights, surgery=surgery
+        )
+        return _expect("params", reply, NetParams)
+
+    def submit_run(
+        self,
+        prototxt: str,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]] | None = None,
+        phase: str = "TRAIN",
+        backward: bool = False,
+        weights: str = "",
+        surgery: str = "",
+        return_params: bool = True,
+        all_diffs: bool = False,
+        top_diffs: Mapping[str, np.ndarray] | None = None,
+        top_diff_seed: tuple[int, list[str]] | None = None,
+    ) -> Callable[[], RunReply]:
+        """`run` started in the worker; call the result to wait for its reply."""
+        return self._submit(
+            "run",
+            RunReply,
+            prototxt=prototxt,
+            inputs=dict(inputs),
+            params=None if params is None else dict(params),
+            phase=phase,
+            backward=backward,
+            weights=weights,
+            surgery=surgery,
+            return_params=return_params,
+            all_diffs=all_diffs,
+            top_diffs=None if top_diffs is None else dict(top_diffs),
+            top_diff_seed=top_diff_seed,
+        )
+
+    def run(
+        self,
+        prototxt: str,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]] | None = None,
+        phase: str = "TRAIN",
+        backward: bool = False,
+        weights: str = "",
+        surgery: str = "",
+        return_params: bool = True,
+        all_diffs: bool = False,
+        top_diffs: Mapping[str, np.ndarray] | None = None,
+        top_diff_seed: tuple[int, list[str]] | None = None,
+    ) -> RunReply:
+        """Set `params` and `inputs`, forward (and backward), and return every blob, the
+        diffs and the params (``Ops.op_run``)."""
+        return self.submit_run(
+            prototxt,
+            inputs,
+            params,
+            phase,
+            backward,
+            weights,
+            surgery,
+            return_params,
+            all_diffs,
+            top_diffs,
+            top_diff_seed,
+        )()
+
+    def submit_run_generated(
+        self,
+        prototxt: str,
+        recipe: Recipe,
+        seed: int,
+        input_scale: float,
+        weight_scale: float,
+        batch: int,
+        learnable: bool,
+        phase: str = "TEST",
+        weights: str = "",
+        surgery: str = "",
+        backward: bool = False,
+        all_diffs: bool = False,
+        top_diff_seed: tuple[int, list[str]] | None = None,
+    ) -> Callable[[], GeneratedRun]:
+        """`run` on an example the worker generates (``crossval.examplegen``; `recipe` is its
+        recipe), started in the worker; the reply carries the digest of the params used."""
+        return self._submit(
+            "run_generated",
+            GeneratedRun,
+            prototxt=prototxt,
+            recipe=recipe,
+            seed=seed,
+            input_scale=input_scale,
+            weight_scale=weight_scale,
+            batch=batch,
+            learnable=learnable,
+            phase=phase,
+            weights=weights,
+            surgery=surgery,
+            backward=backward,
+            all_diffs=all_diffs,
+            top_diff_seed=top_diff_seed,
+        )
+
+    def gradient_check(
+        self,
+        prototxt: str,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]],
+        targets: list[tuple[str, str, int]],
+        step: float = 1e-2,
+        threshold: float = 1e-3,
+        surgery: str = "",
+        kink: tuple[str, str, float] | None = None,
+        slacks: list[float] | None = None,
+    ) -> GradientCheckReply:
+        """Caffe's GradientChecker on chosen elements (``Ops.op_gradient_check``)."""
+        reply = self.request(
+            "gradient_check",
+            prototxt=prototxt,
+            inputs=dict(inputs),
+            params=dict(params),
+            targets=targets,
+            step=step,
+            threshold=threshold,
+            surgery=surgery,
+            kink=kink,
+            slacks=slacks,
+        )
+        return _expect("gradient_check", reply, GradientCheckReply)
+
+    def time_raw(
+        self,
+        prototxt: str,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]],
+        repeat: int = 1000,
+        surgery: str = "",
+    ) -> RawTime:
+        """Seconds per forward and backward inside the worker, no IPC (best of 5)."""
+        reply = self.request(
+            "time_raw",
+            prototxt=prototxt,
+            inputs=dict(inputs),
+            params=dict(params),
+            repeat=repeat,
+            surgery=surgery,
+        )
+        return _expect("time_raw", reply, RawTime)
+
+    def train(
+        self,
+        solver_prototxt: str,
+        steps: int,
+        batches: list[dict[str, np.ndarray]],
+        weights: str = "",
+    ) -> TrainReply:
+        """Caffe's solver (from its prototxt file) for `steps` iterations from `weights`."""
+        reply = self.request(
+            "train", solver_prototxt=solver_prototxt, steps=steps, batches=batches, weights=weights
+        )
+        return _expect("train", reply, TrainReply)
+
+    def save(
+        self, prototxt: str, params: Mapping[str, list[np.ndarray]], out: str, phase: str = "TEST"
+    ) -> str:
+        """Write a caffemodel holding `params` to `out` (returned)."""
+        reply = self.request("save", prototxt=prototxt, params=dict(params), out=out, phase=phase)
+        return _expect("save", reply, str)
+
+    def surgery(
+        self,
+        prototxt: str,
+        phase: str = "TRAIN",
+        layer: str = "pred_age",
+        weights: str = "",
+        out: str = "",
+        params: Mapping[str, list[np.ndarray]] | None = None,
+    ) -> SurgeryReply | None:
+        """The net surgery on a fresh net (after setting `params`); with `out`, the net
+        saved as a caffemodel. None when `layer` is ''."""
+        reply = self.request(
+            "surgery",
+            prototxt=prototxt,
+            phase=phase,
+            layer=layer,
+            weights=weights,
+            out=out,
+            params=None if params is None else dict(params),
+        )
+        return None if reply is None else _expect("surgery", reply, SurgeryReply)
+
+    def check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> CheckNetReply:
+        """What ``crossval.inputs.check_net`` needs to know of the net (and its weights)."""
+        reply = self.request("check_net", prototxt=prototxt, phase=phase, weights=weights)
+        return _expect("check_net", reply, CheckNetReply)
+
+
+def _fields(reply: object) -> Any:  # TRANSITIONAL, see CaffeOps.call
+    if dataclasses.is_dataclass(reply) and not isinstance(reply, type):
+        return {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)}
+    return reply
+
+
+def _expect(op: str, reply: object, kind: type[_R]) -> _R:
+    if not isinstance(reply, kind):
+        raise CaffeError(
+            f"the Caffe worker replied a {type(reply).__name__} to {op}, not a {kind.__name__}"
+        )
+    return reply
+
+
+def _expect_list(op: str, reply: object, kind: type[_R]) -> list[_R]:
+    if not isinstance(reply, list) or not all(isinstance(r, kind) for r in reply):
+        raise CaffeError(
+            f"the Caffe worker replied a {type(reply).__name__} to {op}, "
+            f"not a list of {kind.__name__}"
+        )
+    return reply
+
+
+class CaffeWorker(CaffeOps):
     """A client for one pycaffe worker process; restarts it after a crash or a timeout.
 
     `timeout` (seconds) replaces `default_limit` for every call when given. The kernel kills
@@ -349,11 +647,12 @@ class CaffeWorker:
         """Seconds allowed for `op` with `kwargs`."""
         return self.timeout if self.timeout is not None else default_limit(op, kwargs)
 
-    def call(self, op: str, **kwargs: Any) -> Any:
-        """Run `op` in the worker and return its result."""
-        return self.submit(op, **kwargs)()
+    def request(self, op: str, **kwargs: Any) -> object:
+        """Run `op` in the worker and return its reply (the transport under `CaffeOps`'s
+        typed methods)."""
+        return self.submit_request(op, **kwargs)()
 
-    def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
+    def submit_request(self, op: str, **kwargs: Any) -> Callable[[], object]:
         """Send `op` to the worker and return a function that waits for its result, so the
         caller can work meanwhile (the worker runs on the other core). One request at a time:
         collect the result before the next submit. The time limit runs from here."""
@@ -380,7 +679,7 @@ class CaffeWorker:
         deadline: float,
         limit: float,
         failed: bool = False,
-    ) -> Any:
+    ) -> object:
         assert proc.stdout is not None
         try:
             if failed:
@@ -481,7 +780,6 @@ class ManyRuns:
 # processes for every 1 MiB. The pipe carries the request and the reply with each array's
 # (offset, dtype, shape) in the file. One file per CaffeWorker, reused by every call (one
 # request at a time: the worker writes its reply after the request's arrays).
-Descriptor = tuple[int, str, tuple[int, ...]]
 _SHARED: weakref.WeakKeyDictionary[CaffeWorker, int] = weakref.WeakKeyDictionary()
 
 
@@ -544,7 +842,7 @@ def submit_run_many(
     Caffe's type) with those cases' read-back values put in."""
     fd = _shared_file(worker)
     if fd is None:
-        pending = worker.submit(
+        pending = worker.submit_request(
             "run_many",
             prototxt=prototxt,
             inputs=dict(inputs),
@@ -561,7 +859,7 @@ def submit_run_many(
         for layer, count in flat:
             sent[layer] = descs[i : i + count]
             i += count
-        pending = worker.submit(
+        pending = worker.submit_request(
             "run_many",
             prototxt=prototxt,
             inputs=dict(zip(names, descs[: len(names)], strict=True)),
@@ -571,44 +869,25 @@ def submit_run_many(
         )
 
     def wait() -> ManyRuns:
-        reply = pending()
-        if fd is not None:
-            reply = _read_reply(fd, reply)
+        got = _expect("run_many", pending(), ManyRunsReply)
+        if fd is None:
+            reply = cast(ManyRunsReply[np.ndarray], got)
+        else:
+            # the arrays are in the shared file, their descriptors in the reply
+            descs = cast(ManyRunsReply[Descriptor], got)
+            reply = with_arrays(descs, get_arrays(fd, run_many_arrays(descs)))
         back = {k: [np.asarray(v, dtype=np.float32).copy() for v in vs] for k, vs in params.items()}
-        for layer, i, case, value in reply["sent_back"]:
+        for layer, i, case, value in reply.sent_back:
             back[layer][i][case] = value
-        return ManyRuns(
-            reply["blobs"], reply["diffs"], {**reply["params"], **back}, reply["param_diffs"]
-        )
+        return ManyRuns(reply.blobs, reply.diffs, {**reply.params, **back}, reply.param_diffs)
 
     return wait
 
 
-# The arrays of a run_many reply, in the order the worker writes them to the shared file
-# (nested: a list of arrays per key).
-RUN_MANY_ARRAYS = (("blobs", False), ("diffs", False), ("params", True), ("param_diffs", True))
-
-
-def _read_reply(fd: int, reply: dict[str, Any]) -> dict[str, Any]:
-    """A run_many reply whose arrays the worker wrote to the shared file (their descriptors
-    in the reply, in `RUN_MANY_ARRAYS` order), with the arrays read back in their place."""
-    descs: list[Descriptor] = []
-    for key, nested in RUN_MANY_ARRAYS:
-        for v in reply[key].values():
-            descs += v if nested else [v]
-    arrays = iter(get_arrays(fd, descs))
-    out = dict(reply)
-    for key, nested in RUN_MANY_ARRAYS:
-        out[key] = {
-            k: [next(arrays) for _ in v] if nested else next(arrays) for k, v in reply[key].items()
-        }
-    return out
-
-
 __all__ = [
-    "RUN_MANY_ARRAYS",
     "CaffeCrash",
     "CaffeError",
+    "CaffeOps",
     "CaffeTimeout",
     "CaffeWorker",
     "ManyRuns",

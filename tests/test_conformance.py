@@ -69,8 +69,8 @@ def implied(worker: CaffeWorker, case: Case) -> str:
     own example, is not bit for bit the reference's (another shape, other values: each
     fault changes a value it touches by a large factor, or drops or adds a row); pass
     otherwise."""
-    specs = worker.call("layer_specs", prototxt=case.prototxt)
-    spec = LayerSpec.from_dict(next(s for s in specs if s["name"] == LAYER))
+    specs = worker.layer_specs(case.prototxt)
+    spec = LayerSpec.from_caffe(next(s for s in specs if s.name == LAYER))
     if spec.type in faulty.BIASED:
         return "fail" if faulty.bias_added(spec) else "pass"
     fault = faulty.FAULTS.get(spec.type)

@@ -49,7 +49,7 @@ def make_artifacts(d: Path, install: provision.CaffeInstall | None = None) -> di
     # Another net's weights: the sigmoid head's, as Caffe's fillers made them.
     with CaffeWorker(install) as worker:
         text = (d / "sig.prototxt").read_text()
-        worker.call("save", prototxt=text, params={}, out=str(d / "sig.caffemodel"))
+        worker.save(text, {}, str(d / "sig.caffemodel"))
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 

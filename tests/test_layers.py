@@ -114,7 +114,7 @@ def test_code_built_specs_have_caffes_defaults(worker: CaffeWorker) -> None:
     types = sorted(defaults.KIND)
     text = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
     text += "".join(f'layer {{ name: "{t}" type: "{t}" bottom: "x" top: "{t}" }}\n' for t in types)
-    parsed = {s["type"]: s["params"] for s in worker.call("layer_specs", prototxt=text)}
+    parsed = {s.type: s.params for s in worker.layer_specs(text)}
     for t in types:
         kind = defaults.KIND[t]
         caffe = parsed[t][kind]

@@ -64,8 +64,7 @@ def _caught(worker: CaffeWorker, case: LayerCase, wrong: Fn, where: str) -> None
 
 def _caffe(worker: CaffeWorker, case: LayerCase, g: np.ndarray[Any, Any]) -> dict[str, Any]:
     """Caffe's top, bottom diff and param diffs for top diff `g`."""
-    out = worker.call(
-        "run",
+    out = worker.run(
         prototxt=case.prototxt(),
         inputs={f"b{i}": b for i, b in enumerate(case.bottoms)},
         params={LAYER: list(case.blobs)} if case.blobs else None,
@@ -76,9 +75,9 @@ def _caffe(worker: CaffeWorker, case: LayerCase, g: np.ndarray[Any, Any]) -> dic
         return_params=False,
     )
     return {
-        "top": out["blobs"]["t0"],
-        "diff": out["diffs"]["b0"],
-        "param_diffs": out["param_diffs"].get(LAYER, []),
+        "top": out.blobs["t0"],
+        "diff": out.diffs["b0"],
+        "param_diffs": out.param_diffs.get(LAYER, []),
     }
 
 

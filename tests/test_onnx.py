@@ -61,7 +61,7 @@ def onnx_comparisons(
     if mutate is not None:
         mutate(model, spec)
     runs = {
-        "caffe": harness.run_caffe(HEADS[case.head], case)["blobs"],
+        "caffe": harness.run_caffe(HEADS[case.head], case).reply.blobs,
         "onnxruntime": ox.Runtime(model, "onnxruntime")(case.x),
         "reference": ox.Runtime(model, "reference")(case.x),
     }
@@ -310,9 +310,7 @@ def caffe_head(
     trained snapshot would have), and a copy of the net with K 100."""
     where = tmp_path_factory.mktemp("caffe_head")
     worker = harness.worker
-    text = worker.call(
-        "prototxt", head="expectation", features=512, bins=101, ip_name="fc8-101", batch=1
-    )
+    text = worker.prototxt("expectation", features=512, bins=101, ip_name="fc8-101", batch=1)
     (where / "deploy.prototxt").write_text(text)
     rng = np.random.default_rng(11)
     params = {
@@ -322,12 +320,12 @@ def caffe_head(
         ],
         "pred_age": [np.arange(101, dtype=np.float32)[None]],
     }
-    worker.call("save", prototxt=text, params=params, out=str(where / "trained.caffemodel"))
+    worker.save(text, params, str(where / "trained.caffemodel"))
     (where / "k100.prototxt").write_text(text.replace("num_output: 101", "num_output: 100"))
     zeros = {**params, "pred_age": [np.zeros((1, 101), dtype=np.float32)]}
-    worker.call("save", prototxt=text, params=zeros, out=str(where / "no_surgery.caffemodel"))
-    train = worker.call(
-        "prototxt", head="expectation", features=512, bins=101, ip_name="fc8-101", loss="euclidean"
+    worker.save(text, zeros, str(where / "no_surgery.caffemodel"))
+    train = worker.prototxt(
+        "expectation", features=512, bins=101, ip_name="fc8-101", loss="euclidean"
     )
     (where / "train_val.prototxt").write_text(train)
     return where, where / "deploy.prototxt", where / "trained.caffemodel"

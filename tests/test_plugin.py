@@ -23,7 +23,7 @@ def test_assert_port_matches(tmp_path: Path, caffe_install: provision.CaffeInsta
 
         with CaffeWorker(caffe_install) as worker:
             net = tmp_path / "tiny.prototxt"
-            net.write_text(worker.call("prototxt", head="tiny_cnn", batch=2, bins=7))
+            net.write_text(worker.prototxt("tiny_cnn", batch=2, bins=7))
             # The CLI's option names; paths as str or Path.
             report = assert_port_matches(worker, str(net), tiny.make, examples=10, seed=3)
             assert report.verdict == "match" and report.examples_run == 10
@@ -42,7 +42,7 @@ def test_plugin_fixtures_in_a_users_suite(
     (tmp_path / "test_user.py").write_text(
         textwrap.dedent("""
         def test_worker(crossval_worker):
-            assert crossval_worker.call("ping")["pid"] > 0
+            assert crossval_worker.ping().pid > 0
     """)
     )
     proc = subprocess.run(

@@ -57,11 +57,11 @@ def zoo(worker: CaffeWorker, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     out = {}
     d = tmp_path_factory.mktemp("zoo")
     for key, net in NETS.items():
-        text = worker.call("prototxt", head=net.builder, batch=net.batch, **net.kwargs)
-        described = worker.call("describe", prototxt=text)
+        text = worker.prototxt(net.builder, batch=net.batch, **net.kwargs)
+        described = worker.describe(text)
         params = generate_params(described, np.random.default_rng(0))
         path = str(d / f"{key}.caffemodel")
-        worker.call("save", prototxt=text, params=params, out=path)
+        worker.save(text, params, path)
         out[key] = Zoo(text, path, params, dict(net.kwargs), net.port)
     return out
 

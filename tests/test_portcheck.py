@@ -25,14 +25,14 @@ from crossval.worker import CaffeWorker
 @pytest.fixture(scope="module")
 def nets(worker: CaffeWorker, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = {
-        "tiny": worker.call("prototxt", head="tiny_cnn", bins=7),
-        "dex32": worker.call("prototxt", head="dex_vgg16", size=32),
-        "sigmoid": worker.call("prototxt", head="sigmoid_scale", features=16, deploy=True),
-        "expectation": worker.call("prototxt", head="expectation", features=16, deploy=True),
+        "tiny": worker.prototxt("tiny_cnn", bins=7),
+        "dex32": worker.prototxt("dex_vgg16", size=32),
+        "sigmoid": worker.prototxt("sigmoid_scale", features=16, deploy=True),
+        "expectation": worker.prototxt("expectation", features=16, deploy=True),
         "in_place": _IN_PLACE,
     }
     init = tmp_path_factory.mktemp("init") / "expectation.caffemodel"
-    worker.call("surgery", prototxt=out["expectation"], phase="TEST", out=str(init))
+    worker.surgery(out["expectation"], phase="TEST", out=str(init))
     out["expectation.weights"] = str(init)
     return out
 
@@ -417,7 +417,7 @@ def test_port_exception_is_a_finding_at_its_module(
 def test_reference_port_on_nets_with_a_loss(worker: CaffeWorker, loss: str) -> None:
     """Train nets (labels among the inputs, a loss at the top, SmoothL1 a Python layer whose
     top does not follow the batch): the top diff seeds the loss, every layer checked."""
-    text = worker.call("prototxt", head="expectation", features=16, loss=loss)
+    text = worker.prototxt("expectation", features=16, loss=loss)
     report = check_port(worker, text, reference_port(worker, text), generated(3))
     assert report.exit_code == 0 and report.examples_run == 3, report.text()
     assert "loss" in report.local_layers

@@ -38,7 +38,7 @@ layer {{ name: "drop" type: "Dropout" bottom: "y" top: "y" }}
 
 
 def _specs(worker: Any, text: str) -> list[LayerSpec]:
-    specs = [LayerSpec.from_dict(d) for d in worker.call("layer_specs", prototxt=text)]
+    specs = [LayerSpec.from_caffe(d) for d in worker.layer_specs(text)]
     return [sp for sp in specs if sp.type != "Input"]
 
 
@@ -49,14 +49,14 @@ def _arrays(
     worker: Any,
     text: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
-    params = worker.call("params", prototxt=text, phase="TEST")["params"]
+    params = worker.params(text, phase="TEST").params
     ws = {
         name: [rng.standard_normal(np.shape(a)).astype(np.float32) for a in blobs]
         for name, blobs in params.items()
     }
     x = rng.standard_normal(x_shape).astype(np.float32)
-    run = worker.call("run", prototxt=text, inputs={"x": x}, params=ws, return_params=False)
-    y_shape = np.shape(run["blobs"]["y"])
+    run = worker.run(text, {"x": x}, params=ws, return_params=False)
+    y_shape = np.shape(run.blobs["y"])
     return {"x": x}, ws, {"y": rng.standard_normal(y_shape).astype(np.float32)}
 
 
@@ -180,8 +180,8 @@ def test_a_wrong_convolution_is_caught_on_its_sample(worker: Any) -> None:
     specs = _specs(worker, text)
     rng = np.random.default_rng(5)
     inputs, ws, _g = _arrays(rng, specs, (2, 3, 12, 12), worker, text)
-    good = worker.call("run", prototxt=text, inputs=inputs, params=ws, return_params=False)
-    y = good["blobs"]["y"]
+    good = worker.run(text, inputs, params=ws, return_params=False)
+    y = good.blobs["y"]
     bad = y.copy()
     bad[:, :, -1, :] += 0.5  # the last row computed as if unpadded
     caught = 0

@@ -37,11 +37,11 @@ def test_surgery_writes_arange_kernel(tmp_path: Path, worker: CaffeWorker, bins:
     assert done.returncode == 0, done.stderr
     assert f"arange({bins})" in done.stdout
     # Fresh net: the kernel starts at zeros (filler constant 0): forgetting surgery is age 0.
-    fresh = worker.call("params", prototxt=proto, phase="TRAIN")["params"]["pred_age"][0]
+    fresh = worker.params(proto, phase="TRAIN").params["pred_age"][0]
     assert not fresh.any()
-    saved = worker.call(
-        "params", prototxt=proto, phase="TRAIN", weights=str(tmp_path / "init_weights.caffemodel")
-    )["params"]
+    saved = worker.params(
+        proto, phase="TRAIN", weights=str(tmp_path / "init_weights.caffemodel")
+    ).params
     kernel = saved["pred_age"][0]
     assert kernel.dtype == np.float32 and kernel.shape == (1, bins)
     assert kernel.tobytes() == np.arange(bins, dtype=np.float32)[None].tobytes()

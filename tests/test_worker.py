@@ -4,12 +4,14 @@ caller, it dies with its parent, and it leaves no temporary files."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crossval import provision
+from crossval.caffe_side.replies import NetDescription, RunReply
 from crossval.worker import (
     BASE_LIMIT,
     CaffeCrash,
     CaffeError,
+    CaffeOps,
     CaffeTimeout,
     CaffeWorker,
     default_limit,
@@ -35,12 +39,11 @@ def test_check_failure_is_reported_with_caffes_log_line(
     caffe_install: provision.CaffeInstall,
 ) -> None:
     with CaffeWorker(caffe_install) as worker:
-        proto = worker.call("prototxt", head="sigmoid_scale", features=4, batch=2, loss="euclidean")
-        first = worker.call("ping")["pid"]
+        proto = worker.prototxt(head="sigmoid_scale", features=4, batch=2, loss="euclidean")
+        first = worker.ping().pid
         with pytest.raises(CaffeCrash) as info:
             # true_age with 2 values per sample: EuclideanLoss CHECKs count(1) in Reshape.
-            worker.call(
-                "run",
+            worker.run(
                 prototxt=proto,
                 inputs={
                     "pool5": np.zeros((2, 4), np.float32),
@@ -52,13 +55,12 @@ def test_check_failure_is_reported_with_caffes_log_line(
         assert "Check failed: bottom[0]->count(1) == bottom[1]->count(1)" in str(err)
         assert "euclidean_loss_layer.cpp" in str(err)
         # The next request gets a fresh worker, and the same net works there.
-        assert worker.call("ping")["pid"] != first
-        out = worker.call(
-            "run",
+        assert worker.ping().pid != first
+        out = worker.run(
             prototxt=proto,
             inputs={"pool5": np.ones((2, 4), np.float32), "true_age": np.zeros((2, 1), np.float32)},
         )
-        assert out["blobs"]["pred_age"].shape == (2, 1)
+        assert out.blobs["pred_age"].shape == (2, 1)
         assert worker.restarts == 1
 
 
@@ -66,31 +68,80 @@ def test_check_failure_is_reported_with_caffes_log_line(
 def test_crashes_become_errors(caffe_install: provision.CaffeInstall, how: str) -> None:
     with CaffeWorker(caffe_install) as worker:
         with pytest.raises(CaffeCrash, match=r"killed by signal (6|11)"):
-            worker.call("crash", how=how)
-        assert worker.call("ping")["caffe"].startswith(str(caffe_install.python_path))
+            worker.request("crash", how=how)
+        assert worker.ping().caffe.startswith(str(caffe_install.python_path))
 
 
 def test_python_errors_keep_the_worker(caffe_install: provision.CaffeInstall) -> None:
     with CaffeWorker(caffe_install) as worker:
-        pid = worker.call("ping")["pid"]
-        proto = worker.call("prototxt", head="expectation", features=4, bins=3)
+        pid = worker.ping().pid
+        proto = worker.prototxt(head="expectation", features=4, bins=3)
         with pytest.raises(CaffeError, match="input blob 'data' is not in the net"):
-            worker.call("run", prototxt=proto, inputs={"data": np.zeros((1, 4), np.float32)})
+            worker.run(prototxt=proto, inputs={"data": np.zeros((1, 4), np.float32)})
         with pytest.raises(CaffeError, match="unknown worker op 'nope'"):
-            worker.call("nope")
-        assert worker.call("ping")["pid"] == pid and worker.restarts == 0
+            worker.request("nope")
+        assert worker.ping().pid == pid and worker.restarts == 0
+
+
+class _Relayed(CaffeOps):
+    """A transport that pickles each request and reply on its way, as the conformance
+    child's relay does, to a real worker."""
+
+    def __init__(self, worker: CaffeWorker) -> None:
+        self.worker = worker
+
+    def request(self, op: str, **kwargs: Any) -> object:
+        sent = pickle.loads(pickle.dumps(kwargs))
+        return pickle.loads(pickle.dumps(self.worker.request(op, **sent)))
+
+
+class _Replying(CaffeOps):
+    """A transport whose every reply is `reply`."""
+
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+
+    def request(self, op: str, **kwargs: Any) -> object:
+        return self.reply
+
+
+def test_typed_operations_work_through_a_relay(worker: CaffeWorker) -> None:
+    relay = _Relayed(worker)
+    proto = relay.prototxt("expectation", features=4, bins=3)
+    assert proto == worker.prototxt("expectation", features=4, bins=3)
+    described = relay.describe(proto)
+    assert isinstance(described, NetDescription) and described == worker.describe(proto)
+    assert described.inputs == {"pool5": (1, 4)}
+    assert [p.shape for p in described.layers[1].params] == [(3, 4), (3,)]
+    assert relay.layer_specs(proto) == worker.layer_specs(proto)
+    x = np.arange(4, dtype=np.float32)[None]
+    run = relay.submit_run(proto, {"pool5": x}, phase="TEST", surgery="pred_age")()
+    assert isinstance(run, RunReply) and run.diffs == {} and run.top_diffs == {}
+    assert run.blobs["pred_age"].shape == (1, 1)
+    assert run.params["pred_age"][0].tobytes() == np.arange(3, dtype=np.float32)[None].tobytes()
+
+
+def test_a_reply_of_another_type_is_refused_naming_the_op() -> None:
+    described = NetDescription(layers=[], blobs={}, inputs={}, force_backward=False)
+    assert _Replying(described).describe("net") is described
+    with pytest.raises(CaffeError, match="replied a dict to describe, not a NetDescription"):
+        _Replying({"layers": []}).describe("net")
+    with pytest.raises(CaffeError, match="replied a list to layer_types, not a list of str"):
+        _Replying(["Input", 3]).layer_types("net")
+    with pytest.raises(CaffeError, match="replied a NetDescription to run, not a RunReply"):
+        _Replying(described).submit_run("net", {})()
 
 
 def test_nets_are_reused_across_batch_sizes(caffe_install: provision.CaffeInstall) -> None:
     with CaffeWorker(caffe_install) as worker:
-        proto = worker.call("prototxt", head="expectation", features=5, bins=7)
-        worker.call("surgery", prototxt=proto)  # a fresh net: the cached one is untouched
+        proto = worker.prototxt(head="expectation", features=5, bins=7)
+        worker.surgery(prototxt=proto)  # a fresh net: the cached one is untouched
         for n in (1, 3, 64, 2):
             x = np.random.default_rng(n).standard_normal((n, 5)).astype(np.float32)
-            out = worker.call("run", prototxt=proto, inputs={"pool5": x}, surgery="pred_age")
-            assert out["blobs"]["pred_age"].shape == (n, 1)
+            out = worker.run(prototxt=proto, inputs={"pool5": x}, surgery="pred_age")
+            assert out.blobs["pred_age"].shape == (n, 1)
             assert (
-                out["params"]["pred_age"][0].tobytes()
+                out.params["pred_age"][0].tobytes()
                 == np.arange(7, dtype=np.float32)[None].tobytes()
             )
 
@@ -130,7 +181,7 @@ def test_run_many_is_the_same_through_shared_memory_and_the_pipe(
     them, come back as Caffe read them either way)."""
     from crossval import worker as worker_module
 
-    proto = worker.call("prototxt", head="expectation", features=5, bins=7, loss="euclidean")
+    proto = worker.prototxt(head="expectation", features=5, bins=7, loss="euclidean")
     rng = np.random.default_rng(3)
     inputs = {
         "pool5": rng.standard_normal((4, 2, 5)).astype(np.float32),
@@ -198,8 +249,8 @@ def test_worker_dies_when_its_parent_is_sigkilled(
         "import sys, time\n"
         "from crossval.worker import CaffeWorker\n"
         "w = CaffeWorker()\n"
-        "print(w.call('ping')['pid'], w.directory, flush=True)\n"
-        + ("w.submit('crash', how='hang')\n" if busy else "")
+        "print(w.ping().pid, w.directory, flush=True)\n"
+        + ("w.submit_request('crash', how='hang')\n" if busy else "")
         + "time.sleep(600)\n"
     )
     parent = subprocess.Popen(
@@ -221,7 +272,7 @@ def test_worker_dies_when_its_parent_is_sigkilled(
     # A SIGKILLed parent cannot clean up: the next worker started anywhere removes its directory.
     assert Path(directory).exists()
     with CaffeWorker(caffe_install) as worker:
-        worker.call("ping")
+        worker.ping()
         assert not Path(directory).exists()
 
 
@@ -229,13 +280,12 @@ def test_no_temporary_files_after_an_abort_and_after_close(
     caffe_install: provision.CaffeInstall, private_tmp: Path
 ) -> None:
     with CaffeWorker(caffe_install) as worker:
-        proto = worker.call("prototxt", head="sigmoid_scale", features=4, batch=2, loss="euclidean")
+        proto = worker.prototxt(head="sigmoid_scale", features=4, batch=2, loss="euclidean")
         first = Path(worker.directory)
         assert first.parent == private_tmp and (first / "caffe.log").is_file()
         # Caffe aborts while building the net, with its temporary prototxt written.
         with pytest.raises(CaffeCrash, match="Check failed"):
-            worker.call(
-                "run",
+            worker.run(
                 prototxt=proto,
                 inputs={
                     "pool5": np.zeros((2, 4), np.float32),
@@ -244,16 +294,16 @@ def test_no_temporary_files_after_an_abort_and_after_close(
             )
         assert _leftovers(private_tmp) == []
         with pytest.raises(CaffeCrash, match="killed by signal 6"):
-            worker.call("crash", how="abort")
+            worker.request("crash", how="abort")
         assert _leftovers(private_tmp) == []
-        worker.call("ping")
+        worker.ping()
         assert _leftovers(private_tmp) == [Path(worker.directory).name]
         # Killed from outside while idle: the next call replaces it and its directory.
         pid = worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         assert _wait_gone(pid, 5.0)
-        assert worker.call("ping")["pid"] != pid
+        assert worker.ping().pid != pid
         assert _leftovers(private_tmp) == [Path(worker.directory).name]
     assert _leftovers(private_tmp) == []
 
@@ -295,21 +345,21 @@ def test_a_call_over_its_limit_is_killed_and_the_next_call_works(
     (tmp_path / "hanging_layer.py").write_text(HANGING_LAYER)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     with CaffeWorker(caffe_install, timeout=3.0) as worker:
-        pid = worker.call("ping")["pid"]
+        pid = worker.ping().pid
         start = time.monotonic()
         with pytest.raises(CaffeTimeout) as info:
-            worker.call("run", prototxt=HANGING_NET, inputs={"data": np.ones((2, 3), np.float32)})
+            worker.run(prototxt=HANGING_NET, inputs={"data": np.ones((2, 3), np.float32)})
         took = time.monotonic() - start
         assert 3.0 <= took < 6.0, took
         message = str(info.value)
         assert "did not return within 3 s during run" in message
         assert "forward (hanging_layer.py:" in message
         assert not _alive(pid) and _leftovers(private_tmp) == []
-        assert worker.call("ping")["pid"] != pid and worker.restarts == 1
+        assert worker.ping().pid != pid and worker.restarts == 1
         # The built-in hang (no Python layer) is stopped the same way.
         with pytest.raises(CaffeTimeout, match="during crash"):
-            worker.call("crash", how="hang")
-        assert worker.call("layer_types", prototxt=HANGING_NET) == ["Input", "Python"]
+            worker.request("crash", how="hang")
+        assert worker.layer_types(HANGING_NET) == ["Input", "Python"]
 
 
 def test_default_limits_grow_with_the_net_and_its_work() -> None:
@@ -328,7 +378,7 @@ def test_a_crash_ends_a_hypothesis_search_at_once(caffe_install: provision.Caffe
         @stops_search()
         def prop(x: int) -> None:
             tried.append(x)
-            worker.call("crash", how="abort") if x > 5 else worker.call("ping")
+            worker.request("crash", how="abort") if x > 5 else worker.ping()
 
         with pytest.raises(CaffeCrash, match="killed by signal 6"), searching():
             prop()

@@ -29,6 +29,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from crossval.caffe_side.replies import NetDescription
 from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec
 from crossval.tolerances.layers import LAYER_BOUNDS
@@ -88,15 +89,15 @@ class Prepared:
     caffe_blobs: dict[str, Array]
 
 
-def generate_params(described: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+def generate_params(described: NetDescription, rng: np.random.Generator) -> dict[str, Any]:
     """Weights of every layer by Caffe's shapes: He-scaled kernels, small biases, BatchNorm
     sums with a scale factor other than 1 and variances in [0.01, 1], Scale near 1."""
     out: dict[str, list[Array]] = {}
-    for lay in described["layers"]:
-        shapes = [tuple(p["shape"]) for p in lay["params"]]
+    for lay in described.layers:
+        shapes = [p.shape for p in lay.params]
         if not shapes:
             continue
-        kind = lay["type"]
+        kind = lay.type
         if kind == "BatchNorm":
             (c,), factor = shapes[0], rng.uniform(0.5, 4.0)
             mean = rng.normal(0.0, 0.5, c) * factor
@@ -110,7 +111,7 @@ def generate_params(described: Mapping[str, Any], rng: np.random.Generator) -> d
             fan_in = int(np.prod(shapes[0][1:]))
             blobs = [rng.normal(0.0, np.sqrt(2.0 / fan_in), shapes[0])]
             blobs += [rng.normal(0.0, 0.1, s) for s in shapes[1:]]
-        out[lay["name"]] = [np.asarray(b, dtype=np.float32) for b in blobs]
+        out[lay.name] = [np.asarray(b, dtype=np.float32) for b in blobs]
     return out
 
 
@@ -122,17 +123,17 @@ def prepare(worker: CaffeWorker, key: str, seed: int = 0, scale: float = 1.0) ->
     if cached and key in _prepared:
         return _prepared[key]
     net = NETS[key]
-    text = worker.call("prototxt", head=net.builder, batch=net.batch, **net.kwargs)
-    specs = [LayerSpec.from_dict(d) for d in worker.call("layer_specs", prototxt=text)]
-    described = worker.call("describe", prototxt=text)
+    text = worker.prototxt(net.builder, batch=net.batch, **net.kwargs)
+    specs = [LayerSpec.from_caffe(d) for d in worker.layer_specs(text)]
+    described = worker.describe(text)
     rng = np.random.default_rng(seed)
     params = generate_params(described, rng)
     inputs = {
         name: rng.normal(0.0, scale, shape).astype(np.float32)
-        for name, shape in described["inputs"].items()
+        for name, shape in described.inputs.items()
     }
-    run = worker.call("run", prototxt=text, inputs=inputs, params=params, phase="TEST")
-    prepared = Prepared(specs, params, inputs, run["blobs"])
+    run = worker.run(text, inputs, params=params, phase="TEST")
+    prepared = Prepared(specs, params, inputs, run.blobs)
     if cached:
         _prepared[key] = prepared
     return prepared
@@ -367,15 +368,15 @@ FULL_SIZE = [
 def test_zoo_nets_at_their_published_sizes_pass_in_caffe(
     worker: CaffeWorker, builder: str, kwargs: dict[str, Any], shapes: dict[str, tuple[int, ...]]
 ) -> None:
-    text = worker.call("prototxt", head=builder, **kwargs)
-    described = worker.call("describe", prototxt=text)
+    text = worker.prototxt(builder, **kwargs)
+    described = worker.describe(text)
     for name, shape in shapes.items():
-        assert described["blobs"][name] == shape, name
+        assert described.blobs[name] == shape, name
     rng = np.random.default_rng(0)
     params = generate_params(described, rng)
-    inputs = {k: rng.normal(0.0, 1.0, s).astype(np.float32) for k, s in described["inputs"].items()}
-    run = worker.call("run", prototxt=text, inputs=inputs, params=params, phase="TEST")
-    specs = [LayerSpec.from_dict(d) for d in worker.call("layer_specs", prototxt=text)]
+    inputs = {k: rng.normal(0.0, 1.0, s).astype(np.float32) for k, s in described.inputs.items()}
+    run = worker.run(text, inputs, params=params, phase="TEST")
+    specs = [LayerSpec.from_caffe(d) for d in worker.layer_specs(text)]
     # Caffe itself, layer by layer, at the published size.
-    finding = first_failure(Prepared(specs, params, inputs, run["blobs"]), run["blobs"])
+    finding = first_failure(Prepared(specs, params, inputs, run.blobs), run.blobs)
     assert finding is None, f"Caffe at {finding.layers}: {finding.text}"

@@ -89,8 +89,8 @@ def needed_layer_types(worker: CaffeWorker) -> set[str]:
     for head_name, loss in COMBINATIONS:
         head = HEADS[head_name]
         case = build_case(head_name, loss, batch=1, features=2, bins=3)
-        proto = str(worker.call("prototxt", batch=1, **head.prototxt_args(case)))
-        types.update(worker.call("layer_types", prototxt=proto))
+        proto = worker.prototxt(batch=1, **head.prototxt_args(case))
+        types.update(worker.layer_types(proto))
     return types
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -14,6 +13,7 @@ from crossval.reference.layers import LayerSpec
 
 from .. import golden
 from .. import tolerances as tol
+from ..caffe_side.replies import RunReply
 from ..checks import Harness
 from ..compare import Comparison, exact
 from ..heads import HEADS, Case, Head
@@ -100,19 +100,19 @@ class BuildChecker:
     def check(self, ref: golden.Reference) -> CaseCheck:
         case = ref.case
         head = HEADS[case.head]
-        caffe = self.harness.submit_caffe(head, case, all_diffs=True)()
+        caffe = self.harness.submit_caffe(head, case, all_diffs=True)().reply
         values = outputs(head, case, ref, caffe)
         comparisons = [v.compare("caffe~ref64", v.desired, case.describe()) for v in values]
         return _judge(ref.name, self.layers(head, case), values, comparisons)
 
 
-def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]) -> list[Value]:
+def outputs(head: Head, case: Case, ref: golden.Reference, caffe: RunReply) -> list[Value]:
     """Caffe's fixed param, blobs, loss and every diff the bounds cover, against `ref`."""
     values = [
         Value(
             "fixed",
             state_dict_key(head.fixed_layer, 0),
-            caffe["params"][head.fixed_layer][0],
+            caffe.params[head.fixed_layer][0],
             head.fixed_value(case),
             None,
             "bit-exact (net surgery / filler)",
@@ -124,13 +124,13 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
             Value(
                 "forward",
                 blob,
-                caffe["blobs"][blob],
+                caffe.blobs[blob],
                 ref.blobs[blob],
                 b.forward[blob],
                 b.forward_rules[blob],
             )
         )
-    loss = np.array(caffe["blobs"]["loss"]).reshape(())
+    loss = np.array(caffe.blobs["loss"]).reshape(())
     values.append(
         Value(
             "forward",
@@ -145,9 +145,9 @@ def outputs(head: Head, case: Case, ref: golden.Reference, caffe: dict[str, Any]
     ip = head.ip_layer(case)
     for key, bound in b.backward.items():
         if key in learnable:
-            actual = caffe["param_diffs"][ip][learnable.index(key)]
+            actual = caffe.param_diffs[ip][learnable.index(key)]
         else:
-            actual = caffe["diffs"][key]
+            actual = caffe.diffs[key]
         rule = f"tolerances.{b.loss_rule}_grad -> backward chain"
         values.append(Value("backward", key, actual, ref.grads[key], bound, rule))
     return values

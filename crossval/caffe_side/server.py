@@ -12,10 +12,34 @@ import os
 import signal
 import sys
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from crossval.caffe_side.replies import (
+    CaffeLayerSpec,
+    CheckNetReply,
+    Descriptor,
+    GeneratedRun,
+    GradientCheckReply,
+    GradientCheckResult,
+    LayerDescription,
+    ManyRunsReply,
+    Message,
+    NetDescription,
+    NetParams,
+    ParamDescription,
+    ParamMults,
+    Params,
+    Ping,
+    RawTime,
+    RunReply,
+    SurgeryReply,
+    TrainReply,
+    run_many_arrays,
+    with_arrays,
+)
+from crossval.examplegen import Recipe
 from crossval.worker import die_with_parent, read_frame, write_frame
 
 
@@ -45,9 +69,9 @@ def main() -> None:
             write_frame(replies, ("error", f"{type(exc).__name__}: {exc}"))
 
 
-def message_dict(msg: Any) -> dict[str, Any]:
+def message_dict(msg: Any) -> Message:
     """Every field of a protobuf message, unset ones at their declared defaults; enums by name."""
-    out: dict[str, Any] = {}
+    out: Message = {}
     for f in msg.DESCRIPTOR.fields:
         value = getattr(msg, f.name)
         # protobuf 6+ drops FieldDescriptor.label for is_repeated
@@ -79,38 +103,38 @@ _OWN_PARAMS = {
 }
 
 
-def layer_spec(lp: Any) -> dict[str, Any]:
-    """One LayerParameter as a plain dict (see `Ops.op_layer_specs`)."""
+def layer_spec(lp: Any) -> CaffeLayerSpec:
+    """One LayerParameter as `Ops.op_layer_specs` replies it."""
     own = _OWN_PARAMS.get(lp.type, ())
     squashed = lp.type.lower()
-    params: dict[str, Any] = {}
+    params: dict[str, Message] = {}
     for f in lp.DESCRIPTOR.fields:
         if not f.name.endswith("_param") or f.message_type is None:
             continue
         mine = f.name in own or f.name[: -len("_param")].replace("_", "") == squashed
         if mine or lp.HasField(f.name):
             params[f.name] = message_dict(getattr(lp, f.name))
-    return {
-        "name": lp.name,
-        "type": lp.type,
-        "bottoms": list(lp.bottom),
-        "tops": list(lp.top),
-        "loss_weight": list(lp.loss_weight),
-        "param": [{"lr_mult": p.lr_mult, "decay_mult": p.decay_mult} for p in lp.param],
-        "propagate_down": list(lp.propagate_down),
-        "include": [message_dict(r) for r in lp.include],
-        "exclude": [message_dict(r) for r in lp.exclude],
-        "params": params,
+    return CaffeLayerSpec(
+        name=lp.name,
+        type=lp.type,
+        bottoms=list(lp.bottom),
+        tops=list(lp.top),
+        loss_weight=list(lp.loss_weight),
+        param=[ParamMults(p.lr_mult, p.decay_mult) for p in lp.param],
+        propagate_down=list(lp.propagate_down),
+        include=[message_dict(r) for r in lp.include],
+        exclude=[message_dict(r) for r in lp.exclude],
+        params=params,
         # proto2 presence, which the defaults above hide: Caffe branches on has_ignore_label,
         # has_normalization, has_concat_dim, has_use_global_stats...
-        "set_fields": {
-            name: [fd.name for fd, _ in getattr(lp, name).ListFields()] for name in params
-        },
-    }
+        set_fields={name: [fd.name for fd, _ in getattr(lp, name).ListFields()] for name in params},
+    )
 
 
 class Ops:
-    """The worker's operations; each `op_<name>` is callable as `worker.call("<name>", ...)`."""
+    """The worker's operations; each `op_<name>` is requested by the typed method `<name>` of
+    ``crossval.worker.CaffeOps`` and replies with a dataclass of
+    ``crossval.caffe_side.replies``."""
 
     MAX_NETS = 64
 
@@ -175,7 +199,7 @@ class Ops:
             if not model.layer and not model.layers:
                 raise ValueError(f"{weights} holds no layers: not a caffemodel")
 
-    def op_describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> dict[str, Any]:
+    def op_describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> NetDescription:
         """The net's structure: layers in order with bottoms, tops, param shapes and
         multipliers (from the prototxt), blob shapes in Caffe's (topological) order, and the
         tops of Input layers."""
@@ -191,32 +215,32 @@ class Ops:
             given = mults.get(name, [])
             params = []
             for i, blob in enumerate(layer.blobs):
-                dm = given[i][1] if i < len(given) else 1.0
+                dm = float(given[i][1]) if i < len(given) else 1.0
                 lr = learned_lr(layer.type, [g[0] for g in given], i)
-                params.append({"shape": tuple(blob.data.shape), "lr_mult": lr, "decay_mult": dm})
+                params.append(ParamDescription(tuple(blob.data.shape), lr, dm))
             layers.append(
-                {
-                    "name": name,
-                    "type": layer.type,
-                    "bottoms": list(net.bottom_names[name]),
-                    "tops": list(net.top_names[name]),
-                    "params": params,
-                }
+                LayerDescription(
+                    name=name,
+                    type=layer.type,
+                    bottoms=list(net.bottom_names[name]),
+                    tops=list(net.top_names[name]),
+                    params=params,
+                )
             )
         inputs = {
             top: tuple(net.blobs[top].data.shape)
             for lay in layers
-            if lay["type"] == "Input"
-            for top in lay["tops"]
+            if lay.type == "Input"
+            for top in lay.tops
         }
-        return {
-            "layers": layers,
-            "blobs": {name: tuple(b.data.shape) for name, b in net.blobs.items()},
-            "inputs": inputs,
-            "force_backward": bool(spec.force_backward),
-        }
+        return NetDescription(
+            layers=layers,
+            blobs={name: tuple(b.data.shape) for name, b in net.blobs.items()},
+            inputs=inputs,
+            force_backward=bool(spec.force_backward),
+        )
 
-    def op_layer_specs(self, prototxt: str, phase: str = "TEST") -> list[dict[str, Any]]:
+    def op_layer_specs(self, prototxt: str, phase: str = "TEST") -> list[CaffeLayerSpec]:
         """Each layer a net loaded in `phase` keeps (V1 nets and input headers upgraded as
         Caffe does, see crossval.caffe_side.upgrade), as the reference layer library reads
         it: name, type, bottoms, tops, phase rules, and its parameter messages (those set,
@@ -235,8 +259,8 @@ class Ops:
         layers = filter_net(spec, phase) if phase else spec.layer
         return [str(lp.type) for lp in layers]
 
-    def op_ping(self) -> dict[str, Any]:
-        return {"caffe": os.path.dirname(self.caffe.__file__), "pid": os.getpid()}
+    def op_ping(self) -> Ping:
+        return Ping(caffe=os.path.dirname(self.caffe.__file__), pid=os.getpid())
 
     def op_prototxt(self, head: str, **kwargs: Any) -> str:
         from crossval.caffe_side import nets
@@ -245,14 +269,14 @@ class Ops:
 
     def op_params(
         self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = ""
-    ) -> dict[str, Any]:
+    ) -> NetParams:
         """Every param blob, by layer, in Caffe's order (copies), plus layer types."""
         net = self.net(prototxt, phase, weights, surgery)
         types = {name: layer.type for name, layer in zip(net._layer_names, net.layers, strict=True)}
-        return {
-            "params": {name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
-            "types": {name: types[name] for name in net.params},
-        }
+        return NetParams(
+            params={name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
+            types={name: types[name] for name in net.params},
+        )
 
     def op_run(
         self,
@@ -267,13 +291,13 @@ class Ops:
         all_diffs: bool = False,
         top_diffs: dict[str, np.ndarray] | None = None,
         top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> RunReply:
         """Set params and inputs, forward (and backward), and return every blob, the inputs'
         diffs (every blob's with `all_diffs`) and the param diffs. `top_diffs` seeds the
         backward pass: each named blob's diff is set to its value first (a net without a loss
         needs `force_backward: true` for the diffs to reach its inputs). `top_diff_seed`
         (seed, blobs) draws them here instead, standard normal in float32 at each blob's shape
-        after the forward pass, in the order given; the reply's "top_diffs" holds them."""
+        after the forward pass, in the order given; the reply's `top_diffs` holds them."""
         net = self.net(prototxt, phase, weights, surgery)
         reshaped = False
         for name, value in inputs.items():
@@ -300,17 +324,20 @@ class Ops:
                     )
                 target[...] = value
         net.forward()
-        out: dict[str, Any] = {"blobs": {name: b.data.copy() for name, b in net.blobs.items()}}
+        after = {name: b.data.copy() for name, b in net.blobs.items()}
+        drawn: dict[str, np.ndarray] = {}
         if top_diff_seed is not None:
             from crossval import examplegen
 
-            top_diffs = examplegen.top_diffs(
+            top_diffs = drawn = examplegen.top_diffs(
                 top_diff_seed[0],
                 [(name, tuple(net.blobs[name].data.shape)) for name in top_diff_seed[1]],
             )
-            out["top_diffs"] = top_diffs
+        kept: Params = {}
         if return_params:
-            out["params"] = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
+            kept = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
+        diffs: dict[str, np.ndarray] = {}
+        param_diffs: Params = {}
         if backward:
             # pycaffe's backward accumulates param diffs (gemm with beta 1): clear them first.
             for blobs in net.params.values():
@@ -322,11 +349,9 @@ class Ops:
                 net.blobs[name].diff[...] = value
             net.backward()
             wanted = net.blobs if all_diffs else inputs
-            out["diffs"] = {name: net.blobs[name].diff.copy() for name in wanted}
-            out["param_diffs"] = {
-                name: [b.diff.copy() for b in bl] for name, bl in net.params.items()
-            }
-        return out
+            diffs = {name: net.blobs[name].diff.copy() for name in wanted}
+            param_diffs = {name: [b.diff.copy() for b in bl] for name, bl in net.params.items()}
+        return RunReply(after, diffs, kept, param_diffs, drawn)
 
     def _shared(self, path: str) -> int:
         """This worker's descriptor of the parent's shared memory file at `path` (opened once;
@@ -344,50 +369,39 @@ class Ops:
     def op_run_many(
         self,
         prototxt: str,
-        inputs: dict[str, Any],
-        params: dict[str, list[Any]],
+        inputs: dict[str, np.ndarray] | dict[str, Descriptor],
+        params: Params | dict[str, list[Descriptor]],
         surgery: str = "",
         phase: str = "TRAIN",
         shared: tuple[str, int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> ManyRunsReply[np.ndarray] | ManyRunsReply[Descriptor]:
         """`run` (forward and backward) on many independent cases back to back, on one cached
         net: every array of `inputs` and `params` has a leading case axis, and case m runs with
         `inputs[...][m]` and `params[...][i][m]`. The reply stacks, per case, every blob, the
         diffs of the inputs, and every param's data (read back after the case's run) and
         diff; see ``crossval.worker.ManyRuns``. The params that were sent are read back and
-        compared bit for bit here: the reply's "params" leave them out, and "sent_back" holds
+        compared bit for bit here: the reply's `params` leave them out, and `sent_back` holds
         (layer, i, case, read-back value) for each case whose read-back differs at all (the
         client puts those back into the values it sent).
 
         With `shared` (path, offset), the arrays of `inputs` and `params` are descriptors of
         arrays in the parent's shared memory file (``crossval.worker.put_arrays``), and the
         reply's arrays are written to it from the offset, the reply holding their
-        descriptors (in ``crossval.worker.RUN_MANY_ARRAYS`` order)."""
-        from crossval.worker import RUN_MANY_ARRAYS, get_arrays, put_arrays
+        descriptors (in ``crossval.caffe_side.replies.run_many_arrays`` order)."""
+        from crossval.worker import get_arrays, put_arrays
 
-        fd = -1
-        if shared is not None:
-            fd = self._shared(shared[0])
-            names = list(inputs)
-            got = iter(
-                get_arrays(fd, [inputs[n] for n in names] + [d for v in params.values() for d in v])
-            )
-            inputs = {n: next(got) for n in names}
-            params = {k: [next(got) for _ in v] for k, v in params.items()}
-        out = self._run_many(prototxt, inputs, params, surgery, phase)
         if shared is None:
-            return out
-        order = RUN_MANY_ARRAYS
-        arrays: list[np.ndarray] = []
-        for key, nested in order:
-            for v in out[key].values():
-                arrays += v if nested else [v]
-        descs = iter(put_arrays(fd, arrays, shared[1])[0])
-        for key, nested in order:
-            out[key] = {
-                k: [next(descs) for _ in v] if nested else next(descs) for k, v in out[key].items()
-            }
-        return out
+            return self._run_many(
+                prototxt, cast(dict[str, np.ndarray], inputs), cast(Params, params), surgery, phase
+            )
+        fd = self._shared(shared[0])
+        descs = cast(dict[str, Descriptor], inputs)
+        param_descs = cast(dict[str, list[Descriptor]], params)
+        got = iter(get_arrays(fd, [*descs.values(), *(d for v in param_descs.values() for d in v)]))
+        arrays = {n: next(got) for n in descs}
+        values = {k: [next(got) for _ in v] for k, v in param_descs.items()}
+        out = self._run_many(prototxt, arrays, values, surgery, phase)
+        return with_arrays(out, put_arrays(fd, run_many_arrays(out), shared[1])[0])
 
     def _run_many(
         self,
@@ -396,7 +410,7 @@ class Ops:
         params: dict[str, list[np.ndarray]],
         surgery: str,
         phase: str,
-    ) -> dict[str, Any]:
+    ) -> ManyRunsReply[np.ndarray]:
         net = self.net(prototxt, phase, "", surgery)
         cases = {len(v) for v in inputs.values()}
         cases |= {len(b) for blobs in params.values() for b in blobs}
@@ -463,13 +477,7 @@ class Ops:
             for name, bl in p_diffs.items():
                 for i, v in enumerate(bl):
                     out_pdiffs[name][i][m] = v
-        return {
-            "blobs": out_blobs,
-            "diffs": out_diffs,
-            "params": out_params,
-            "sent_back": sent_back,
-            "param_diffs": out_pdiffs,
-        }
+        return ManyRunsReply(out_blobs, out_diffs, out_params, out_pdiffs, sent_back)
 
     def op_gradient_check(
         self,
@@ -482,7 +490,7 @@ class Ops:
         surgery: str = "",
         kink: tuple[str, str, float] | None = None,
         slacks: list[float] | None = None,
-    ) -> dict[str, Any]:
+    ) -> GradientCheckReply:
         """Caffe's GradientChecker, in float32, on chosen elements.
 
         `targets` are (kind, layer-or-blob, flat index) with kind "blob" (an input blob) or
@@ -514,25 +522,26 @@ class Ops:
             arr[idx] = old
             return loss, resid
 
-        results = []
+        results: list[GradientCheckResult] = []
         for t, (kind, name, idx) in enumerate(targets):
             slack = slacks[t] if slacks else 0.0
             if kind == "blob":
-                computed = float(net["diffs"][name].reshape(-1)[idx])
+                computed = float(net.diffs[name].reshape(-1)[idx])
             else:
                 layer, i = name.rsplit("/", 1)
-                computed = float(net["param_diffs"][layer][int(i)].reshape(-1)[idx])
+                computed = float(net.param_diffs[layer][int(i)].reshape(-1)[idx])
             pos, r_pos = side(kind, name, idx, step)
             neg, r_neg = side(kind, name, idx, -step)
             if kink is not None and np.any((np.abs(r_pos) < kink[2]) != (np.abs(r_neg) < kink[2])):
-                results.append((kind, name, idx, computed, float("nan"), "kink"))
+                results.append(GradientCheckResult(kind, name, idx, computed, float("nan"), "kink"))
                 continue
             estimated = (pos - neg) / (2 * step)
             scale = max(abs(computed), abs(estimated), 1.0)
             ok = abs(computed - estimated) <= threshold * scale + slack
-            results.append((kind, name, idx, computed, estimated, "ok" if ok else "FAIL"))
+            verdict = "ok" if ok else "FAIL"
+            results.append(GradientCheckResult(kind, name, idx, computed, estimated, verdict))
         live.forward()
-        return {"results": results}
+        return GradientCheckReply(results)
 
     def op_time_raw(
         self,
@@ -541,7 +550,7 @@ class Ops:
         params: dict[str, list[np.ndarray]],
         repeat: int = 1000,
         surgery: str = "",
-    ) -> dict[str, float]:
+    ) -> RawTime:
         """Seconds per forward+backward of the net, in this process (no IPC), best of 5."""
         import time
 
@@ -554,7 +563,7 @@ class Ops:
                 net.forward()
                 net.backward()
             best = min(best, (time.perf_counter() - t0) / repeat)
-        return {"forward_backward": best}
+        return RawTime(forward_backward=best)
 
     def op_train(
         self,
@@ -562,7 +571,7 @@ class Ops:
         steps: int,
         batches: list[dict[str, np.ndarray]],
         weights: str = "",
-    ) -> dict[str, Any]:
+    ) -> TrainReply:
         """Run Caffe's solver (from its prototxt file) `steps` iterations from `weights`.
 
         Iteration t gets input batch t (cycled). Returns the loss of each iteration (computed
@@ -575,11 +584,12 @@ class Ops:
             self.validate("", weights)
             net.copy_from(weights)
 
-        def snapshot() -> dict[str, list[np.ndarray]]:
+        def snapshot() -> Params:
             return {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
 
         initial = snapshot()
-        losses, params = [], []
+        losses: list[float] = []
+        params: list[Params] = []
         for t in range(steps):
             batch = batches[t % len(batches)]
             for name, value in batch.items():
@@ -592,12 +602,12 @@ class Ops:
             solver.step(1)
             losses.append(float(net.blobs["loss"].data.reshape(-1)[0]))
             params.append(snapshot())
-        return {"initial": initial, "losses": losses, "params": params, "iter": solver.iter}
+        return TrainReply(initial=initial, losses=losses, params=params, iter=int(solver.iter))
 
     def op_run_generated(
         self,
         prototxt: str,
-        recipe: dict[str, Any],
+        recipe: Recipe,
         seed: int,
         input_scale: float,
         weight_scale: float,
@@ -609,7 +619,7 @@ class Ops:
         backward: bool = False,
         all_diffs: bool = False,
         top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> GeneratedRun:
         """`run` on an example generated here (crossval.examplegen) instead of shipped: the
         reply carries the digest of every param the net ran with."""
         from crossval import examplegen
@@ -631,8 +641,13 @@ class Ops:
         )
         net = self.net(prototxt, phase, weights, surgery)
         used = {name: [b.data for b in bl] for name, bl in net.params.items()}
-        out["digest"] = examplegen.digest(used)
-        return out
+        return GeneratedRun(
+            blobs=out.blobs,
+            diffs=out.diffs,
+            param_diffs=out.param_diffs,
+            top_diffs=out.top_diffs,
+            digest=examplegen.digest(used),
+        )
 
     def op_save(
         self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
@@ -653,20 +668,20 @@ class Ops:
         weights: str = "",
         out: str = "",
         params: dict[str, list[np.ndarray]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> SurgeryReply | None:
         """The seed's net surgery on a fresh net (after setting `params`, if given); with
-        `out`, save the net as a caffemodel."""
+        `out`, save the net as a caffemodel. None when no `layer` is given."""
         net = self.load(prototxt, phase, weights)
         for name, blobs in (params or {}).items():
             for i, value in enumerate(blobs):
                 net.params[name][i].data[...] = value
-        result = self._surgery(net, layer) if layer else {}
+        result = self._surgery(net, layer) if layer else None
         if out:
             net.save(out)
         return result
 
     @staticmethod
-    def _surgery(net: Any, layer: str) -> dict[str, Any]:
+    def _surgery(net: Any, layer: str) -> SurgeryReply:
         """Set `layer`'s kernel to arange(K), K read from the net (its bottom's channels)."""
         names = list(net._layer_names)
         if layer not in names:
@@ -691,9 +706,9 @@ class Ops:
                 f"{bottom!r}, no kernel_size)"
             )
         kernel[...] = np.arange(k, dtype=np.float32)
-        return {"bins": k, "kernel": kernel.copy(), "bottom": bottom}
+        return SurgeryReply(bins=k, kernel=kernel.copy(), bottom=bottom)
 
-    def op_check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> dict[str, Any]:
+    def op_check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> CheckNetReply:
         """For crossval.inputs.check_net: layer names and types and the input shapes, read
         from the text; with `weights`, the caffemodel's blob shapes per layer and the net's
         param shapes and lr_mults (the net is built only when its inputs have no zero
@@ -722,8 +737,7 @@ class Ops:
         for lp in kept:
             unread += [(lp.name, b) for b in lp.bottom if b not in written]
             written.update(lp.top)
-        out: dict[str, Any] = {"layers": layers, "inputs": inputs, "params": {}, "model": {}}
-        out["unwritten_bottoms"] = unread
+        out = CheckNetReply(layers=layers, inputs=inputs, unwritten_bottoms=unread)
         names = [n for n, _ in layers]
         sound = all(s and min(s) > 0 for s in inputs.values()) and len(set(names)) == len(names)
         sound = sound and not unread
@@ -742,15 +756,16 @@ class Ops:
 
             for lp in [*model.layer, *model.layers]:
                 if len(lp.blobs):
-                    out["model"][lp.name] = [shape(b) for b in lp.blobs]
+                    out.model[lp.name] = [shape(b) for b in lp.blobs]
             mults = {lp.name: [p.lr_mult for p in lp.param] for lp in spec.layer}
             for name, layer in zip(net._layer_names, net.layers, strict=True):
                 given = mults.get(name, [])
-                out["params"][name] = [
+                blobs = [
                     (list(b.data.shape), learned_lr(layer.type, given, i))
                     for i, b in enumerate(layer.blobs)
                 ]
-            out["params"] = {k: v for k, v in out["params"].items() if v}
+                if blobs:
+                    out.params[name] = blobs
         return out
 
     def op_crash(self, how: str) -> None:

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from crossval.reference.layers.vision import pool_geometry
 
+from ..caffe_side.replies import NetDescription
 from ..errors import CrossvalError
 from ..inputs import closest
 from ..layercheck import CASES
@@ -209,8 +210,8 @@ def _one_line(lc: LayerCase) -> str:
 def zoo_case(worker: CaffeWorker, name: str, profile: Profile, seed: int = 0) -> Case:
     """Zoo net `name` with generated weights, run on `profile.zoo_examples` examples."""
     net = ZOO_NETS[name]
-    text = str(worker.call("prototxt", head=net.builder, batch=net.batch, **net.kwargs))
-    described = worker.call("describe", prototxt=text)
+    text = worker.prototxt(net.builder, batch=net.batch, **net.kwargs)
+    described = worker.describe(text)
     params = zoo_params(described, np.random.default_rng(seed))
     args = ", ".join(f"{k} {v}" for k, v in net.kwargs.items())
     return Case(
@@ -225,7 +226,7 @@ def zoo_case(worker: CaffeWorker, name: str, profile: Profile, seed: int = 0) ->
 
 
 def zoo_params(
-    described: Mapping[str, Any], rng: np.random.Generator
+    described: NetDescription, rng: np.random.Generator
 ) -> dict[str, list[NDArray[np.float32]]]:
     """Weights for every layer at Caffe's shapes: He-scaled kernels and small biases;
     BatchNorm's mean and variance sums with a scale factor other than 1 (variances kept
@@ -237,18 +238,18 @@ def zoo_params(
             [rng.normal(1.0, 0.25, shapes[0])] + [rng.normal(0.0, 0.1, s) for s in shapes[1:]]
         ),
     }
-    for lay in described["layers"]:
-        shapes = [tuple(int(d) for d in p["shape"]) for p in lay["params"]]
+    for lay in described.layers:
+        shapes = [p.shape for p in lay.params]
         if not shapes:
             continue
-        make = makers.get(lay["type"])
+        make = makers.get(lay.type)
         if make is not None:
             blobs = make(shapes)
         else:
             fan_in = max(1, math.prod(shapes[0][1:]))
             blobs = [rng.normal(0.0, math.sqrt(2.0 / fan_in), shapes[0])]
             blobs += [rng.normal(0.0, 0.1, s) for s in shapes[1:]]
-        out[lay["name"]] = [np.asarray(b, dtype=np.float32) for b in blobs]
+        out[lay.name] = [np.asarray(b, dtype=np.float32) for b in blobs]
     return out
 
 

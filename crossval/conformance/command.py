@@ -191,7 +191,7 @@ def run(
             weights = net.with_name("weights.caffemodel")
             net.parent.mkdir(parents=True)
             net.write_text(case.prototxt)
-            worker.call("save", prototxt=case.prototxt, params=case.weights, out=str(weights))
+            worker.save(case.prototxt, case.weights, str(weights))
             outcome = run_case(worker, case, converter, net, weights, timeout)
             row = Row(case.id, case.type, case.params, outcome, case=case)
             if outcome.verdict != PASS and keep is not None:

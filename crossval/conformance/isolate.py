@@ -83,14 +83,16 @@ def one_line(text: str, limit: int = 400) -> str:
 
 
 class _Relay(CaffeWorker):
-    """The child's Caffe: each call is sent to crossval's worker and its reply awaited."""
+    """The child's Caffe: each request is sent to crossval's worker and its reply awaited
+    (the typed operations of ``CaffeOps`` run on this transport; the reply crosses both
+    pipes as the worker built it)."""
 
     def __init__(self, send: Callable[[Any], None], recv: Callable[[], Any]) -> None:
         self._send, self._recv = send, recv
         self.timeout = None
         self.restarts = 0
 
-    def call(self, op: str, **kwargs: Any) -> Any:
+    def request(self, op: str, **kwargs: Any) -> object:
         self._send(("caffe", op, kwargs))
         reply = self._recv()
         if reply[0] == "ok":
@@ -100,8 +102,8 @@ class _Relay(CaffeWorker):
         failed.exit_code = code
         raise failed
 
-    def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
-        result = self.call(op, **kwargs)
+    def submit_request(self, op: str, **kwargs: Any) -> Callable[[], object]:
+        result = self.request(op, **kwargs)
         return lambda: result
 
     def close(self) -> None:
@@ -433,7 +435,7 @@ def _supervise(
 def _serve(worker: CaffeWorker, replies: IO[bytes], op: str, kwargs: dict[str, Any]) -> None:
     """One Caffe call for the child; a child gone meanwhile is seen at its next frame."""
     try:
-        reply: tuple[Any, ...] = ("ok", worker.call(op, **kwargs))
+        reply: tuple[object, ...] = ("ok", worker.request(op, **kwargs))
     except CaffeError as exc:
         reply = ("raise", "error", str(exc), exc.exit_code)
     except CaffeCrash as exc:

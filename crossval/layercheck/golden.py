@@ -29,12 +29,13 @@ from numpy.typing import NDArray
 from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec
 
+from ..caffe_side.replies import CaffeLayerSpec
 from ..errors import CrossvalError
 from ..profiles import fixed_settings
 from ..tolerances.layers import LAYER_BOUNDS
 from ..worker import CaffeWorker
 from . import CASES
-from .run import LAYER, LayerCase, param_shapes, spec_of
+from .run import LAYER, LayerCase, caffe_spec, param_shapes, spec_of
 
 FORMAT = 1
 PER_TYPE = 2
@@ -50,7 +51,7 @@ class LayerGolden:
     name: str
     type: str
     prototxt: str
-    spec: dict[str, Any]
+    spec: CaffeLayerSpec
     bottoms: list[NDArray[np.float32]]
     blobs: list[NDArray[np.float32]]
     top_diffs: list[NDArray[np.float32]]
@@ -60,7 +61,7 @@ class LayerGolden:
 
     @property
     def layer_spec(self) -> LayerSpec:
-        return LayerSpec.from_dict(self.spec)
+        return LayerSpec.from_caffe(self.spec)
 
 
 def draw(type_name: str, n: int = PER_TYPE) -> list[LayerCase]:
@@ -120,15 +121,10 @@ def compute(worker: CaffeWorker, name: str, case: LayerCase) -> LayerGolden:
     tops = ref.forward(spec, [_t(b) for b in case.bottoms], [_t(p) for p in blobs])
     diffs = [rng.standard_normal(tuple(t.shape)).astype(np.float32) for t in tops]
     t64, db, dp = reference_values(spec, list(case.bottoms), blobs, diffs, case.no_diff)
-    raw = _layer_spec_dict(worker, case)
+    raw = caffe_spec(worker, case.prototxt())
     return LayerGolden(
         name, case.type, case.prototxt(), raw, list(case.bottoms), blobs, diffs, t64, db, dp
     )
-
-
-def _layer_spec_dict(worker: CaffeWorker, case: LayerCase) -> dict[str, Any]:
-    specs = worker.call("layer_specs", prototxt=case.prototxt())
-    return dict(next(s for s in specs if s["name"] == LAYER))
 
 
 def encode(g: LayerGolden) -> dict[str, NDArray[Any]]:
@@ -137,7 +133,7 @@ def encode(g: LayerGolden) -> dict[str, NDArray[Any]]:
         "name": g.name,
         "type": g.type,
         "prototxt": g.prototxt,
-        "spec": g.spec,
+        "spec": g.spec.to_dict(),
         "made_by": "python -m crossval golden --out crossval/golden --force",
     }
     arrays: dict[str, NDArray[Any]] = {"meta": np.array(json.dumps(meta, sort_keys=True))}
@@ -206,7 +202,7 @@ def load_file(path: Path) -> LayerGolden:
             meta["name"],
             meta["type"],
             meta["prototxt"],
-            meta["spec"],
+            CaffeLayerSpec.from_dict(meta["spec"]),
             listed("b"),
             listed("p"),
             listed("g"),
@@ -240,8 +236,7 @@ def caffe_values(worker: CaffeWorker, g: LayerGolden) -> list[GoldenValue]:
     """Run `g` through the Caffe behind `worker`; each output beside its stored value."""
     spec = g.layer_spec
     bound = LAYER_BOUNDS[g.type]
-    caffe = worker.call(
-        "run",
+    caffe = worker.run(
         prototxt=g.prototxt,
         inputs={f"b{i}": b for i, b in enumerate(g.bottoms)},
         params={LAYER: list(g.blobs)} if g.blobs else None,
@@ -258,17 +253,17 @@ def caffe_values(worker: CaffeWorker, g: LayerGolden) -> list[GoldenValue]:
     bb, bp = bound.backward(spec, b64, p64, g.tops, d64)
     frule, brule = f"tolerances.{bound.forward_rule}", f"tolerances.{bound.backward_rule}"
     values = [
-        GoldenValue("forward", f"t{i}", caffe["blobs"][f"t{i}"], t, fwd[i], frule)
+        GoldenValue("forward", f"t{i}", caffe.blobs[f"t{i}"], t, fwd[i], frule)
         for i, t in enumerate(g.tops)
     ]
     for i, d in sorted(g.bottom_diffs.items()):
         b = bb[i]
         if b is not None:
-            values.append(GoldenValue("backward", f"b{i}", caffe["diffs"][f"b{i}"], d, b, brule))
+            values.append(GoldenValue("backward", f"b{i}", caffe.diffs[f"b{i}"], d, b, brule))
     for i, d in sorted(g.param_diffs.items()):
         b = bp[i]
         if b is not None:
-            actual = caffe["param_diffs"][LAYER][i]
+            actual = caffe.param_diffs[LAYER][i]
             values.append(GoldenValue("backward", f"{LAYER}/{i}", actual, d, b, brule))
     return values
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from numpy.typing import NDArray
 from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec
 
+from ..caffe_side.replies import CaffeLayerSpec
 from ..compare import Comparison, three_way
 from ..tolerances.layers import LAYER_BOUNDS
 from ..worker import CaffeWorker
@@ -85,20 +85,20 @@ class LayerResult:
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_spec(worker: CaffeWorker, text: str) -> dict[str, Any]:
-    specs = worker.call("layer_specs", prototxt=text)
-    return dict(next(s for s in specs if s["name"] == LAYER))
+def caffe_spec(worker: CaffeWorker, text: str) -> CaffeLayerSpec:
+    """The layer under test as Caffe parses the prototxt `text`."""
+    return next(s for s in worker.layer_specs(text) if s.name == LAYER)
 
 
 @functools.lru_cache(maxsize=256)
 def param_shapes(worker: CaffeWorker, text: str) -> tuple[tuple[int, ...], ...]:
-    params = worker.call("params", prototxt=text)["params"]
+    params = worker.params(text).params
     return tuple(tuple(p.shape) for p in params.get(LAYER, []))
 
 
 def spec_of(worker: CaffeWorker, case: LayerCase) -> LayerSpec:
     """The layer's spec as Caffe parses the case's prototxt."""
-    return LayerSpec.from_dict(_layer_spec(worker, case.prototxt()))
+    return LayerSpec.from_caffe(caffe_spec(worker, case.prototxt()))
 
 
 def _tensors(arrays: tuple[F32, ...] | list[F32], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -131,8 +131,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
     b64, p64 = _tensors(case.bottoms, torch.float64), _tensors(blobs, torch.float64)
     tops64 = ref.forward(spec, b64, p64)
     diffs = [rng.standard_normal(tuple(t.shape)).astype(np.float32) for t in tops64]
-    caffe = worker.call(
-        "run",
+    caffe = worker.run(
         prototxt=text,
         inputs={f"b{i}": b for i, b in enumerate(case.bottoms)},
         params={LAYER: list(blobs)} if blobs else None,
@@ -144,7 +143,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
     )
     result = LayerResult(case)
     for i, t in enumerate(tops64):
-        got = caffe["blobs"][f"t{i}"].shape
+        got = caffe.blobs[f"t{i}"].shape
         if tuple(got) != tuple(t.shape):
             result.shape_errors.append(
                 f"forward: top {i} has shape {tuple(got)} in Caffe, {tuple(t.shape)} in the "
@@ -190,7 +189,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
         result.comparisons += three_way(
             "forward",
             f"t{i}",
-            caffe["blobs"][f"t{i}"],
+            caffe.blobs[f"t{i}"],
             _np(t32[i]),
             t.numpy(),
             b,
@@ -203,7 +202,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
         result.comparisons += three_way(
             "backward",
             f"d/d b{i}",
-            caffe["diffs"][f"b{i}"],
+            caffe.diffs[f"b{i}"],
             _np(gb32[i]),
             g.numpy(),
             gbound,
@@ -216,7 +215,7 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
         result.comparisons += three_way(
             "backward",
             f"d/d {LAYER}/{i}",
-            caffe["param_diffs"][LAYER][i],
+            caffe.param_diffs[LAYER][i],
             _np(gp32[i]),
             g.numpy(),
             pbound,

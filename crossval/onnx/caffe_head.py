@@ -84,14 +84,13 @@ class CaffeHead:
     def forward(self, worker: CaffeWorker, x: F32) -> dict[str, F32]:
         """Caffe's TEST-phase forward with the caffemodel's weights; the head's blobs."""
         n = x.shape[0]
-        got = worker.call(
-            "run",
+        got = worker.run(
             prototxt=self.text,
             inputs={self.spec.input_blob: x.reshape(n, *self.input_shape[1:])},
             phase="TEST",
             weights=str(self.weights),
         )
-        return {b: np.asarray(got["blobs"][b]).reshape(n, -1) for b in self.spec.blobs}
+        return {b: np.asarray(got.blobs[b]).reshape(n, -1) for b in self.spec.blobs}
 
 
 def _blob_shape(blob: Any) -> tuple[int, ...]:
@@ -274,10 +273,10 @@ def load_caffe_head(worker: CaffeWorker, prototxt: Path, weights: Path) -> Caffe
 
     check_net(worker, text, prototxt, weights=weights)
     try:
-        got = worker.call("params", prototxt=text, phase="TEST", weights=str(weights))
+        got = worker.params(text, phase="TEST", weights=str(weights))
     except (CaffeError, CaffeCrash) as exc:
         raise OnnxInputError(f"{prototxt} with {weights}: {exc}") from None
-    params = {name: [np.asarray(b) for b in blobs] for name, blobs in got["params"].items()}
+    params = {name: [np.asarray(b) for b in blobs] for name, blobs in got.params.items()}
     if set(params) != set(want) or any(
         [b.shape for b in params[layer]] != shapes for layer, shapes in want.items()
     ):

@@ -96,6 +96,6 @@ def reference_port(
     caffemodel path, or Caffe's fillers). A layer type outside the library raises
     ``crossval.reference.layers.UnsupportedLayer`` naming the layer."""
     net = read_net(worker, prototxt_text, phase)
-    values = worker.call("params", prototxt=prototxt_text, phase=phase, weights=weights)["params"]
+    values = worker.params(prototxt_text, phase=phase, weights=weights).params
     port = ReferencePort(net, values, dtype)
     return port.eval()

@@ -73,7 +73,7 @@ def write_workflow(
     args.update(
         batch=case.batch, force_backward=False, ip_mults=tc.ip_mults, fixed_lr_mult=fixed_lr_mult
     )
-    proto = str(worker.call("prototxt", **args))
+    proto = worker.prototxt(**args)
     wf = Workflow(
         workdir,
         workdir / "train_val.prototxt",
@@ -88,8 +88,7 @@ def write_workflow(
     ip = head.ip_layer(case)
     params = {ip: [case.weights[k] for k in head.learnable(case)]}
     with outputs.staged(outputs.Target(wf.init_weights, "--out", force=True)) as tmp:
-        worker.call(
-            "surgery",
+        worker.surgery(
             prototxt=proto,
             phase="TRAIN",
             layer=head.surgery,
@@ -103,16 +102,15 @@ def caffe_trajectory(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> Trajec
     head, case = HEADS[tc.case.head], tc.case
     label = label_blob(case)
     batches = [{"pool5": x, label: t} for x, t in tc.batches]
-    got = worker.call(
-        "train",
+    got = worker.train(
         solver_prototxt=str(wf.solver),
         steps=tc.steps,
         batches=batches,
         weights=str(wf.init_weights),
     )
     ip, keys = head.ip_layer(case), head.learnable(case)
-    traj = Trajectory(losses=list(got["losses"]))
-    for params in got["params"]:
+    traj = Trajectory(losses=list(got.losses))
+    for params in got.params:
         traj.params.append({keys[i]: params[ip][i] for i in range(2)})
         traj.fixed.append(params[head.fixed_layer][0])
     return traj
@@ -125,12 +123,12 @@ def snapshot_checks(worker: CaffeWorker, tc: TrainCase, wf: Workflow) -> list[Co
     proto = wf.train_val.read_text()
     out = []
     for snap in wf.snapshots():
-        got = worker.call("params", prototxt=proto, phase="TRAIN", weights=str(snap))
+        got = worker.params(proto, phase="TRAIN", weights=str(snap))
         out.append(
             exact(
                 "snapshot",
                 f"{head.fixed_layer}/0 in {snap.name}",
-                got["params"][head.fixed_layer][0],
+                got.params[head.fixed_layer][0],
                 want,
                 tc.describe(),
             )

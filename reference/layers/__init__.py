@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,12 +28,30 @@ __all__ = [
     "LAYERS",
     "LayerSpec",
     "LayerType",
+    "ParsedLayer",
     "UnsupportedLayer",
     "forward",
     "lookup",
     "register",
     "vjp",
 ]
+
+
+class ParsedLayer(Protocol):
+    """A layer as Caffe parses it (``crossval.caffe_side.replies.CaffeLayerSpec``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def bottoms(self) -> Sequence[str]: ...
+    @property
+    def tops(self) -> Sequence[str]: ...
+    @property
+    def params(self) -> Mapping[str, Mapping[str, Any]]: ...
+    @property
+    def set_fields(self) -> Mapping[str, Sequence[str]]: ...
 
 
 @dataclass(frozen=True)
@@ -51,16 +69,16 @@ class LayerSpec:
     set_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], phase: str = "TEST") -> LayerSpec:
-        """From the worker's ``layer_specs`` reply (one entry)."""
+    def from_caffe(cls, parsed: ParsedLayer, phase: str = "TEST") -> LayerSpec:
+        """From one layer of the Caffe worker's ``layer_specs`` reply."""
         return cls(
-            name=str(d["name"]),
-            type=str(d["type"]),
-            bottoms=tuple(d["bottoms"]),
-            tops=tuple(d["tops"]),
-            params=dict(d["params"]),
+            name=parsed.name,
+            type=parsed.type,
+            bottoms=tuple(parsed.bottoms),
+            tops=tuple(parsed.tops),
+            params=dict(parsed.params),
             phase=phase,
-            set_fields={k: frozenset(v) for k, v in d.get("set_fields", {}).items()},
+            set_fields={k: frozenset(v) for k, v in parsed.set_fields.items()},
         )
 
     def has(self, kind: str, name: str) -> bool:

@@ -115,7 +115,7 @@ def convert(prototxt_path: str, caffemodel_path: str) -> nn.Module:
     worker = caffe_worker()
     text = read_prototxt(prototxt_path)  # type: ignore[arg-type]
     net = read_net(worker, text)
-    values = worker.call("params", prototxt=text, phase="TEST", weights=caffemodel_path)["params"]
+    values = worker.params(text, phase="TEST", weights=caffemodel_path).params
     port = FaultyPort(net, values, torch.float32)
     setattr(port, "caffe_mapping", port.mapping())  # noqa: B010
     return port.eval()
