@@ -277,6 +277,12 @@ def case_batches(
 # ---- comparisons of many cases at once -----------------------------------------------------
 
 
+def _shaped(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` broadcast to `shape` (as is when it has it: broadcast_to costs 20 us a call, and a
+    batch makes dozens of these)."""
+    return a if np.shape(a) == shape else np.broadcast_to(a, shape)
+
+
 def _failed_each(
     actual: np.ndarray, desired: np.ndarray, bound: np.ndarray, factor: float, chunk: int
 ) -> NDArray[np.bool_]:
@@ -294,7 +300,7 @@ def _failed_each(
     out = np.zeros(cases, dtype=bool)
     if cases == 0 or per == 0:
         return out
-    limit = np.broadcast_to(cross(bound) if factor == 2.0 else bound, shape)
+    limit = _shaped(cross(bound) if factor == 2.0 else bound, shape)
     step = max(1, chunk // per)
     axes = tuple(range(1, len(shape)))
     diff = np.empty((min(step, cases), *shape[1:]))
@@ -338,7 +344,7 @@ def _three_verdicts(
     out = [np.zeros(cases, dtype=bool) for _ in pairs]
     if cases == 0 or per == 0:
         return out
-    limit = np.broadcast_to(bound, shape)
+    limit = _shaped(bound, shape)
     flagged = np.zeros(cases, dtype=bool)
     step = max(1, chunk // per)
     axes = tuple(range(1, len(shape)))
@@ -389,7 +395,7 @@ class BatchComparison:
     ) -> None:
         self.check, self.blob, self.rule, self.describe = check, blob, rule, describe
         self.actual, self.desired = actual, desired
-        self._base = np.broadcast_to(bound, desired.shape)
+        self._base = _shaped(bound, desired.shape)
         self._factor = factor
         self._differs = differs
         self._err: F64 | None = None
@@ -490,7 +496,7 @@ def three_way_each(
 ) -> list[BatchComparison]:
     """`compare.three_way` for every case at once: caffe~ref64, torch~ref64 and torch~caffe,
     their verdicts made together (`_three_verdicts`)."""
-    b = np.broadcast_to(np.asarray(bound, dtype=np.float64), np.shape(ref))
+    b = _shaped(np.asarray(bound, dtype=np.float64), np.shape(ref))
     c = caffe.reshape(np.shape(ref))
     pairs = [(c, ref, 1.0), (torch32, ref, 1.0), (torch32, c, 2.0)]
     failed = _three_verdicts(c, torch32, ref, b, BatchComparison.CHUNK)
