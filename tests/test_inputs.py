@@ -77,6 +77,8 @@ def validate_port(
 ) -> tuple[int, str, str]:
     """validate-port NET --port PORT (options by validate()'s names) in this process, in the
     current directory: the command's exit code, its report (stdout) and its error (stderr)."""
+    if "weights" in options:  # the shared worker runs in another directory than the test
+        options["weights"] = Path.cwd() / str(options["weights"])
     try:
         report = validate(worker, Path(net), port, **options)  # type: ignore[arg-type]
     except CrossvalError as exc:
@@ -217,7 +219,7 @@ def test_bad_files_named(
         ({"replay": Path("missing.npz")}, "--replay missing.npz does not exist"),
         ({"replay": Path("bad.npz")}, r"--replay bad\.npz is not a saved example"),
         (
-            {"weights": Path("a.caffemodel")},
+            {"weights": "a.caffemodel"},
             r"a\.caffemodel does not fit tiny\.prototxt: it has no ",
         ),
     ],
