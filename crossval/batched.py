@@ -624,26 +624,26 @@ def run_torch_batch(
 # tests/test_batched.py, against the vmapped modules and against the per-case path. A chain
 # or loss not written here falls back to the reference modules under vmap.
 
-F64Grads = tuple[F64, dict[str, F64]]  # the loss per case; d loss / d (the consumed blob)
+LossGrad = tuple[F64, F64]  # the loss of each case, and d loss / d (the consumed blob)
 
 
-def _euclidean64(a: F64, t: F64, case: Case) -> F64Grads:
+def _euclidean64(a: F64, t: F64, case: Case) -> LossGrad:
     d = a - t.reshape(a.shape)
     n = a.shape[1]
     loss: F64 = (d * d).sum(axis=(1, 2)) / n / 2
-    return loss, {"": d / n}
+    return loss, d / n
 
 
-def _smooth_l1_64(a: F64, t: F64, case: Case) -> F64Grads:
+def _smooth_l1_64(a: F64, t: F64, case: Case) -> LossGrad:
     d = a - t.reshape(a.shape)
     n, s2 = a.shape[1], case.sigma * case.sigma
     ad = np.abs(d)
     inner = ad < 1.0 / s2
     loss: F64 = np.where(inner, 0.5 * d * d * s2, ad - 0.5 / s2).sum(axis=(1, 2)) / n
-    return loss, {"": np.where(inner, s2 * d, np.sign(d)) / n}
+    return loss, np.where(inner, s2 * d, np.sign(d)) / n
 
 
-def _softmax_with_loss64(z: F64, t: F64, case: Case) -> F64Grads:
+def _softmax_with_loss64(z: F64, t: F64, case: Case) -> LossGrad:
     m, n = z.shape[:2]
     lab = np.trunc(t.reshape(m, n)).astype(np.int64)
     valid = (
@@ -661,11 +661,10 @@ def _softmax_with_loss64(z: F64, t: F64, case: Case) -> F64Grads:
     weight = valid.astype(np.float64)[..., None]
     diff = p.copy()
     np.put_along_axis(diff, index, np.take_along_axis(diff, index, -1) - weight, -1)
-    grad = diff * weight * (1.0 / normalizer)[:, None, None]
-    return loss, {"": grad}
+    return loss, diff * weight * (1.0 / normalizer)[:, None, None]
 
 
-_LOSSES64: dict[str, Callable[[F64, F64, Case], F64Grads]] = {
+_LOSSES64: dict[str, Callable[[F64, F64, Case], LossGrad]] = {
     "euclidean": _euclidean64,
     "smooth_l1": _smooth_l1_64,
     "softmax_with_loss": _softmax_with_loss64,
@@ -687,7 +686,7 @@ def _softmax64(z: F64) -> F64:
 
 
 def _expectation64(
-    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], F64Grads]
+    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], LossGrad]
 ) -> tuple[dict[str, F64], F64, dict[str, F64]]:
     """<ip> -> Softmax prob -> Convolution pred_age (kernel `fixed`, (1, K))."""
     p = _softmax64(z)
@@ -695,23 +694,22 @@ def _expectation64(
     ip = HEADS[case.head].ip_layer(case)
     loss, g = loss_of(z if LOSSES[case.loss].labels else age)
     if LOSSES[case.loss].labels:
-        g_z, g_p, g_age = g[""], np.zeros_like(p), np.zeros_like(age)
+        g_z, g_p, g_age = g, np.zeros_like(p), np.zeros_like(age)
     else:
-        g_age = g[""]
+        g_age = g
         g_p = g_age * fixed
         g_z = p * (g_p - (g_p * p).sum(axis=-1, keepdims=True))
     return {ip: z, "prob": p, "pred_age": age}, loss, {ip: g_z, "prob": g_p, "pred_age": g_age}
 
 
 def _sigmoid_scale64(
-    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], F64Grads]
+    z: F64, fixed: F64, case: Case, loss_of: Callable[[F64], LossGrad]
 ) -> tuple[dict[str, F64], F64, dict[str, F64]]:
     """fc1 -> Sigmoid pred01 (0.5 tanh(0.5 z) + 0.5) -> Scale pred_age (scale `fixed`)."""
     tanh = _libm(torch.tanh, 0.5 * z)
     p01 = 0.5 * tanh + 0.5
     age = p01 * fixed
-    loss, g = loss_of(age)
-    g_age = g[""]
+    loss, g_age = loss_of(age)
     g_p01 = g_age * fixed
     g_z = g_p01 * 0.5 * (1.0 - tanh * tanh) * 0.5
     return (
