@@ -810,7 +810,7 @@ CASES: tuple[Fuzz, ...] = (
     ),
     F(
         "vp-port-hangs",
-        VP + " --port port_sleep:make --examples 3 --timeout 5",
+        VP + " --port port_sleep:make --examples 3 --timeout 3",
         1,
         r"(within|time|limit).*example|example.*(within|time|limit)",
         "exp.prototxt",
