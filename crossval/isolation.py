@@ -32,16 +32,9 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 from . import errors
+from .caffe_side.wire import Expired, die_with_parent, recv_frame, write_frame
 from .errors import CrossvalError
-from .worker import (
-    _Expired,
-    default_limit,
-    die_with_parent,
-    kill_group,
-    private_dir,
-    recv_frame,
-    write_frame,
-)
+from .worker import default_limit, kill_group, private_dir
 
 if TYPE_CHECKING:
     from .portcheck.command import Report
@@ -154,7 +147,7 @@ def _supervise(
         deadline = time.monotonic() + running.limit if running is not None else None
         try:
             frame = recv_frame(fd, deadline)
-        except _Expired:
+        except Expired:
             assert running is not None
             kill_group(proc)
             return _crashed(

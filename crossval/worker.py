@@ -22,10 +22,8 @@ import functools
 import os
 import pickle
 import re
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -55,10 +53,10 @@ from .caffe_side.replies import (
     run_many_arrays,
     with_arrays,
 )
+from .caffe_side.wire import Expired, get_arrays, put_arrays, recv_frame, send_frame
 from .errors import CrossvalError, raise_if_interrupted
 from .examplegen import Recipe
 
-_HEADER = struct.Struct("<Q")
 DIR_PREFIX = "crossval-worker-"
 PIPE_SIZE = 1 << 20  # bytes; Linux caps it at /proc/sys/fs/pipe-max-size (1 MiB by default)
 
@@ -172,75 +170,6 @@ def searching() -> Iterator[None]:
         raise stop.error from None
 
 
-class _Expired(Exception):
-    pass
-
-
-def write_frame(stream: IO[bytes], obj: Any) -> None:
-    stream.write(_frame(obj))
-    stream.flush()
-
-
-def read_frame(stream: IO[bytes]) -> Any:
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        raise EOFError
-    (size,) = _HEADER.unpack(head)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
-
-
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
-def send_frame(fd: int, obj: Any, deadline: float) -> None:
-    """Write one frame to a non-blocking pipe `fd` by `deadline` (time.monotonic); raises
-    BrokenPipeError when the reader is gone."""
-    view = memoryview(_frame(obj))
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while view:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Expired
-        if not poller.poll(left * 1000):
-            continue
-        try:
-            n = os.write(fd, view[: 1 << 20])
-        except BlockingIOError:
-            continue
-        view = view[n:]
-
-
-def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
-    chunks, got = [], 0
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while got < size:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Expired
-            if not poller.poll(left * 1000):
-                continue
-        chunk = os.read(fd, min(size - got, 1 << 24))
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def recv_frame(fd: int, deadline: float | None) -> Any:
-    """Read one frame from `fd` by `deadline` (None: no limit); EOFError at end of pipe."""
-    (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
-    return pickle.loads(_read_exact(fd, size, deadline))
-
-
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL `proc`'s process group (it leads its own session) and reap it."""
     if proc.poll() is None:
@@ -258,20 +187,6 @@ def _reap(proc: subprocess.Popen[bytes], log: IO[bytes], directory: str) -> None
             with contextlib.suppress(OSError):
                 stream.close()
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def die_with_parent(parent: int) -> None:
-    """In a child process: ask the kernel to SIGKILL this process when its parent dies
-    (whatever killed it, SIGKILL included), and exit now if the parent `parent` (a pid; 0:
-    not checked) died before the request was made."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if parent and os.getppid() != parent:
-        os._exit(1)
 
 
 def private_dir(prefix: str = DIR_PREFIX) -> str:
@@ -666,7 +581,7 @@ class CaffeWorker(CaffeOps):
         self._pending = True
         try:
             send_frame(proc.stdin.fileno(), (op, kwargs), deadline)
-        except _Expired:
+        except Expired:
             return lambda: self._timed_out(proc, op, limit)
         except OSError:
             return lambda: self._collect(proc, op, deadline, limit, failed=True)
@@ -685,7 +600,7 @@ class CaffeWorker(CaffeOps):
             if failed:
                 raise EOFError
             status, payload = recv_frame(proc.stdout.fileno(), deadline)
-        except _Expired:
+        except Expired:
             self._timed_out(proc, op, limit)
         except (EOFError, OSError, pickle.UnpicklingError):
             rc = proc.wait()
@@ -799,33 +714,6 @@ def shared_path(fd: int) -> str:
     return f"/proc/{os.getpid()}/fd/{fd}"
 
 
-def put_arrays(fd: int, arrays: list[np.ndarray], at: int) -> tuple[list[Descriptor], int]:
-    """Write `arrays` back to back into the file `fd` from offset `at` (one system call);
-    returns their descriptors and the offset after the last."""
-    views, descs = [], []
-    for a in arrays:
-        c = np.asarray(a)
-        c = c if c.flags.c_contiguous else c.copy(order="C")
-        descs.append((at, c.dtype.str, tuple(c.shape)))
-        if c.nbytes:
-            views.append(c.data.cast("B"))
-        at += c.nbytes
-    size = sum(v.nbytes for v in views)
-    if views and os.pwritev(fd, views, descs[0][0]) != size:
-        raise OSError(f"short write of {size} bytes to the shared memory file")
-    return descs, at
-
-
-def get_arrays(fd: int, descs: list[Descriptor]) -> list[np.ndarray]:
-    """The arrays `put_arrays` wrote at `descs` (back to back), as new arrays."""
-    out = [np.empty(shape, dtype=np.dtype(dtype)) for _, dtype, shape in descs]
-    views = [a.data.cast("B") for a in out if a.nbytes]
-    size = sum(v.nbytes for v in views)
-    if views and os.preadv(fd, views, descs[0][0]) != size:
-        raise OSError(f"short read of {size} bytes from the shared memory file")
-    return out
-
-
 def submit_run_many(
     worker: CaffeWorker,
     prototxt: str,
@@ -893,9 +781,7 @@ __all__ = [
     "ManyRuns",
     "SearchStopped",
     "default_limit",
-    "get_arrays",
     "innermost_frame",
-    "put_arrays",
     "searching",
     "stops_search",
     "submit_run_many",

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from crossval import provision
 from crossval.caffe_side.replies import NetDescription, RunReply
+from crossval.caffe_side.wire import get_arrays, put_arrays
 from crossval.worker import (
     BASE_LIMIT,
     CaffeCrash,
@@ -28,8 +29,6 @@ from crossval.worker import (
     CaffeTimeout,
     CaffeWorker,
     default_limit,
-    get_arrays,
-    put_arrays,
     searching,
     stops_search,
 )

@@ -176,7 +176,7 @@ B = TypeVar("B", np.ndarray, Descriptor)
 @dataclass(frozen=True)
 class ManyRunsReply(Generic[A]):
     """`run_many`'s reply as it crosses the pipe: every array with a leading case axis, or
-    its descriptor in the shared memory file (``crossval.worker.put_arrays``). `params`
+    its descriptor in the shared memory file (``crossval.caffe_side.wire.put_arrays``). `params`
     leaves out the params that were sent; `sent_back` holds (layer, i, case, value read back)
     for each sent one whose read-back differs (see ``crossval.worker.ManyRuns``)."""
 

@@ -39,8 +39,14 @@ from crossval.caffe_side.replies import (
     run_many_arrays,
     with_arrays,
 )
+from crossval.caffe_side.wire import (
+    die_with_parent,
+    get_arrays,
+    put_arrays,
+    read_frame,
+    write_frame,
+)
 from crossval.examplegen import Recipe
-from crossval.worker import die_with_parent, read_frame, write_frame
 
 
 def main() -> None:
@@ -385,11 +391,9 @@ class Ops:
         client puts those back into the values it sent).
 
         With `shared` (path, offset), the arrays of `inputs` and `params` are descriptors of
-        arrays in the parent's shared memory file (``crossval.worker.put_arrays``), and the
+        arrays in the parent's shared memory file (``crossval.caffe_side.wire.put_arrays``), and the
         reply's arrays are written to it from the offset, the reply holding their
         descriptors (in ``crossval.caffe_side.replies.run_many_arrays`` order)."""
-        from crossval.worker import get_arrays, put_arrays
-
         if shared is None:
             return self._run_many(
                 prototxt, cast(dict[str, np.ndarray], inputs), cast(Params, params), surgery, phase

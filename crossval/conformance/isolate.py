@@ -32,20 +32,13 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from ..caffe_side.wire import Expired, die_with_parent, recv_frame, write_frame
 from ..compare import exact
 from ..errors import CrossvalError, UsageError
 from ..portcheck.engine import ExampleVerdict, PortChecker
 from ..portcheck.port import PortFailure, PortGuard, importable_from_cwd, squeeze
 from ..transfer import state_dict_key
-from ..worker import (
-    CaffeCrash,
-    CaffeError,
-    CaffeWorker,
-    _Expired,
-    die_with_parent,
-    recv_frame,
-    write_frame,
-)
+from ..worker import CaffeCrash, CaffeError, CaffeWorker
 from . import MAPPING_ATTR, Unsupported, reference
 from .cases import Case
 
@@ -399,7 +392,7 @@ def _supervise(
             continue
         try:
             frame = recv_frame(frames, time.monotonic() + 60)
-        except (EOFError, OSError, _Expired):
+        except (EOFError, OSError, Expired):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 0)
             try:
