@@ -300,6 +300,27 @@ def test_frozen_learnable_param_is_a_finding(worker: CaffeWorker, nets: dict[str
     assert fault.kind == "frozen" and fault.layer.startswith("fc1 (InnerProduct)"), str(fault)
 
 
+def test_given_weights_are_copied_into_the_port_once(
+    worker: CaffeWorker, nets: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With a net's given weights (--weights, no --generate) the port's tensors are not
+    copied again while they hold them unchanged (same storage, same version); a weight the
+    port changes unseen (through .data) is still caught, on the reference's own weights,
+    and one changed in place in the open is copied again."""
+    model = str(tmp_path_factory.mktemp("w") / "tiny.caffemodel")
+    _, params = PortChecker(worker, nets["tiny"], tiny.make()).arrays(PortExample(0))
+    worker.save(nets["tiny"], params, model)
+    port = tiny.make()
+    checker = PortChecker(worker, nets["tiny"], port, weights=model, generate=False)
+    _clean(checker, checker.run(PortExample(1)))
+    with torch.no_grad():
+        port.fc1.weight.mul_(2.0)  # in the open: its version moves, so it is copied again
+    _clean(checker, checker.run(PortExample(2)))
+    port.fc1.weight.data.mul_(1.5)  # unseen by the version counter: not copied again
+    fault = _fault(checker, checker.run(PortExample(3)))
+    assert fault.layer.startswith("fc1 (InnerProduct)") and fault.kind == "forward", str(fault)
+
+
 def test_missing_port_tensor_is_bad_usage(worker: CaffeWorker, nets: dict[str, str]) -> None:
     with pytest.raises(UsageError, match=r"fc1/0 .* has no port tensor 'fc1.weight'"):
         PortChecker(worker, nets["sigmoid"], heads.renamed())

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from crossval import tolerances as tol
 from crossval.compare import Comparison
 from crossval.reference.layers import LayerSpec
+from crossval.tolerances import layers as tol_layers
 from crossval.tolerances import sampled as smp
 from crossval.tolerances.segments import segment
 
@@ -119,6 +120,9 @@ def conv_cases(draw: st.DrawFn) -> dict[str, Any]:
         bias=draw(st.sampled_from(["true", "false"])),
         relu=draw(st.sampled_from(["", RELU % 0.0, RELU % 0.25])),
         seed=draw(st.integers(0, 2**31)),
+        # the slab on strips of one row, of a few, or whole; convolutions image by image
+        strip=draw(st.sampled_from([1, 40, smp.STRIP])),
+        split=draw(st.sampled_from([0, tol_layers.SPLIT_ABOVE])),
     )
 
 
@@ -132,8 +136,11 @@ def test_sampled_convolution_matches_the_exhaustive_check(
     rng = np.random.default_rng(case["seed"])
     shape = (case["n"], case["c"], case["h"], case["w"])
     inputs, ws, g = _arrays(rng, specs, shape, worker, text)
-    full = segment(specs, ws, inputs, ["y"], g)
-    part = smp.sampled(specs, ws, inputs, ["y"], g, case["seed"])
+    full = segment(specs, ws, inputs, ["y"], g)  # whole, one convolution of the batch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(smp, "STRIP", case["strip"])
+        mp.setattr(tol_layers, "SPLIT_ABOVE", case["split"])
+        part = smp.sampled(specs, ws, inputs, ["y"], g, case["seed"])
     assert _same(part, full) > 0
     # the slab: SLAB channels over every image and position
     pos = part.positions[("v", "y")]
@@ -236,6 +243,30 @@ def test_only_big_linear_layers_are_sampled() -> None:
     assert smp.macs([conv], {"x": (1, 64, 224, 224)}) == 64 * 224 * 224 * 64 * 9
     assert smp.worth_it([conv], {"x": (1, 64, 224, 224)})
     assert not smp.worth_it([conv], {"x": (1, 64, 8, 8)})
+    # an InnerProduct with a weight of 2^24 elements (VGG's fc7) at batch 1: 2^24
+    # multiply-adds a pass, but a weight diff the size of the weight
+    fc = LayerSpec(
+        "fc",
+        "InnerProduct",
+        ("x",),
+        ("y",),
+        {"inner_product_param": {"num_output": 4096, "axis": 1, "transpose": False}},
+    )
+    assert smp.worth_it([fc], {"x": (1, 4096)})
+    assert not smp.worth_it([fc], {"x": (2, 2048)})
+
+
+def test_slab_strips() -> None:
+    """Strips of top rows that divide the top, their unfolded bottom within STRIP; stacked
+    as images and back."""
+    assert smp._strip_rows(224, 64 * 9 * 224) * 64 * 9 * 224 <= smp.STRIP
+    assert 224 % smp._strip_rows(224, 64 * 9 * 224) == 0
+    assert smp._strip_rows(227, 9) == 227 and smp._strip_rows(227, smp.STRIP) == 1
+    assert smp._strip_rows(7, 10 * smp.STRIP) == 1  # at least one row
+    a = np.arange(2 * 3 * 6 * 5).reshape(2, 3, 6, 5)
+    s = smp._stacked(a, 3)
+    assert s.shape == (6, 3, 2, 5) and np.array_equal(s[4], a[1, :, 2:4])
+    assert np.array_equal(smp._unstacked(s, 2), a)
 
 
 # -- the engine with every Convolution and InnerProduct sampled ---------------------------

@@ -5,9 +5,11 @@ port's own inputs, forward and backward; the same for Caffe on Caffe's blobs."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from . import plugins
 from .port import Binding, PortFailure, PortGuard, squeeze
 
 F64 = NDArray[np.float64]
+_T = TypeVar("_T")
 RANDOM_OPS = ("dropout", "bernoulli", "rand", "normal", "multinomial", "poisson")
 
 
@@ -167,6 +170,48 @@ def _top_diff_seed(ex: PortExample) -> int:
     return ex.seed ^ 0x5EED
 
 
+@contextlib.contextmanager
+def _threads_each() -> Iterator[None]:
+    """PyTorch's threads during an example: the cores Caffe's worker leaves (it runs Caffe on
+    one thread, ``worker.CaffeWorker``) shared by the two threads of the example (the port's
+    run and checks, Caffe's side's checks; ``_Beside``), at least one each. On two cores,
+    one: a PyTorch thread sharing its core with Caffe or with the other side would make
+    every parallel region of PyTorch wait for it."""
+    before = torch.get_num_threads()
+    caffe = os.environ.get("CROSSVAL_CAFFE_THREADS", "1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    left = (cores or 1) - (int(caffe) if caffe.isdigit() else 1)
+    torch.set_num_threads(max(1, min(before, left // 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Beside(Generic[_T]):
+    """`work` run on a thread of its own (a daemon: an interrupted command is not held up
+    by it); ``result()`` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, work: Callable[[], _T]) -> None:
+        self._work = work
+        self._value: list[_T] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._value.append(self._work())
+        except BaseException as exc:  # handed to the thread that asks for the result
+            self._error = exc
+
+    def result(self) -> _T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value[0]
+
+
 class _Running:
     """Forward hooks on the port's named submodules: which one is running (for an exception
     raised inside it) and which ran in training mode or drew random numbers."""
@@ -270,6 +315,11 @@ class PortChecker:
             )["params"]
         except CaffeError as exc:
             raise UsageError(str(exc).replace("params failed in the Caffe worker: ", "")) from None
+        # the base arrays (alive as long as the checker, so their ids are theirs): which
+        # port tensor holds which of them unchanged since it was copied in, and their digest
+        self._base_ids = {id(a) for blobs in self.base.values() for a in blobs}
+        self._loaded: dict[str, tuple[int, int, int]] = {}
+        self._base_digest: tuple[tuple[int, ...], str] | None = None
         self.notes: list[str] = []
         trained = [
             f"{n or 'the port'} ({type(m).__name__})" for n, m in port.named_modules() if m.training
@@ -456,7 +506,7 @@ class PortChecker:
 
         def collect(params: dict[str, list[np.ndarray]] | None) -> dict[str, Any]:
             got = dict(wait())
-            if params is not None and got["digest"] != examplegen.digest(params):
+            if params is not None and got["digest"] != self._digest(params):
                 raise CrossvalError(
                     "the Caffe worker generated other weights than the port got (different "
                     "numpy?); rerun with --replay"
@@ -464,6 +514,17 @@ class PortChecker:
             return got
 
         return collect
+
+    def _digest(self, params: dict[str, list[np.ndarray]]) -> str:
+        """``examplegen.digest`` of `params`; made once for the net's given weights (with
+        --weights and no --generate every example's params are those arrays, unchanged:
+        the engine never writes them)."""
+        ids = tuple(id(a) for layer in sorted(params) for a in params[layer])
+        if not all(i in self._base_ids for i in ids):
+            return examplegen.digest(params)
+        if self._base_digest is None or self._base_digest[0] != ids:
+            self._base_digest = (ids, examplegen.digest(params))
+        return self._base_digest[1]
 
     def run(
         self,
@@ -486,23 +547,31 @@ class PortChecker:
         desc = ex.describe() if arrays is None else f"replayed example, batch {ex.batch}"
         self.started += 1
         pending = self._submit_caffe(ex, arrays)
-        try:
-            inputs, params = self.arrays(ex) if arrays is None else arrays
-            self.current = (inputs, params)
-            self.guard.begin_example(self.started, desc, ex, inputs, params)
-            # the shapes Caffe should give every blob (the declared ones at this batch): the
-            # port is run and checked on them while Caffe runs
-            batch = next(iter(inputs.values())).shape[0] if inputs else ex.batch
-            expected = {b: (batch, *s[1:]) if s else s for b, s in self.net.blobs.items()}
-            top_diffs = self._top_diffs(ex, expected)
-            verdict = self._port_side(ex, desc, inputs, params, top_diffs, expected)
-        except BaseException:
-            # the worker takes one request at a time: its reply is collected before the port's
-            # own failure, the one to report, goes on up
-            with contextlib.suppress(CrossvalError):
-                pending(None)
-            raise
-        caffe = pending(params)
+        caffe_side: _Beside[tuple[dict[str, Any], ExampleVerdict]] | None = None
+        with _threads_each():
+            try:
+                inputs, params = self.arrays(ex) if arrays is None else arrays
+                self.current = (inputs, params)
+                # Caffe's reply is collected and Caffe's side checked on a thread of its own
+                # (from the moment Caffe's blobs arrive), while this one runs the port and
+                # checks it on the shapes Caffe should give every blob (the declared ones at
+                # this batch)
+                caffe_side = _Beside(lambda: self._caffe_side(ex, desc, pending, params))
+                self.guard.begin_example(self.started, desc, ex, inputs, params)
+                batch = next(iter(inputs.values())).shape[0] if inputs else ex.batch
+                expected = {b: (batch, *s[1:]) if s else s for b, s in self.net.blobs.items()}
+                top_diffs = self._top_diffs(ex, expected)
+                verdict = self._port_side(ex, desc, inputs, params, top_diffs, expected)
+            except BaseException:
+                # the worker takes one request at a time: its reply is collected before the
+                # port's own failure, the one to report, goes on up
+                with contextlib.suppress(CrossvalError):
+                    if caffe_side is None:
+                        pending(None)
+                    else:
+                        caffe_side.result()
+                raise
+            caffe, checked = caffe_side.result()
         shapes = {b: tuple(np.shape(v)) for b, v in caffe["blobs"].items() if b in expected}
         drawn: dict[str, np.ndarray] = caffe["top_diffs"]
         if shapes != {b: expected[b] for b in shapes} or not all(
@@ -510,8 +579,24 @@ class PortChecker:
         ):
             # a blob whose shape does not follow the batch: the port again, on Caffe's shapes
             verdict = self._port_side(ex, desc, inputs, params, drawn, shapes)
-        self._check_caffe(verdict, caffe, params, desc, ex.seed)
+        verdict.notes.extend(checked.notes)
+        verdict.comparisons.extend(checked.comparisons)
+        verdict.findings.extend(checked.findings)
         return verdict
+
+    def _caffe_side(
+        self,
+        ex: PortExample,
+        desc: str,
+        pending: Callable[[dict[str, list[np.ndarray]] | None], dict[str, Any]],
+        params: dict[str, list[np.ndarray]],
+    ) -> tuple[dict[str, Any], ExampleVerdict]:
+        """Caffe's reply, and Caffe's blobs checked (notes, comparisons and findings of
+        their own, added after the port's)."""
+        caffe = pending(params)
+        checked = ExampleVerdict(ex)
+        self._check_caffe(checked, caffe, params, desc, ex.seed)
+        return caffe, checked
 
     def _top_diffs(
         self, ex: PortExample, shapes: Mapping[str, tuple[int, ...]]
@@ -639,8 +724,15 @@ class PortChecker:
             for b in self.bindings:
                 if b.lr_mult == 0 or not b.fits:
                     continue  # a constant is the port's own (checked bit for bit)
-                value = torch.from_numpy(params[b.layer][b.index]).reshape(b.port_shape)
-                tensors[b.key].copy_(value.to(tensors[b.key].dtype))
+                array, t = params[b.layer][b.index], tensors[b.key]
+                # the net's given weights, already in this tensor and not written since
+                # (same storage, same version): not copied again. Nothing is lost should the
+                # port change them unseen: every check computes the reference from `params`.
+                held = (id(array), t.data_ptr(), t._version)
+                if id(array) in self._base_ids and self._loaded.get(b.key) == held:
+                    continue
+                t.copy_(torch.from_numpy(array).reshape(b.port_shape).to(t.dtype))
+                self._loaded[b.key] = (id(array), t.data_ptr(), t._version)
         for p in self.port.parameters():
             p.grad = None
         xs = {k: torch.from_numpy(v).requires_grad_(True) for k, v in inputs.items()}

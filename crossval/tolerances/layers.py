@@ -14,6 +14,7 @@ reference computes both, so no layer's index arithmetic is written twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 
 from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec
+from crossval.reference.layers.vision import conv_geometry
 
 from . import ETA32, F64, TABLE, Rule, gamma
 
@@ -126,9 +128,34 @@ def _t(a: F64) -> torch.Tensor:
     return WIDE.get(a, absolute=True)
 
 
+SPLIT_ABOVE = 1 << 19  # elements of a batch's unfolded bottom above which it goes by image
+
+
+def forward(
+    spec: LayerSpec, bottoms: Sequence[torch.Tensor], blobs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``ref.forward``, with a Convolution over a batch whose unfolded bottom (torch's
+    im2col of a float64 convolution, made for the whole batch at once) holds more than
+    ``SPLIT_ABOVE`` elements computed image by image: each image's top is the same
+    convolution of the same values, and autograd sums the images' param diffs; unfolded
+    one image at a time it stays in cache (a sampled slab, ``tolerances.sampled``, stacks
+    strips of a big image as images for that)."""
+    if spec.type != "Convolution" or len(bottoms) != 1 or bottoms[0].dim() < 3:
+        return ref.forward(spec, bottoms, blobs)
+    (x,) = bottoms
+    try:
+        g = conv_geometry(spec, tuple(x.shape))
+    except ValueError:
+        return ref.forward(spec, bottoms, blobs)  # the reference says why
+    per_image = x[0].numel() // g.group * math.prod(g.kernel)
+    if g.axis != 1 or x.shape[0] < 2 or x.shape[0] * per_image <= SPLIT_ABOVE:
+        return ref.forward(spec, bottoms, blobs)
+    return [torch.cat([ref.forward(spec, [x[i : i + 1]], blobs)[0] for i in range(len(x))])]
+
+
 def magnitudes(spec: LayerSpec, bottoms: Arrays, blobs: Arrays) -> list[F64]:
     """The layer applied to |bottoms| and |params| in float64: each output's sum of |terms|."""
-    tops = ref.forward(spec, [_t(b) for b in bottoms], [_t(p) for p in blobs])
+    tops = forward(spec, [_t(b) for b in bottoms], [_t(p) for p in blobs])
     return [t.numpy() for t in tops]
 
 
@@ -137,7 +164,11 @@ def diff_magnitudes(
 ) -> tuple[list[F64 | None], list[F64 | None]]:
     """The vjp of the layer on absolute values: each diff's sum of |terms|."""
     _, gb, gp = ref.vjp(
-        spec, [_t(b) for b in bottoms], [_t(p) for p in blobs], [_t(g) for g in top_diffs]
+        spec,
+        [_t(b) for b in bottoms],
+        [_t(p) for p in blobs],
+        [_t(g) for g in top_diffs],
+        fn=forward if spec.type == "Convolution" else None,
     )
     return (
         [None if g is None else g.numpy() for g in gb],

@@ -8,14 +8,21 @@ elements we know where to look for (the borders, where padding and rounding mist
 
 A Convolution (two spatial axes) or InnerProduct, alone or with ReLUs and TEST Dropouts in
 place on its top (``segments`` rule ``segment_chain``), whose one pass costs more than
-``SAMPLE_ABOVE`` multiply-adds is checked on restricted problems, each of which the float64
+``SAMPLE_ABOVE`` multiply-adds (or an InnerProduct whose weight has ``SAMPLE_WEIGHTS``
+elements or more: checked whole, its weight diff, bound and comparison are float64 arrays
+that size whatever the batch) is checked on restricted problems, each of which the float64
 reference computes exactly as it computes those elements inside the whole layer, through
 ``segments.segment`` (the same reference, the same chain logic, the same bounds):
 
 - a slab: ``SLAB`` output channels (Convolution, of one group) or outputs (InnerProduct),
   drawn at random, over every image and position: the layer with num_output cut to them
   gives their tops (every border and padded position of those channels) and their weight
-  and bias diffs, which sum over every image and position and so are whole;
+  and bias diffs, which sum over every image and position and so are whole. A
+  Convolution's slab is computed on strips of top rows, each the layer without padding on
+  the rows of the bottom it reads (padded by hand with Caffe's zeros), stacked as images:
+  every top element sums the same products, and a weight diff sums over the N S strips of
+  R rows the same N H W terms (torch's float64 convolution unfolds the whole bottom at
+  once, out of cache; ``tolerances.layers.forward`` runs it image by image);
 - output patches (Convolution): ``PATCHES`` windows of ``SIDE`` x ``SIDE`` top positions, every
   channel, one image each, the first on an edge of the top: the layer without padding on the
   crop of the bottom they read, padded by hand with Caffe's zeros;
@@ -55,10 +62,12 @@ from crossval.reference.layers.vision import conv_geometry
 from . import F64, TABLE, Rule
 
 SAMPLE_ABOVE = 2**25  # multiply-adds of one pass of the layer above which it is sampled
+SAMPLE_WEIGHTS = 2**24  # elements of an InnerProduct's weight from which it is sampled
 SLAB = 2  # output channels of a Convolution's slab (InnerProduct: 8 outputs)
 SLAB_IP = 8
 PATCHES = 2  # output patches and bottom patches, each
 SIDE = 3  # a patch is SIDE x SIDE positions
+STRIP = 2**19  # elements of a slab strip's unfolded bottom (see _strip_rows)
 
 TABLE["sampled"] = Rule(
     "sampled",
@@ -97,9 +106,20 @@ def macs(layers: Sequence[LayerSpec], shapes: Mapping[str, tuple[int, ...]]) -> 
 
 
 def worth_it(layers: Sequence[LayerSpec], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Sampled: more than ``SAMPLE_ABOVE`` multiply-adds a pass, or an InnerProduct whose
+    weight has ``SAMPLE_WEIGHTS`` elements or more (checked whole, its weight diff, the
+    bound's magnitudes and the comparison are each a float64 array that size, whatever the
+    batch: VGG's fc7 at batch 1)."""
     from .segments import is_chain
 
-    return (len(layers) == 1 or is_chain(layers)) and macs(layers, shapes) > SAMPLE_ABOVE
+    if not (len(layers) == 1 or is_chain(layers)):
+        return False
+    cost = macs(layers, shapes)
+    if cost > SAMPLE_ABOVE:
+        return True
+    if layers[0].type != "InnerProduct" or cost == 0:
+        return False
+    return cost // int(shapes[layers[0].bottoms[0]][0]) >= SAMPLE_WEIGHTS  # its weight's size
 
 
 class _Sample:
@@ -206,6 +226,30 @@ def _segment(
     )
 
 
+def _strip_rows(out_rows: int, per_row: int) -> int:
+    """Top rows per strip of a slab: the most that divide the top's `out_rows` and whose
+    unfolded bottom (`per_row` elements a row: the float64 convolution's im2col) holds at
+    most ``STRIP`` elements; at least one."""
+    return max(
+        (r for r in range(1, out_rows + 1) if out_rows % r == 0 and r * per_row <= STRIP),
+        default=1,
+    )
+
+
+def _stacked(a: Any, strips: int) -> Any:
+    """(N, C, S R, W) -> (N S, C, R, W): each image's strips of R rows as images."""
+    n, c, h, w = a.shape
+    a = a.reshape(n, c, strips, h // strips, w).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(a.reshape(n * strips, c, h // strips, w))
+
+
+def _unstacked(a: Any, n: int) -> Any:
+    """(N S, C, R, W) -> (N, C, S R, W): the inverse of ``_stacked``."""
+    ns, c, r, w = a.shape
+    a = np.asarray(a).reshape(n, ns // n, c, r, w).transpose(0, 2, 1, 3, 4)
+    return a.reshape(n, c, ns // n * r, w)
+
+
 def _conv(
     layers: Sequence[LayerSpec],
     ws: Sequence[Any],
@@ -226,34 +270,20 @@ def _conv(
     top_shape = (n_img, cout, *out_hw)
     cin_g, cout_g = channels // group, cout // group
 
-    # the slab: a few output channels of one group, every image and position
-    grp = int(rng.integers(group))
-    chans = np.sort(rng.choice(cout_g, size=min(SLAB, cout_g), replace=False)) + grp * cout_g
-    slab_spec = head.with_param("convolution_param", num_output=len(chans), group=1)
-    slab_ws = [ws[0][chans]] + ([ws[1][chans]] if len(ws) > 1 else [])
-    x_g = x[:, grp * cin_g : (grp + 1) * cin_g]
-    g_slab = None if g_top is None else g_top[:, chans]
-    res = _segment(layers, slab_spec, slab_ws, x_g, g_slab, bottom_diffs=False)
-    grid = _grid(np.arange(n_img), chans, np.arange(out_hw[0]), np.arange(out_hw[1]))
-    sample.add(("v", top), top_shape, grid, res.values[top], res.value_bounds[top])
-    for j, w in enumerate(ws):
-        key = (head.name, j)
-        if key in res.param_diffs:
-            where = _grid(chans, *[np.arange(s) for s in w.shape[1:]])
-            sample.add(("p", key), w.shape, where, res.param_diffs[key], res.param_diff_bounds[key])
-
     unpadded = head.with_param("convolution_param", pad=[], pad_h=0, pad_w=0)
 
-    def crop(img: int, lo: Sequence[int], hi: Sequence[int]) -> tuple[Any, list[int]]:
+    def crop(
+        img: int, lo: Sequence[int], hi: Sequence[int], chans: slice = slice(None)
+    ) -> tuple[Any, list[int]]:
         """The bottom rows/cols [lo, hi) of image `img` (outside the bottom: Caffe's zero
         padding), and where row/col 0 of the crop lies in the bottom."""
-        part = x[
-            img : img + 1,
-            :,
-            max(lo[0], 0) : min(hi[0], size[0]),
-            max(lo[1], 0) : min(hi[1], size[1]),
+        inside = [(min(max(lo[i], 0), size[i]), max(min(hi[i], size[i]), 0)) for i in range(2)]
+        inside = [(a, max(a, b)) for a, b in inside]  # a window wholly in the padding: none
+        part = x[img : img + 1, chans, slice(*inside[0]), slice(*inside[1])]
+        # the window's rows/cols above and below the bottom
+        pads = [(0, 0), (0, 0)] + [
+            (max(0, min(hi[i], 0) - lo[i]), max(0, hi[i] - max(lo[i], size[i]))) for i in range(2)
         ]
-        pads = [(0, 0), (0, 0)] + [(max(0, -lo[i]), max(0, hi[i] - size[i])) for i in range(2)]
         return np.pad(part, pads), list(lo)
 
     def rows_read(o_lo: Sequence[int], o_hi: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -261,6 +291,40 @@ def _conv(
         lo = [o_lo[i] * geo.stride[i] - geo.pad[i] for i in range(2)]
         hi = [(o_hi[i] - 1) * geo.stride[i] - geo.pad[i] + geo.extent(i) for i in range(2)]
         return lo, hi
+
+    # the slab: a few output channels of one group, every image and position, computed on
+    # strips of `rows` top rows stacked as images (see _strip_rows)
+    grp = int(rng.integers(group))
+    chans = np.sort(rng.choice(cout_g, size=min(SLAB, cout_g), replace=False)) + grp * cout_g
+    slab_spec = unpadded.with_param("convolution_param", num_output=len(chans), group=1)
+    slab_ws = [ws[0][chans]] + ([ws[1][chans]] if len(ws) > 1 else [])
+    rows = _strip_rows(out_hw[0], cin_g * math.prod(geo.kernel) * out_hw[1])
+    strips = out_hw[0] // rows
+    in_group = slice(grp * cin_g, (grp + 1) * cin_g)
+    stack = np.concatenate(
+        [
+            crop(img, *rows_read([i * rows, 0], [(i + 1) * rows, out_hw[1]]), in_group)[0]
+            for img in range(n_img)
+            for i in range(strips)
+        ]
+    )
+    g_slab = None
+    if g_top is not None:  # (N, c, S R, W) -> (N S, c, R, W): the strips' top diffs
+        g_slab = _stacked(g_top[:, chans], strips)
+    res = _segment(layers, slab_spec, slab_ws, stack, g_slab, bottom_diffs=False)
+    grid = _grid(np.arange(n_img), chans, np.arange(out_hw[0]), np.arange(out_hw[1]))
+    sample.add(
+        ("v", top),
+        top_shape,
+        grid,
+        _unstacked(res.values[top], n_img),
+        _unstacked(res.value_bounds[top], n_img),
+    )
+    for j, w in enumerate(ws):
+        key = (head.name, j)
+        if key in res.param_diffs:
+            where = _grid(chans, *[np.arange(s) for s in w.shape[1:]])
+            sample.add(("p", key), w.shape, where, res.param_diffs[key], res.param_diff_bounds[key])
 
     for k in range(PATCHES):  # top patches: every channel
         img = int(rng.integers(n_img))

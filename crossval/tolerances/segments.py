@@ -62,7 +62,7 @@ from crossval.reference import layers as ref
 from crossval.reference.layers import LayerSpec
 
 from . import ETA32, F64, TABLE, Rule, gamma
-from .layers import LAYER_BOUNDS, WIDE, diff_magnitudes
+from .layers import LAYER_BOUNDS, WIDE, diff_magnitudes, forward
 
 SEGMENT_SAMPLES = 8
 SEGMENT_SAFETY = 10.0
@@ -166,7 +166,7 @@ def _compose(
                 else b
                 for b, n in zip(bottoms, bwd_noise[i], strict=True)
             ]
-        tops = ref.forward(spec, bottoms, blobs_i)
+        tops = forward(spec, bottoms, blobs_i)
         if fwd_noise is not None:
             tops = [t if n is None else t + n for t, n in zip(tops, fwd_noise[i], strict=True)]
         if grad:
