@@ -9,6 +9,7 @@ Prints Markdown (the figures in docs/validate-port.md come from here).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--examples", type=int, default=2)
     args = ap.parse_args()
+    load_before = os.getloadavg()
     with CaffeWorker() as worker, tempfile.TemporaryDirectory() as tmp:
         text = worker.prototxt("dex_vgg16", bins=101, size=args.size)
         port = dex.make(size=args.size)
@@ -65,7 +67,13 @@ def main() -> int:
         )
         drawn = _per_example(checker, args.examples)
     raw = raw_caffe + raw_port
-    print(f"Measured {time.strftime('%Y-%m-%d')} by `python bench/validate_port_speed.py`:")
+    load_after = os.getloadavg()
+    command = " ".join(["python bench/validate_port_speed.py", *sys.argv[1:]])
+    print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{command}`")
+    print(
+        f"(load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+        f"{os.cpu_count()} cores):"
+    )
     print()
     print("| DEX VGG-16 at 224, batch 1 | seconds | against raw |")
     print("|---|---|---|")
