@@ -28,7 +28,7 @@ from torch import nn
 from .. import outputs
 from ..errors import CrossvalError, UsageError
 from ..inputs import check_net, read_prototxt, read_replay
-from ..net import append_expectation_head, read_net
+from ..net import HEAD_APPENDERS, read_net
 from ..worker import CaffeCrash, CaffeWorker, searching, stops_search
 from . import plugins
 from .engine import ExampleVerdict, Finding, PortChecker, PortExample
@@ -170,9 +170,9 @@ def validate(
     check_net(worker, text, net, weights=weights, need_input=True)
     surgery = ""
     if head is not None:
-        if head != "expectation" or bins is None:
-            raise UsageError("--head expectation needs --bins K")
-        text = append_expectation_head(text, read_net(worker, text), bins)
+        if head not in HEAD_APPENDERS or bins is None:
+            raise UsageError(f"--head {head} needs --bins K (heads: {', '.join(HEAD_APPENDERS)})")
+        text = HEAD_APPENDERS[head](text, read_net(worker, text), bins)
         surgery = "pred_age"
     name = port_spec if isinstance(port_spec, str) else getattr(port_spec, "__name__", "port")
     try:
