@@ -232,15 +232,6 @@ class CaffeOps:
         reply = self.request(op, **kwargs)
         return lambda: reply
 
-    # TRANSITIONAL (removed once crossval.portcheck.engine uses the typed methods): the
-    # untyped calls with the reply as a dict of its fields.
-    def call(self, op: str, **kwargs: Any) -> Any:
-        return _fields(self.request(op, **kwargs))
-
-    def submit(self, op: str, **kwargs: Any) -> Callable[[], Any]:
-        pending = self.submit_request(op, **kwargs)
-        return lambda: _fields(pending())
-
     def _submit(self, op: str, kind: type[_R], **kwargs: Any) -> Callable[[], _R]:
         pending = self.submit_request(op, **kwargs)
         return lambda: _expect(op, pending(), kind)
@@ -467,12 +458,6 @@ class CaffeOps:
         """What ``crossval.inputs.check_net`` needs to know of the net (and its weights)."""
         reply = self.request("check_net", prototxt=prototxt, phase=phase, weights=weights)
         return _expect("check_net", reply, CheckNetReply)
-
-
-def _fields(reply: object) -> Any:  # TRANSITIONAL, see CaffeOps.call
-    if dataclasses.is_dataclass(reply) and not isinstance(reply, type):
-        return {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)}
-    return reply
 
 
 def _expect(op: str, reply: object, kind: type[_R]) -> _R:

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from crossval.reference import param_name
 
 from .. import examplegen
+from ..caffe_side.replies import RunReply
 from ..compare import Comparison, exact
 from ..errors import CrossvalError, UsageError
 from ..inputs import closest
@@ -310,9 +311,9 @@ class PortChecker:
         self.started = 0  # examples begun
         self.current: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None = None
         try:
-            self.base = worker.call(
-                "params", prototxt=prototxt, phase="TEST", weights=weights, surgery=surgery
-            )["params"]
+            self.base = worker.params(
+                prototxt, phase="TEST", weights=weights, surgery=surgery
+            ).params
         except CaffeError as exc:
             raise UsageError(str(exc).replace("params failed in the Caffe worker: ", "")) from None
         # the base arrays (alive as long as the checker, so their ids are theirs): which
@@ -471,42 +472,47 @@ class PortChecker:
         self,
         ex: PortExample,
         arrays: tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]] | None,
-    ) -> Callable[[dict[str, list[np.ndarray]] | None], dict[str, Any]]:
+    ) -> Callable[[dict[str, list[np.ndarray]] | None], RunReply]:
         """Start Caffe's forward and backward on the example in the worker (the top diffs
         drawn there from the example's seed) and return what waits for it. A generated example
         (`arrays` None) is made by the worker itself (no 550 MB of VGG-16 weights through a
         pipe) while this process makes it too; the waiting function takes the weights this
         process made and checks by digest that Caffe ran with them (None: the reply is only
         drained, after the port failed)."""
-        common: dict[str, Any] = dict(
-            prototxt=self.prototxt,
-            phase="TEST",
-            backward=True,
-            all_diffs=True,
-            surgery=self.surgery,
-            top_diff_seed=(_top_diff_seed(ex), list(self.net.outputs)),
-        )
+        seed = (_top_diff_seed(ex), list(self.net.outputs))
         if arrays is not None:
             inputs, params = arrays
-            wait = self.worker.submit(
-                "run", inputs=inputs, params=params, return_params=False, **common
+            wait = self.worker.submit_run(
+                self.prototxt,
+                inputs,
+                params,
+                phase="TEST",
+                backward=True,
+                surgery=self.surgery,
+                return_params=False,
+                all_diffs=True,
+                top_diff_seed=seed,
             )
-            return lambda _: dict(wait())
-        wait = self.worker.submit(
-            "run_generated",
-            recipe=self.recipe,
-            seed=ex.seed,
-            input_scale=ex.input_scale,
-            weight_scale=ex.weight_scale,
-            batch=ex.batch,
+            return lambda _: wait()
+        generated = self.worker.submit_run_generated(
+            self.prototxt,
+            self.recipe,
+            ex.seed,
+            ex.input_scale,
+            ex.weight_scale,
+            ex.batch,
             learnable=self.generate,
+            phase="TEST",
             weights=self.weights,
-            **common,
+            surgery=self.surgery,
+            backward=True,
+            all_diffs=True,
+            top_diff_seed=seed,
         )
 
-        def collect(params: dict[str, list[np.ndarray]] | None) -> dict[str, Any]:
-            got = dict(wait())
-            if params is not None and got["digest"] != self._digest(params):
+        def collect(params: dict[str, list[np.ndarray]] | None) -> RunReply:
+            got = generated()
+            if params is not None and got.digest != self._digest(params):
                 raise CrossvalError(
                     "the Caffe worker generated other weights than the port got (different "
                     "numpy?); rerun with --replay"
@@ -547,7 +553,7 @@ class PortChecker:
         desc = ex.describe() if arrays is None else f"replayed example, batch {ex.batch}"
         self.started += 1
         pending = self._submit_caffe(ex, arrays)
-        caffe_side: _Beside[tuple[dict[str, Any], ExampleVerdict]] | None = None
+        caffe_side: _Beside[tuple[RunReply, ExampleVerdict]] | None = None
         with _threads_each():
             try:
                 inputs, params = self.arrays(ex) if arrays is None else arrays
@@ -572,8 +578,8 @@ class PortChecker:
                         caffe_side.result()
                 raise
             caffe, checked = caffe_side.result()
-        shapes = {b: tuple(np.shape(v)) for b, v in caffe["blobs"].items() if b in expected}
-        drawn: dict[str, np.ndarray] = caffe["top_diffs"]
+        shapes = {b: tuple(np.shape(v)) for b, v in caffe.blobs.items() if b in expected}
+        drawn = caffe.top_diffs
         if shapes != {b: expected[b] for b in shapes} or not all(
             k in top_diffs and np.array_equal(drawn[k], top_diffs[k]) for k in drawn
         ):
@@ -588,9 +594,9 @@ class PortChecker:
         self,
         ex: PortExample,
         desc: str,
-        pending: Callable[[dict[str, list[np.ndarray]] | None], dict[str, Any]],
+        pending: Callable[[dict[str, list[np.ndarray]] | None], RunReply],
         params: dict[str, list[np.ndarray]],
-    ) -> tuple[dict[str, Any], ExampleVerdict]:
+    ) -> tuple[RunReply, ExampleVerdict]:
         """Caffe's reply, and Caffe's blobs checked (notes, comparisons and findings of
         their own, added after the port's)."""
         caffe = pending(params)
@@ -902,7 +908,7 @@ class PortChecker:
     def _check_caffe(
         self,
         verdict: ExampleVerdict,
-        caffe: Mapping[str, Any],
+        caffe: RunReply,
         params: Mapping[str, list[np.ndarray]],
         desc: str,
         seed: int,
@@ -916,10 +922,10 @@ class PortChecker:
                 "caffe: diffs not compared at blobs rewritten in place (Caffe keeps only the "
                 f"first value's diff): {', '.join(whole)}"
             )
-        values = {k: _np(v) for k, v in caffe["blobs"].items() if k in self.net.blobs}
-        grads: dict[str, F64 | None] = {k: _np(v) for k, v in caffe["diffs"].items()}
+        values = {k: _np(v) for k, v in caffe.blobs.items() if k in self.net.blobs}
+        grads: dict[str, F64 | None] = {k: _np(v) for k, v in caffe.diffs.items()}
         pgrads: dict[tuple[str, int], F64 | None] = {
-            (lay.name, p.index): _np(caffe["param_diffs"][lay.name][p.index])
+            (lay.name, p.index): _np(caffe.param_diffs[lay.name][p.index])
             for lay in self.net.compute_layers
             for p in lay.params
             if p.lr_mult > 0
