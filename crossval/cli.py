@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,21 @@ def _usable_cache_dir() -> None:
 
 
 class _Names:
-    """A table's names as argparse choices, read from the table when argparse first needs
-    them (to check a value or print the help), so that building the parser imports no
-    torch. Every choice list of a head, loss, solver or profile is one of these."""
+    """The names of table `attribute` of module `module` as argparse choices, read from the
+    table when argparse first needs them (to check a value or print the help), so that
+    building the parser imports no torch. Every choice list of a head, loss, solver or
+    profile is one of these; `extra` names follow the table's."""
 
-    def __init__(self, load: Callable[[], Iterable[str]], *extra: str) -> None:
-        self._load = load
+    def __init__(self, module: str, attribute: str, *extra: str) -> None:
+        self._module = module
+        self._attribute = attribute
         self._extra = extra
         self._names: tuple[str, ...] | None = None
 
     def _get(self) -> tuple[str, ...]:
         if self._names is None:
-            self._names = (*self._load(), *self._extra)
+            table: Iterable[str] = getattr(import_module(self._module), self._attribute)
+            self._names = (*table, *self._extra)
         return self._names
 
     def __iter__(self) -> Iterator[str]:
@@ -73,46 +77,7 @@ class _Names:
         return len(self._get())
 
 
-def _heads() -> Iterable[str]:
-    from .names import HEAD_NAMES
-
-    return HEAD_NAMES
-
-
-def _appendable_heads() -> Iterable[str]:
-    from .net import HEAD_APPENDERS
-
-    return HEAD_APPENDERS
-
-
-def _losses() -> Iterable[str]:
-    from .names import LOSS_NAMES
-
-    return LOSS_NAMES
-
-
-def _solver_types() -> Iterable[str]:
-    from crossval.reference.solvers import SOLVER_TYPES
-
-    return SOLVER_TYPES
-
-
-def _lr_policies() -> Iterable[str]:
-    from crossval.reference.solvers import LR_POLICIES
-
-    return LR_POLICIES
-
-
-def _regularizations() -> Iterable[str]:
-    from crossval.reference.solvers import REGULARIZATIONS
-
-    return REGULARIZATIONS
-
-
-def _profiles() -> Iterable[str]:
-    from .profiles import PROFILES
-
-    return PROFILES
+_SOLVERS = "crossval.reference.solvers"  # the solver choices' tables
 
 
 def _choice(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
@@ -513,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(
         proto,
         "head",
-        choices=_Names(_heads, "dex_vgg16", "tiny_cnn", *_ZOO_NETS),
+        choices=_Names("crossval.names", "HEAD_NAMES", "dex_vgg16", "tiny_cnn", *_ZOO_NETS),
         help="a seed head, or a whole net (DEX-style VGG-16, a tiny CNN, the zoo's age nets)",
     )
     proto.add_argument("--size", type=positive_int, default=None, help="image size of a whole net")
@@ -521,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--batch", type=positive_int, default=1)
     proto.add_argument("--bins", type=positive_int, default=100, help="K, expectation head (100)")
     proto.add_argument("--ip-name", default=None, help="InnerProduct name (default fc<K>)")
-    _choice(proto, "--loss", default="euclidean", choices=_Names(_losses))
+    _choice(proto, "--loss", default="euclidean", choices=_Names("crossval.names", "LOSS_NAMES"))
     proto.add_argument("--sigma", type=positive_float, default=1.0, help="SmoothL1 sigma")
     proto.add_argument("--deploy", action="store_true", help="no loss, no label input")
     proto.add_argument("-o", "--output", default=None, help="file (default: stdout)")
@@ -589,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(
         vp,
         "--head",
-        choices=_Names(_appendable_heads),
+        choices=_Names("crossval.net", "HEAD_APPENDERS"),
         default=None,
         help="append one of the seed's heads to the net (expectation: pred_age on its Softmax)",
     )
@@ -644,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(
         rp,
         "--profile",
-        choices=_Names(_profiles),
+        choices=_Names("crossval.profiles", "PROFILES"),
         default="ci",
         help="examples per property: dev 25, ci 200, thorough 5000",
     )
@@ -680,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(
         cb,
         "--profile",
-        choices=_Names(_profiles),
+        choices=_Names("crossval.profiles", "PROFILES"),
         default="ci",
         help="generated examples per property: dev 25, ci 200, thorough 5000",
     )
@@ -710,18 +675,28 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="the seed's training workflow in Caffe, checked against PyTorch step by step",
     )
-    _choice(tr, "head", choices=_Names(_heads))
-    _choice(tr, "--loss", default="euclidean", choices=_Names(_losses))
+    _choice(tr, "head", choices=_Names("crossval.names", "HEAD_NAMES"))
+    _choice(tr, "--loss", default="euclidean", choices=_Names("crossval.names", "LOSS_NAMES"))
     tr.add_argument("--out", required=True, help="directory for the workflow's files")
-    _choice(tr, "--solver", default="SGD", choices=_Names(_solver_types))
+    _choice(tr, "--solver", default="SGD", choices=_Names(_SOLVERS, "SOLVER_TYPES"))
     tr.add_argument("--steps", type=positive_int, default=10)
     tr.add_argument("--lr", type=finite_float, default=0.01)
-    _choice(tr, "--lr-policy", default="fixed", choices=_Names(_lr_policies))
+    _choice(
+        tr,
+        "--lr-policy",
+        default="fixed",
+        choices=_Names(_SOLVERS, "LR_POLICIES"),
+    )
     tr.add_argument("--gamma", type=finite_float, default=0.1)
     tr.add_argument("--stepsize", type=positive_int, default=5)
     tr.add_argument("--momentum", type=finite_float, default=0.0)
     tr.add_argument("--weight-decay", type=finite_float, default=0.0)
-    _choice(tr, "--regularization", default="L2", choices=_Names(_regularizations))
+    _choice(
+        tr,
+        "--regularization",
+        default="L2",
+        choices=_Names(_SOLVERS, "REGULARIZATIONS"),
+    )
     tr.add_argument("--clip", type=finite_float, default=-1.0, help="clip_gradients (off: -1)")
     tr.add_argument("--snapshot", type=positive_int, default=5, help="snapshot every N steps (5)")
     tr.add_argument("--batch", type=positive_int, default=8)
