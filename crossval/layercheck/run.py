@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,41 +186,29 @@ def run_case(worker: CaffeWorker, case: LayerCase, port: ref.LayerFn | None = No
     fb = bound.forward(spec, *arrays, tops_np)
     bb, bp = bound.backward(spec, *arrays, tops_np, diffs_np)
     where = case.describe()
+
+    def compare(
+        check: str,
+        name: str,
+        caffe_value: NDArray[Any],
+        f32: torch.Tensor | None,
+        f64: torch.Tensor,
+        b: NDArray[np.float64],
+        rule: str,
+    ) -> None:
+        """Caffe's value and the float32 side's against the float64 reference `f64`."""
+        result.comparisons += three_way(
+            check, name, caffe_value, _np(f32), f64.numpy(), b, f"tolerances.{rule}", where
+        )
+
     for i, (t, b) in enumerate(zip(t64, fb, strict=True)):
-        result.comparisons += three_way(
-            "forward",
-            f"t{i}",
-            caffe.blobs[f"t{i}"],
-            _np(t32[i]),
-            t.numpy(),
-            b,
-            f"tolerances.{bound.forward_rule}",
-            where,
-        )
-    for i, (g, gbound) in enumerate(zip(gb64, bb, strict=True)):
-        if g is None or gbound is None or i in case.no_diff:
-            continue
-        result.comparisons += three_way(
-            "backward",
-            f"d/d b{i}",
-            caffe.diffs[f"b{i}"],
-            _np(gb32[i]),
-            g.numpy(),
-            gbound,
-            f"tolerances.{bound.backward_rule}",
-            where,
-        )
-    for i, (g, pbound) in enumerate(zip(gp64, bp, strict=True)):
-        if g is None or pbound is None:
-            continue
-        result.comparisons += three_way(
-            "backward",
-            f"d/d {LAYER}/{i}",
-            caffe.param_diffs[LAYER][i],
-            _np(gp32[i]),
-            g.numpy(),
-            pbound,
-            f"tolerances.{bound.backward_rule}",
-            where,
-        )
+        compare("forward", f"t{i}", caffe.blobs[f"t{i}"], t32[i], t, b, bound.forward_rule)
+    for i, (g, gb) in enumerate(zip(gb64, bb, strict=True)):
+        if g is not None and gb is not None and i not in case.no_diff:
+            caffe_diff = caffe.diffs[f"b{i}"]
+            compare("backward", f"d/d b{i}", caffe_diff, gb32[i], g, gb, bound.backward_rule)
+    for i, (g, pb) in enumerate(zip(gp64, bp, strict=True)):
+        if g is not None and pb is not None:
+            caffe_diff = caffe.param_diffs[LAYER][i]
+            compare("backward", f"d/d {LAYER}/{i}", caffe_diff, gp32[i], g, pb, bound.backward_rule)
     return result
