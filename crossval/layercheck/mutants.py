@@ -8,7 +8,7 @@ layer type's cases (``crossval.layercheck.CASES``) with each as the float32 side
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,30 +107,19 @@ def _batchnorm_factor_ignored(
     return [(x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + float(p["eps"]))]
 
 
-def _eltwise_coeff_ignored(
-    spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
-) -> list[Tensor]:
-    """Eltwise SUM as a plain sum, whatever the coeffs."""
-    p = spec.param("eltwise_param")
-    if p["operation"] != "SUM":
-        return ref.forward(spec, bottoms, blobs)
-    out = bottoms[0]
-    for b in bottoms[1:]:
-        out = out + b
-    return [out]
+def _eltwise_folded(operation: str, combine: Callable[[Tensor, Tensor], Tensor]) -> ref.LayerFn:
+    """Eltwise `operation` as the bottoms folded pairwise with `combine`; the reference for
+    the other operations."""
 
+    def port(spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]) -> list[Tensor]:
+        if spec.param("eltwise_param")["operation"] != operation:
+            return ref.forward(spec, bottoms, blobs)
+        out = bottoms[0]
+        for b in bottoms[1:]:
+            out = combine(out, b)
+        return [out]
 
-def _eltwise_max_torch(
-    spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
-) -> list[Tensor]:
-    """Eltwise MAX as torch.maximum, whose backward splits a tie between the bottoms."""
-    p = spec.param("eltwise_param")
-    if p["operation"] != "MAX":
-        return ref.forward(spec, bottoms, blobs)
-    out = bottoms[0]
-    for b in bottoms[1:]:
-        out = torch.maximum(out, b)
-    return [out]
+    return port
 
 
 def _softmax_last_axis(
@@ -319,13 +308,16 @@ LAYER_MUTANTS: dict[str, LayerMutant] = {
         _batchnorm_factor_ignored,
     ),
     "eltwise-coeff-ignored": LayerMutant(
-        "Eltwise", "SUM ignores coeff", "forward, coeff != 1", _eltwise_coeff_ignored
+        "Eltwise",
+        "SUM ignores coeff",
+        "forward, coeff != 1",
+        _eltwise_folded("SUM", torch.add),  # a plain sum, whatever the coeffs
     ),
     "eltwise-max-tie-split": LayerMutant(
         "Eltwise",
         "MAX through torch.maximum: a tie splits the diff between bottoms",
         "backward, ties",
-        _eltwise_max_torch,
+        _eltwise_folded("MAX", torch.maximum),  # its backward splits a tie between bottoms
     ),
     "softmax-last-axis": LayerMutant(
         "Softmax",
