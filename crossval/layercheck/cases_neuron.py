@@ -81,11 +81,20 @@ def power(draw: st.DrawFn) -> LayerCase:
     )
 
 
-@st.composite
-def exp(draw: st.DrawFn) -> LayerCase:
+def _base_scale_shift(
+    draw: st.DrawFn, shifts: tuple[float, ...]
+) -> tuple[float, float, float, str]:
+    """Exp's and Log's parameters (the same three fields in both), and their prototxt text;
+    the shift from `shifts`."""
     base = draw(st.sampled_from((-1.0, 2.0, 10.0, 0.5)), label="base")
     scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0)), label="scale")
-    shift = draw(st.sampled_from((0.0, 1.0, -2.0)), label="shift")
+    shift = draw(st.sampled_from(shifts), label="shift")
+    return base, scale, shift, f"base: {base!r} scale: {scale!r} shift: {shift!r}"
+
+
+@st.composite
+def exp(draw: st.DrawFn) -> LayerCase:
+    base, scale, shift, fields = _base_scale_shift(draw, (0.0, 1.0, -2.0))
     shape = draw(shapes, label="shape")
     x = draw(arrays(shape), label="bottom")
     ln_base = 1.0 if base == -1 else math.log(base)
@@ -94,22 +103,16 @@ def exp(draw: st.DrawFn) -> LayerCase:
     inner, offset = ln_base * scale, ln_base * shift
     lo, hi = sorted(((-104 - offset) / inner, (80 - offset) / inner))
     x = np.clip(x, lo, hi).astype(np.float32)
-    return LayerCase(
-        "Exp", (x,), f"exp_param {{ base: {base!r} scale: {scale!r} shift: {shift!r} }}"
-    )
+    return LayerCase("Exp", (x,), f"exp_param {{ {fields} }}")
 
 
 @st.composite
 def log(draw: st.DrawFn) -> LayerCase:
-    base = draw(st.sampled_from((-1.0, 2.0, 10.0, 0.5)), label="base")
-    scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0)), label="scale")
-    shift = draw(st.sampled_from((0.0, 1.0, 0.5)), label="shift")
+    _, scale, _, fields = _base_scale_shift(draw, (0.0, 1.0, 0.5))
     shape = draw(shapes, label="shape")
     # The log's argument shift + scale x stays positive (Caffe gives NaN below 0).
     x = draw(arrays(shape, positive=True), label="bottom") * np.float32(math.copysign(1, scale))
-    return LayerCase(
-        "Log", (x,), f"log_param {{ base: {base!r} scale: {scale!r} shift: {shift!r} }}"
-    )
+    return LayerCase("Log", (x,), f"log_param {{ {fields} }}")
 
 
 @st.composite
