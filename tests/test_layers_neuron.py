@@ -19,6 +19,7 @@ from torch import Tensor
 from crossval import layercheck
 from crossval.layercheck import LayerCase, run_case
 from crossval.layercheck.run import LAYER, spec_of
+from crossval.mutants.catalogue import SigmoidGradFromInput
 from crossval.reference import layers as ref
 from crossval.reference.layers import neuron, normalization
 from crossval.worker import CaffeWorker
@@ -115,24 +116,12 @@ def test_elu_from_the_library_with_its_own_alpha_is_caught(worker: CaffeWorker) 
     _caught(worker, case, default_alpha, "forward caffe~ref64: t0")
 
 
-class _SigmoidGradFromInput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return torch.sigmoid(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        x: Tensor = ctx.saved_tensors[0]
-        return g * x * (1 - x)
-
-
 def test_sigmoid_gradient_from_the_input_is_caught(worker: CaffeWorker) -> None:
     """A hand-written backward g x (1 - x) (the input where the output belongs)."""
     case = LayerCase("Sigmoid", (_x((3, 4)),))
 
     def wrong(spec: ref.LayerSpec, b: Sequence[Tensor], p: Sequence[Tensor]) -> list[Tensor]:
-        y: Tensor = _SigmoidGradFromInput.apply(b[0])  # type: ignore[no-untyped-call]
+        y: Tensor = SigmoidGradFromInput.apply(b[0])  # type: ignore[no-untyped-call]
         return [y]
 
     _caught(worker, case, wrong, "backward caffe~ref64: d/d b0")

@@ -180,8 +180,9 @@ class _SigmoidBiasData(reference.SigmoidScaleHead):
         return {"fc1": fc1, "pred01": pred01, "pred_age": pred_age}
 
 
-class _SigmoidGradFromInput(torch.autograd.Function):
-    """Caffe's sigmoid forward; backward x (1 - x) (the input) instead of y (1 - y)."""
+class SigmoidGradFromInput(torch.autograd.Function):
+    """Caffe's sigmoid forward; backward x (1 - x) (the input) instead of y (1 - y). The
+    `sigmoid-grad-from-input` mutant's sigmoid, and the Sigmoid layer's in the layer tests."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
@@ -198,7 +199,7 @@ class _SigmoidGradFromInput(torch.autograd.Function):
 class _SigmoidWrongGrad(reference.SigmoidScaleHead):
     def forward(self, pool5: Tensor) -> dict[str, Tensor]:
         fc1: Tensor = self.fc1(pool5.reshape(pool5.shape[0], -1))
-        pred01: Tensor = _SigmoidGradFromInput.apply(fc1)  # type: ignore[no-untyped-call]
+        pred01: Tensor = SigmoidGradFromInput.apply(fc1)  # type: ignore[no-untyped-call]
         pred_age: Tensor = self.pred_age(pred01)
         return {"fc1": fc1, "pred01": pred01, "pred_age": pred_age}
 
