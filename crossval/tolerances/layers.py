@@ -64,6 +64,14 @@ RULES = (
         "is sum |w| |x| per output) and n the terms per output, bias included; the backward "
         "diffs likewise with the vjp of f at |g| and n the terms each diff sums",
     ),
+    Rule(
+        "layer_copy",
+        "a layer whose outputs only move, select, copy or flip the sign of its inputs "
+        "(Dropout in TEST, AbsVal and its diff g sign(x), Concat, Slice, Flatten, Reshape, "
+        "Crop, Split forward, Eltwise MAX forward and backward)",
+        "0: no arithmetic and no rounding at all, so Caffe, a port and the reference must "
+        "reproduce the float32 values bit for bit",
+    ),
 )
 TABLE.update({r.name: r for r in RULES})
 
@@ -201,6 +209,23 @@ def linear(
         )
 
     return LayerBound("layer_linear", fwd, "layer_linear", bwd, terms_backward)
+
+
+def copy_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
+    """Exact: see TABLE['layer_copy']."""
+    return [np.zeros(np.shape(t)) for t in tops]
+
+
+def copy_backward(
+    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
+) -> tuple[list[F64 | None], list[F64 | None]]:
+    """Exact: see TABLE['layer_copy']."""
+    return [np.zeros(np.shape(b)) for b in bottoms], []
+
+
+# The bounds of every layer that only moves, selects or copies elements (neuron and
+# structural layers alike).
+COPY = LayerBound("layer_copy", copy_forward, "layer_copy", copy_backward)
 
 
 # The families register their bounds (and rules) on import.

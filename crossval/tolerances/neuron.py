@@ -17,7 +17,7 @@ from crossval.reference.layers.neuron import f32
 from . import ETA32, F64, LIBM_ULPS, TABLE, U32, Rule, gamma
 from . import sigmoid as _sigmoid_bound
 from . import sigmoid_grad as _sigmoid_grad_bound
-from .layers import LAYER_BOUNDS, Arrays, LayerBound
+from .layers import COPY, LAYER_BOUNDS, Arrays, LayerBound
 
 u, L, E = U32, LIBM_ULPS, ETA32
 U64 = 2.0**-53  # double's unit roundoff, for the steps Caffe runs in double
@@ -28,12 +28,6 @@ RULES = (
         "a layer that selects, copies or multiplies by one constant (ReLU, PReLU's forward "
         "and bottom diff)",
         "u |y| + ETA32: at most one rounding of the result (none when it only selects)",
-    ),
-    Rule(
-        "layer_copy",
-        "a layer whose outputs are copies or sign flips of its inputs (Dropout in TEST, "
-        "AbsVal, AbsVal's diff g sign(x))",
-        "0: no rounding at all, so Caffe, a port and the reference agree bit for bit",
     ),
     Rule(
         "layer_prelu_grad",
@@ -163,20 +157,8 @@ LAYER_BOUNDS["ReLU"] = LayerBound(
 )
 
 
-def _copy_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
-    """Exact: see TABLE['layer_copy']."""
-    return [np.zeros(np.shape(t)) for t in tops]
-
-
-def _copy_backward(
-    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
-) -> tuple[list[F64 | None], list[F64 | None]]:
-    """Exact: see TABLE['layer_copy']."""
-    return [np.zeros(np.shape(b)) for b in bottoms], []
-
-
-LAYER_BOUNDS["Dropout"] = LayerBound("layer_copy", _copy_forward, "layer_copy", _copy_backward)
-LAYER_BOUNDS["AbsVal"] = LayerBound("layer_copy", _copy_forward, "layer_copy", _copy_backward)
+LAYER_BOUNDS["Dropout"] = COPY  # TABLE['layer_copy']
+LAYER_BOUNDS["AbsVal"] = COPY
 
 
 def _prelu_backward(

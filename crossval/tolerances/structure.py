@@ -10,15 +10,9 @@ from crossval.reference.layers import LayerSpec
 from crossval.reference.layers.vision import canonical_axis
 
 from . import ETA32, F64, TABLE, U32, Rule, gamma, softmax, softmax_grad
-from .layers import LAYER_BOUNDS, Arrays, LayerBound
+from .layers import COPY, LAYER_BOUNDS, Arrays, LayerBound, copy_backward, copy_forward
 
 RULES = (
-    Rule(
-        "layer_copy",
-        "a layer that only moves or selects elements (Concat, Slice, Flatten, Reshape, Crop, "
-        "Split forward, Eltwise MAX forward and backward)",
-        "0: no arithmetic, so Caffe and a port must reproduce the float32 values exactly",
-    ),
     Rule(
         "layer_split_grad",
         "g_x = sum_i g_i over the k tops of Split",
@@ -60,20 +54,7 @@ RULES = (
 TABLE.update({r.name: r for r in RULES})
 
 
-def _zeros_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays) -> list[F64]:
-    """Exact: see TABLE['layer_copy']."""
-    return [np.zeros(np.shape(t)) for t in tops]
-
-
-def _zeros_backward(
-    spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arrays, top_diffs: Arrays
-) -> tuple[list[F64 | None], list[F64 | None]]:
-    """Exact: see TABLE['layer_copy']."""
-    return [np.zeros(np.shape(b)) for b in bottoms], []
-
-
-COPY = LayerBound("layer_copy", _zeros_forward, "layer_copy", _zeros_backward)
-for _name in ("Concat", "Slice", "Flatten", "Reshape", "Crop"):
+for _name in ("Concat", "Slice", "Flatten", "Reshape", "Crop"):  # TABLE['layer_copy']
     LAYER_BOUNDS[_name] = COPY
 
 
@@ -86,9 +67,7 @@ def _split_backward(
     return [gamma(max(k - 1, 0)) * mag], []
 
 
-LAYER_BOUNDS["Split"] = LayerBound(
-    "layer_copy", _zeros_forward, "layer_split_grad", _split_backward
-)
+LAYER_BOUNDS["Split"] = LayerBound("layer_copy", copy_forward, "layer_split_grad", _split_backward)
 
 
 # ---- Eltwise ------------------------------------------------------------------------------
@@ -122,7 +101,7 @@ def _eltwise_forward(spec: LayerSpec, bottoms: Arrays, blobs: Arrays, tops: Arra
         return [gamma(n) * mag + n * ETA32]
     if op == "PROD":
         return [running_product_error(bottoms)[1]]
-    return [np.zeros(np.shape(tops[0]))]
+    return copy_forward(spec, bottoms, blobs, tops)
 
 
 def _eltwise_backward(
@@ -135,7 +114,7 @@ def _eltwise_backward(
     if op == "SUM":
         return [U32 * abs(c) * np.abs(g) + ETA32 for c in _coeffs(spec, n)], []
     if op == "MAX":
-        return [np.zeros(np.shape(b)) for b in bottoms], []
+        return copy_backward(spec, bottoms, blobs, tops, top_diffs)
     out: list[F64 | None] = []
     if p["stable_prod_grad"]:
         for i in range(n):
