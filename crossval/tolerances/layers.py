@@ -14,6 +14,7 @@ reference computes both, so no layer's index arithmetic is written twice.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -228,13 +229,7 @@ def copy_backward(
 COPY = LayerBound("layer_copy", copy_forward, "layer_copy", copy_backward)
 
 
-# The families register their bounds (and rules) on import.
-from crossval.tolerances import (  # noqa: E402
-    loss,
-    neuron,
-    normalization,
-    structure,
-    vision,
-)
-
-del loss, neuron, normalization, structure, vision
+# The bounds of each reference family, in a module of the same name, register (with their
+# rules) on import.
+for _family in ref.FAMILIES:
+    importlib.import_module(f"crossval.tolerances.{_family}")

@@ -15,6 +15,7 @@ them); ``LAYERS`` maps each supported type to its implementation.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FAMILIES",
     "LAYERS",
     "LayerSpec",
     "LayerType",
@@ -209,13 +211,8 @@ def vjp(
     return [t.detach() for t in tops], full[: len(bs)], full[len(bs) :]
 
 
-# The families register themselves on import.
-from crossval.reference.layers import (  # noqa: E402
-    loss,
-    neuron,
-    normalization,
-    structure,
-    vision,
-)
-
-del loss, neuron, normalization, structure, vision
+# The families: each a module of this package that registers its layer types on import.
+# The tolerance package has a module of bounds for each (crossval.tolerances.layers).
+FAMILIES = ("loss", "neuron", "normalization", "structure", "vision")
+for _family in FAMILIES:
+    importlib.import_module(f"crossval.reference.layers.{_family}")
