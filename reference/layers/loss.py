@@ -41,14 +41,21 @@ def _two_bottoms(spec: LayerSpec, bottoms: Sequence[Tensor]) -> tuple[Tensor, Te
     return a, b
 
 
+def _same_count(spec: LayerSpec, bottoms: Sequence[Tensor], count: str) -> tuple[Tensor, Tensor]:
+    """`_two_bottoms`, which must also hold as many elements each (Caffe's check on
+    `count`: count(1) or count())."""
+    a, b = _two_bottoms(spec, bottoms)
+    if a.numel() != b.numel():
+        raise _bad(spec, f"bottoms {tuple(a.shape)} and {tuple(b.shape)} differ in {count}")
+    return a, b
+
+
 @register("EuclideanLoss")
 def euclidean_loss(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
 ) -> list[Tensor]:
     """L = sum((a - b)^2) / N / 2, N = a.shape[0]; both bottoms get a diff."""
-    a, b = _two_bottoms(spec, bottoms)
-    if a.numel() != b.numel():
-        raise _bad(spec, f"bottoms {tuple(a.shape)} and {tuple(b.shape)} differ in count(1)")
+    a, b = _same_count(spec, bottoms, "count(1)")
     return [losses.euclidean_loss(a, b)]
 
 
@@ -126,9 +133,7 @@ def sigmoid_cross_entropy_loss(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
 ) -> list[Tensor]:
     """L = -sum_valid (x (t - [x>=0]) - log(1 + exp(x - 2x [x>=0]))) / normalizer."""
-    x, t = _two_bottoms(spec, bottoms)
-    if x.numel() != t.numel():
-        raise _bad(spec, f"bottoms {tuple(x.shape)} and {tuple(t.shape)} differ in count")
+    x, t = _same_count(spec, bottoms, "count")
     t = t.detach().reshape(x.shape).to(x.dtype)
     ignore = _ignore_label(spec)
     # static_cast<int>(target) == ignore_label: truncation toward zero.
@@ -154,9 +159,7 @@ def _smooth_l1(spec: LayerSpec, bottoms: Sequence[Tensor]) -> Tensor:
         sigma = float(json.loads(text).get("sigma", 1.0))
     except (ValueError, AttributeError) as exc:
         raise _bad(spec, f"param_str {text!r} is not a JSON object with sigma: {exc}") from None
-    a, b = _two_bottoms(spec, bottoms)
-    if a.numel() != b.numel():
-        raise _bad(spec, f"bottoms {tuple(a.shape)} and {tuple(b.shape)} differ in count")
+    a, b = _same_count(spec, bottoms, "count")
     try:
         return losses.smooth_l1_loss(a, b, sigma).reshape(1)
     except ValueError as exc:
