@@ -28,6 +28,17 @@ def _reject(layer: LayerSpec, why: str) -> ValueError:
     return ValueError(f"layer {layer.name!r} ({layer.type}): {why}")
 
 
+def _image_params(spec: LayerSpec, kind: str, shape: Sequence[int]) -> Mapping[str, Any]:
+    """The layer's `kind` message, after the check of Pooling and LRN that the input is
+    images: 4 axes (num, channels, height, width)."""
+    p = spec.param(kind)
+    if len(shape) != 4:
+        raise _reject(
+            spec, f"input must have 4 axes (num, channels, height, width), not {len(shape)}"
+        )
+    return p
+
+
 @register("InnerProduct")
 def inner_product(
     spec: LayerSpec, bottoms: Sequence[Tensor], blobs: Sequence[Tensor]
@@ -229,11 +240,7 @@ class PoolGeometry:
 
 def pool_geometry(spec: LayerSpec, shape: Sequence[int]) -> PoolGeometry:
     """Kernel, stride, pad and pooled size of a Pooling layer on a bottom of `shape`."""
-    p = spec.param("pooling_param")
-    if len(shape) != 4:
-        raise _reject(
-            spec, f"input must have 4 axes (num, channels, height, width), not {len(shape)}"
-        )
+    p = _image_params(spec, "pooling_param", shape)
     method = str(p["pool"])
     if method not in ("MAX", "AVE"):
         raise _reject(spec, f"pool {method} is not implemented on the CPU in Caffe")
@@ -353,11 +360,7 @@ class LRNParams:
 
 
 def lrn_params(spec: LayerSpec, shape: Sequence[int]) -> LRNParams:
-    p = spec.param("lrn_param")
-    if len(shape) != 4:
-        raise _reject(
-            spec, f"input must have 4 axes (num, channels, height, width), not {len(shape)}"
-        )
+    p = _image_params(spec, "lrn_param", shape)
     size = int(p["local_size"])
     if size % 2 != 1:
         raise _reject(spec, f"LRN only supports odd values for local_size, not {size}")
