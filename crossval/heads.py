@@ -334,11 +334,17 @@ class Head:
     ) -> dict[str, F64]:
         """What the bound functions read: the float64 reference's blobs, the features and the
         learnable weights (the case's, or `weights`), by name."""
+        return self._reference(case, blobs, case.x, case.weights if weights is None else weights)
+
+    def _reference(
+        self, case: Case, blobs: dict[str, Any], x: F32, weights: dict[str, Any]
+    ) -> dict[str, F64]:
+        """`blobs`, the features `x` (as pool5) and the learnable `weights` in float64, by
+        name: of one case, or of many along a leading case axis (``bounds_each``)."""
         ref: dict[str, F64] = {k: np.asarray(v, dtype=np.float64) for k, v in blobs.items()}
-        ref["pool5"] = case.x.astype(np.float64)
-        source = case.weights if weights is None else weights
+        ref["pool5"] = x.astype(np.float64)
         for k in self.learnable(case):
-            ref[k] = np.asarray(source[k], dtype=np.float64)
+            ref[k] = np.asarray(weights[k], dtype=np.float64)
         return ref
 
     chain: tuple[str, ...] = ()
@@ -388,10 +394,7 @@ class Head:
         targets, the weights, the float64 reference's blobs and grads) has a leading case
         axis, and so has every bound (the loss's is one per case). `case` supplies what the
         cases share (head, loss, shapes, loss parameters)."""
-        ref: dict[str, F64] = {k: np.asarray(v, dtype=np.float64) for k, v in blobs.items()}
-        ref["pool5"] = x.astype(np.float64)
-        for k in self.learnable(case):
-            ref[k] = np.asarray(weights[k], dtype=np.float64)
+        ref = self._reference(case, blobs, x, weights)
         row = LOSSES[case.loss]
         return self._bounds(
             case, ref, grads, row.value_bound_each, row.grad_bound_each, target=target
