@@ -30,6 +30,8 @@ F64 = NDArray[np.float64]
 
 U32 = 2.0**-24
 ETA32 = 2.0**-149  # smallest float32 denormal: the absolute error of a result that underflows
+U64 = 2.0**-53  # float64's unit roundoff (steps Caffe runs in double; float64 evaluations)
+ETA64 = 2.0**-1074  # smallest float64 denormal
 LIBM_ULPS = 6  # float32 exp, tanh, log: glibc and SLEEF <= 2 ulp; onnxruntime's Tanh measured 5.46
 
 
@@ -502,3 +504,6 @@ def cross(bound: F64 | float) -> F64:
 
 # Per-layer bounds (their rules join TABLE on import).
 from crossval.tolerances import layers as layers  # noqa: E402
+
+# Bounds between evaluations that order their reductions differently (rules join TABLE).
+from crossval.tolerances import reordered as reordered  # noqa: E402

@@ -14,13 +14,12 @@ import numpy as np
 from crossval.reference.layers import LayerSpec
 from crossval.reference.layers.neuron import f32
 
-from . import ETA32, F64, LIBM_ULPS, TABLE, U32, Rule, gamma
+from . import ETA32, F64, LIBM_ULPS, TABLE, U32, U64, Rule, gamma
 from . import sigmoid as _sigmoid_bound
 from . import sigmoid_grad as _sigmoid_grad_bound
 from .layers import COPY, LAYER_BOUNDS, Arrays, LayerBound
 
 u, L, E = U32, LIBM_ULPS, ETA32
-U64 = 2.0**-53  # double's unit roundoff, for the steps Caffe runs in double
 
 RULES = (
     Rule(
