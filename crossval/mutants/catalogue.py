@@ -58,24 +58,27 @@ class _SigmoidTrainableScale(reference.SigmoidScaleHead):
         self.pred_age.weight = nn.Parameter(value)
 
 
-def _trainable_kernel(case: Case, dtype: torch.dtype) -> nn.Module:
-    return _ExpectationTrainableKernel(case.features, case.bins)
+def _sigmoid_module(cls: type[reference.SigmoidScaleHead]) -> ModuleFactory:
+    """The port factory of a sigmoid head mutant: `cls` at the case's features and scale."""
+
+    def factory(case: Case, dtype: torch.dtype) -> nn.Module:
+        return cls(case.features, case.scale)
+
+    return factory
 
 
-def _trainable_scale(case: Case, dtype: torch.dtype) -> nn.Module:
-    return _SigmoidTrainableScale(case.features, case.scale)
+def _expectation_module(cls: type[reference.ExpectationHead]) -> ModuleFactory:
+    """The port factory of an expectation head mutant: `cls` at the case's features and
+    bins."""
+
+    def factory(case: Case, dtype: torch.dtype) -> nn.Module:
+        return cls(case.features, case.bins)
+
+    return factory
 
 
 def _scale_100(case: Case, dtype: torch.dtype) -> nn.Module:
     return reference.SigmoidScaleHead(case.features, scale=100.0)
-
-
-def _kernel_from_one(case: Case, dtype: torch.dtype) -> nn.Module:
-    return _ExpectationKernelFromOne(case.features, case.bins)
-
-
-def _softmax_over_batch(case: Case, dtype: torch.dtype) -> nn.Module:
-    return _ExpectationSoftmaxOverBatch(case.features, case.bins)
 
 
 def _mse_for_euclidean(a: Tensor, t: Tensor, case: Case) -> Tensor:
@@ -103,14 +106,14 @@ MUTANTS: dict[str, Mutant] = {
             ("forward", "loss", "gradient"),
         ),
         Mutant(
-            Impl("kernel-1..K", module=_kernel_from_one),
+            Impl("kernel-1..K", module=_expectation_module(_ExpectationKernelFromOne)),
             "expectation",
             "euclidean",
             "surgery kernel 1..K instead of 0..K-1",
             ("fixed", "forward", "loss"),
         ),
         Mutant(
-            Impl("softmax-over-batch", module=_softmax_over_batch),
+            Impl("softmax-over-batch", module=_expectation_module(_ExpectationSoftmaxOverBatch)),
             "expectation",
             "euclidean",
             "softmax over the batch axis",
@@ -133,14 +136,14 @@ TRAINING_MUTANTS: dict[str, Mutant] = {
     m.impl.name: m
     for m in (
         Mutant(
-            Impl("trainable-kernel", module=_trainable_kernel),
+            Impl("trainable-kernel", module=_expectation_module(_ExpectationTrainableKernel)),
             "expectation",
             "euclidean",
             "surgery kernel left trainable (requires_grad)",
             ("train",),
         ),
         Mutant(
-            Impl("trainable-scale", module=_trainable_scale),
+            Impl("trainable-scale", module=_sigmoid_module(_SigmoidTrainableScale)),
             "sigmoid_scale",
             "euclidean",
             "fixed x99 scale left trainable",
@@ -262,20 +265,6 @@ class _ExpectationSoftmaxDiagonalGrad(reference.ExpectationHead):
         prob: Tensor = _SoftmaxDiagonalGrad.apply(ip)  # type: ignore[no-untyped-call]
         pred_age: Tensor = self.pred_age(prob)
         return {self.ip_layer: ip, "prob": prob, "pred_age": pred_age}
-
-
-def _sigmoid_module(cls: type[reference.SigmoidScaleHead]) -> ModuleFactory:
-    def factory(case: Case, dtype: torch.dtype) -> nn.Module:
-        return cls(case.features, case.scale)
-
-    return factory
-
-
-def _expectation_module(cls: type[reference.ExpectationHead]) -> ModuleFactory:
-    def factory(case: Case, dtype: torch.dtype) -> nn.Module:
-        return cls(case.features, case.bins)
-
-    return factory
 
 
 # -- Euclidean and SmoothL1 -------------------------------------------------------------------
@@ -406,10 +395,6 @@ def _swl_log_softmax(z: Tensor, t: Tensor, case: Case) -> Tensor:
 
 def _swl_clamp_gradient(z: Tensor, t: Tensor, case: Case) -> Tensor:
     return _swl_plain(z, t, case, "clamp")
-
-
-def _nn_softmax_no_dim(case: Case, dtype: torch.dtype) -> nn.Module:
-    return _ExpectationLegacySoftmax(case.features, case.bins)
 
 
 class _ExpectationLegacySoftmax(reference.ExpectationHead):
@@ -621,7 +606,7 @@ EQUIVALENT: dict[str, tuple[Mutant, str]] = {
         ),
         (
             Mutant(
-                Impl("softmax-no-dim", module=_nn_softmax_no_dim),
+                Impl("softmax-no-dim", module=_expectation_module(_ExpectationLegacySoftmax)),
                 _E,
                 _EUC,
                 "nn.Softmax() without dim",
