@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import inspect
 import os
 import pickle
 import re
@@ -31,31 +32,39 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar, cast
+from typing import IO, Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 
 import numpy as np
 
 from . import provision
 from .caffe_side.replies import (
-    CaffeLayerSpec,
-    CheckNetReply,
     Descriptor,
-    GeneratedRun,
-    GradientCheckReply,
     ManyRunsReply,
-    NetDescription,
-    NetParams,
-    Ping,
-    RawTime,
-    RunReply,
-    SurgeryReply,
-    TrainReply,
     run_many_arrays,
     with_arrays,
 )
+from .caffe_side.requests import (
+    CheckNetRequest,
+    DescribeRequest,
+    GradientCheckRequest,
+    LayerSpecsRequest,
+    LayerTypesRequest,
+    ParamsRequest,
+    PingRequest,
+    PrototxtRequest,
+    Request,
+    RunGeneratedRequest,
+    RunManyRequest,
+    RunRequest,
+    SaveRequest,
+    SurgeryRequest,
+    TimeRawRequest,
+    TrainRequest,
+    conforms,
+    described,
+)
 from .caffe_side.wire import Expired, get_arrays, put_arrays, recv_frame, send_frame
 from .errors import CrossvalError, raise_if_interrupted
-from .examplegen import Recipe
 
 DIR_PREFIX = "crossval-worker-"
 PIPE_SIZE = 1 << 20  # bytes; Linux caps it at /proc/sys/fs/pipe-max-size (1 MiB by default)
@@ -213,14 +222,64 @@ def sweep_stale(prefix: str = DIR_PREFIX) -> None:
 
 
 _R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+
+def _typed(request: Callable[_P, Request[_R]]) -> Callable[Concatenate[CaffeOps, _P], _R]:
+    """The typed method of `request`'s op: it takes the request's arguments (mypy checks
+    them against the request class) and returns its reply."""
+
+    def method(self: CaffeOps, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return self.perform(request(*args, **kwargs))
+
+    return _named(method, request, submitted=False)
+
+
+def _submitting(
+    request: Callable[_P, Request[_R]],
+) -> Callable[Concatenate[CaffeOps, _P], Callable[[], _R]]:
+    """The `submit_` method of `request`'s op: it starts the op in the worker and returns a
+    function that waits for its reply."""
+
+    def method(self: CaffeOps, /, *args: _P.args, **kwargs: _P.kwargs) -> Callable[[], _R]:
+        return self.start(request(*args, **kwargs))
+
+    return _named(method, request, submitted=True)
+
+
+_M = TypeVar("_M", bound=Callable[..., Any])
+
+
+def _named(method: _M, request: Callable[..., Request[Any]], submitted: bool) -> _M:
+    """`method` named, documented and signed after the request class `request` (for
+    ``help()`` and ``inspect.signature``)."""
+    kind = cast(type[Request[Any]], request)
+    doc = inspect.cleandoc(kind.__doc__ or "")
+    reply: object = kind.reply
+    if submitted:
+        method.__name__ = f"submit_{kind.op}"
+        doc = f"`{kind.op}` started in the worker; call the result to wait for its reply.\n\n{doc}"
+        reply = Callable[[], kind.reply]
+    else:
+        method.__name__ = kind.op
+    method.__qualname__ = f"CaffeOps.{method.__name__}"
+    method.__doc__ = doc
+    fields = inspect.signature(kind).parameters.values()
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    method.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [self_param, *fields], return_annotation=reply
+    )
+    return method
 
 
 class CaffeOps:
-    """The worker's operations, typed: one method per ``op_<name>`` of
-    ``crossval.caffe_side.server.Ops``, with its keyword arguments and its reply (a dataclass
-    of ``crossval.caffe_side.replies``). Built on the transport a subclass provides:
-    `request` (and `submit_request`, which may start the op and return a function that waits
-    for its reply)."""
+    """The worker's operations, typed: one method per request class of
+    ``crossval.caffe_side.requests`` (``run`` for ``RunRequest``...), taking its fields as
+    arguments and returning its reply (a dataclass of ``crossval.caffe_side.replies``);
+    ``submit_<op>`` starts the op and returns a function that waits for the reply.
+    `perform` and `start` take a request object. Built on the transport a subclass
+    provides: `request` (and `submit_request`, which may start the op and return a function
+    that waits for its reply)."""
 
     def request(self, op: str, **kwargs: Any) -> object:
         """The transport: run `op` in the worker and return its reply, as it came."""
@@ -232,249 +291,44 @@ class CaffeOps:
         reply = self.request(op, **kwargs)
         return lambda: reply
 
-    def _submit(self, op: str, kind: type[_R], **kwargs: Any) -> Callable[[], _R]:
-        pending = self.submit_request(op, **kwargs)
-        return lambda: _expect(op, pending(), kind)
+    def perform(self, request: Request[_R]) -> _R:
+        """Run `request` in the worker and return its reply."""
+        return _expect(request, self.request(request.op, **request.kwargs()))
 
-    def ping(self) -> Ping:
-        """Where the worker's pycaffe comes from, and its process id."""
-        return _expect("ping", self.request("ping"), Ping)
+    def start(self, request: Request[_R]) -> Callable[[], _R]:
+        """Start `request` in the worker; call the result to wait for its reply."""
+        pending = self.submit_request(request.op, **request.kwargs())
+        return lambda: _expect(request, pending())
 
     def prototxt(self, head: str, **options: object) -> str:
-        """The prototxt text of a net the worker builds (``crossval.caffe_side.nets.BUILDERS``:
-        a head or a zoo net) with the builder's `options`."""
-        return _expect("prototxt", self.request("prototxt", head=head, **options), str)
+        """``PrototxtRequest``'s op, the builder's `options` given as keywords."""
+        return self.perform(PrototxtRequest(head, options))
 
-    def describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> NetDescription:
-        """The built net's layers, blob shapes and inputs (``Ops.op_describe``)."""
-        reply = self.request("describe", prototxt=prototxt, phase=phase, surgery=surgery)
-        return _expect("describe", reply, NetDescription)
-
-    def layer_specs(self, prototxt: str, phase: str = "TEST") -> list[CaffeLayerSpec]:
-        """Each layer `phase` keeps, as Caffe parses it (``Ops.op_layer_specs``)."""
-        reply = self.request("layer_specs", prototxt=prototxt, phase=phase)
-        return _expect_list("layer_specs", reply, CaffeLayerSpec)
-
-    def layer_types(self, prototxt: str, phase: str | None = None) -> list[str]:
-        """The type of each layer (only those `phase` keeps, when given), parsed only."""
-        reply = self.request("layer_types", prototxt=prototxt, phase=phase)
-        return _expect_list("layer_types", reply, str)
-
-    def params(
-        self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = ""
-    ) -> NetParams:
-        """Every param blob of the net (from `weights`, or as Caffe fills it in)."""
-        reply = self.request(
-            "params", prototxt=prototxt, phase=phase, weights=weights, surgery=surgery
-        )
-        return _expect("params", reply, NetParams)
-
-    def submit_run(
-        self,
-        prototxt: str,
-        inputs: Mapping[str, np.ndarray],
-        params: Mapping[str, list[np.ndarray]] | None = None,
-        phase: str = "TRAIN",
-        backward: bool = False,
-        weights: str = "",
-        surgery: str = "",
-        return_params: bool = True,
-        all_diffs: bool = False,
-        top_diffs: Mapping[str, np.ndarray] | None = None,
-        top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> Callable[[], RunReply]:
-        """`run` started in the worker; call the result to wait for its reply."""
-        return self._submit(
-            "run",
-            RunReply,
-            prototxt=prototxt,
-            inputs=dict(inputs),
-            params=None if params is None else dict(params),
-            phase=phase,
-            backward=backward,
-            weights=weights,
-            surgery=surgery,
-            return_params=return_params,
-            all_diffs=all_diffs,
-            top_diffs=None if top_diffs is None else dict(top_diffs),
-            top_diff_seed=top_diff_seed,
-        )
-
-    def run(
-        self,
-        prototxt: str,
-        inputs: Mapping[str, np.ndarray],
-        params: Mapping[str, list[np.ndarray]] | None = None,
-        phase: str = "TRAIN",
-        backward: bool = False,
-        weights: str = "",
-        surgery: str = "",
-        return_params: bool = True,
-        all_diffs: bool = False,
-        top_diffs: Mapping[str, np.ndarray] | None = None,
-        top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> RunReply:
-        """Set `params` and `inputs`, forward (and backward), and return every blob, the
-        diffs and the params (``Ops.op_run``)."""
-        return self.submit_run(
-            prototxt,
-            inputs,
-            params,
-            phase,
-            backward,
-            weights,
-            surgery,
-            return_params,
-            all_diffs,
-            top_diffs,
-            top_diff_seed,
-        )()
-
-    def submit_run_generated(
-        self,
-        prototxt: str,
-        recipe: Recipe,
-        seed: int,
-        input_scale: float,
-        weight_scale: float,
-        batch: int,
-        learnable: bool,
-        phase: str = "TEST",
-        weights: str = "",
-        surgery: str = "",
-        backward: bool = False,
-        all_diffs: bool = False,
-        top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> Callable[[], GeneratedRun]:
-        """`run` on an example the worker generates (``crossval.examplegen``; `recipe` is its
-        recipe), started in the worker; the reply carries the digest of the params used."""
-        return self._submit(
-            "run_generated",
-            GeneratedRun,
-            prototxt=prototxt,
-            recipe=recipe,
-            seed=seed,
-            input_scale=input_scale,
-            weight_scale=weight_scale,
-            batch=batch,
-            learnable=learnable,
-            phase=phase,
-            weights=weights,
-            surgery=surgery,
-            backward=backward,
-            all_diffs=all_diffs,
-            top_diff_seed=top_diff_seed,
-        )
-
-    def gradient_check(
-        self,
-        prototxt: str,
-        inputs: Mapping[str, np.ndarray],
-        params: Mapping[str, list[np.ndarray]],
-        targets: list[tuple[str, str, int]],
-        step: float = 1e-2,
-        threshold: float = 1e-3,
-        surgery: str = "",
-        kink: tuple[str, str, float] | None = None,
-        slacks: list[float] | None = None,
-    ) -> GradientCheckReply:
-        """Caffe's GradientChecker on chosen elements (``Ops.op_gradient_check``)."""
-        reply = self.request(
-            "gradient_check",
-            prototxt=prototxt,
-            inputs=dict(inputs),
-            params=dict(params),
-            targets=targets,
-            step=step,
-            threshold=threshold,
-            surgery=surgery,
-            kink=kink,
-            slacks=slacks,
-        )
-        return _expect("gradient_check", reply, GradientCheckReply)
-
-    def time_raw(
-        self,
-        prototxt: str,
-        inputs: Mapping[str, np.ndarray],
-        params: Mapping[str, list[np.ndarray]],
-        repeat: int = 1000,
-        surgery: str = "",
-    ) -> RawTime:
-        """Seconds per forward and backward inside the worker, no IPC (best of 5)."""
-        reply = self.request(
-            "time_raw",
-            prototxt=prototxt,
-            inputs=dict(inputs),
-            params=dict(params),
-            repeat=repeat,
-            surgery=surgery,
-        )
-        return _expect("time_raw", reply, RawTime)
-
-    def train(
-        self,
-        solver_prototxt: str,
-        steps: int,
-        batches: list[dict[str, np.ndarray]],
-        weights: str = "",
-    ) -> TrainReply:
-        """Caffe's solver (from its prototxt file) for `steps` iterations from `weights`."""
-        reply = self.request(
-            "train", solver_prototxt=solver_prototxt, steps=steps, batches=batches, weights=weights
-        )
-        return _expect("train", reply, TrainReply)
-
-    def save(
-        self, prototxt: str, params: Mapping[str, list[np.ndarray]], out: str, phase: str = "TEST"
-    ) -> str:
-        """Write a caffemodel holding `params` to `out` (returned)."""
-        reply = self.request("save", prototxt=prototxt, params=dict(params), out=out, phase=phase)
-        return _expect("save", reply, str)
-
-    def surgery(
-        self,
-        prototxt: str,
-        phase: str = "TRAIN",
-        layer: str = "pred_age",
-        weights: str = "",
-        out: str = "",
-        params: Mapping[str, list[np.ndarray]] | None = None,
-    ) -> SurgeryReply | None:
-        """The net surgery on a fresh net (after setting `params`); with `out`, the net
-        saved as a caffemodel. None when `layer` is ''."""
-        reply = self.request(
-            "surgery",
-            prototxt=prototxt,
-            phase=phase,
-            layer=layer,
-            weights=weights,
-            out=out,
-            params=None if params is None else dict(params),
-        )
-        return None if reply is None else _expect("surgery", reply, SurgeryReply)
-
-    def check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> CheckNetReply:
-        """What ``crossval.inputs.check_net`` needs to know of the net (and its weights)."""
-        reply = self.request("check_net", prototxt=prototxt, phase=phase, weights=weights)
-        return _expect("check_net", reply, CheckNetReply)
+    ping = _typed(PingRequest)
+    describe = _typed(DescribeRequest)
+    layer_specs = _typed(LayerSpecsRequest)
+    layer_types = _typed(LayerTypesRequest)
+    params = _typed(ParamsRequest)
+    run = _typed(RunRequest)
+    submit_run = _submitting(RunRequest)
+    run_generated = _typed(RunGeneratedRequest)
+    submit_run_generated = _submitting(RunGeneratedRequest)
+    gradient_check = _typed(GradientCheckRequest)
+    time_raw = _typed(TimeRawRequest)
+    train = _typed(TrainRequest)
+    save = _typed(SaveRequest)
+    surgery = _typed(SurgeryRequest)
+    check_net = _typed(CheckNetRequest)
 
 
-def _expect(op: str, reply: object, kind: type[_R]) -> _R:
-    if not isinstance(reply, kind):
+def _expect(request: Request[_R], reply: object) -> _R:
+    """`reply`, when it is of `request`'s reply type; otherwise CaffeError saying what came."""
+    if not conforms(reply, request.reply):
         raise CaffeError(
-            f"the Caffe worker replied a {type(reply).__name__} to {op}, not a {kind.__name__}"
+            f"the Caffe worker replied a {type(reply).__name__} to {request.op}, "
+            f"not {described(request.reply)}"
         )
-    return reply
-
-
-def _expect_list(op: str, reply: object, kind: type[_R]) -> list[_R]:
-    if not isinstance(reply, list) or not all(isinstance(r, kind) for r in reply):
-        raise CaffeError(
-            f"the Caffe worker replied a {type(reply).__name__} to {op}, "
-            f"not a list of {kind.__name__}"
-        )
-    return reply
+    return cast(_R, reply)
 
 
 class CaffeWorker(CaffeOps):
@@ -715,13 +569,7 @@ def submit_run_many(
     Caffe's type) with those cases' read-back values put in."""
     fd = _shared_file(worker)
     if fd is None:
-        pending = worker.submit_request(
-            "run_many",
-            prototxt=prototxt,
-            inputs=dict(inputs),
-            params={k: list(v) for k, v in params.items()},
-            surgery=surgery,
-        )
+        request = RunManyRequest(prototxt, inputs, {k: list(v) for k, v in params.items()}, surgery)
     else:
         names = list(inputs)
         flat = [(layer, len(blobs)) for layer, blobs in params.items()]
@@ -732,17 +580,17 @@ def submit_run_many(
         for layer, count in flat:
             sent[layer] = descs[i : i + count]
             i += count
-        pending = worker.submit_request(
-            "run_many",
-            prototxt=prototxt,
-            inputs=dict(zip(names, descs[: len(names)], strict=True)),
-            params=sent,
-            surgery=surgery,
+        request = RunManyRequest(
+            prototxt,
+            dict(zip(names, descs[: len(names)], strict=True)),
+            sent,
+            surgery,
             shared=(shared_path(fd), end),
         )
+    pending = worker.start(request)
 
     def wait() -> ManyRuns:
-        got = _expect("run_many", pending(), ManyRunsReply)
+        got = pending()
         if fd is None:
             reply = cast(ManyRunsReply[np.ndarray], got)
         else:

@@ -3,6 +3,8 @@ caller, it dies with its parent, and it leaves no temporary files."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import pickle
 import signal
@@ -10,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crossval import provision
+from crossval.caffe_side import requests, server
 from crossval.caffe_side.replies import NetDescription, RunReply
 from crossval.caffe_side.wire import get_arrays, put_arrays
+from crossval.examplegen import Recipe
 from crossval.worker import (
     BASE_LIMIT,
     CaffeCrash,
@@ -79,6 +85,8 @@ def test_python_errors_keep_the_worker(caffe_install: provision.CaffeInstall) ->
             worker.run(prototxt=proto, inputs={"data": np.zeros((1, 4), np.float32)})
         with pytest.raises(CaffeError, match="unknown worker op 'nope'"):
             worker.request("nope")
+        with pytest.raises(CaffeError, match="unexpected keyword argument 'phse'"):
+            worker.request("describe", prototxt=proto, phse="TEST")
         assert worker.ping().pid == pid and worker.restarts == 0
 
 
@@ -129,6 +137,41 @@ def test_a_reply_of_another_type_is_refused_naming_the_op() -> None:
         _Replying(["Input", 3]).layer_types("net")
     with pytest.raises(CaffeError, match="replied a NetDescription to run, not a RunReply"):
         _Replying(described).submit_run("net", {})()
+    assert _Replying(None).surgery("net") is None
+    with pytest.raises(CaffeError, match="replied a int to surgery, not a SurgeryReply or None"):
+        _Replying(3).surgery("net")
+
+
+def test_each_request_class_makes_its_method_and_its_worker_op() -> None:
+    """One class per op says its arguments and its reply: the worker's `op_<op>` takes that
+    class and returns that reply, and the client's `<op>` (and `submit_<op>`) take its
+    fields, with their defaults, in its order."""
+    served = {name[3:] for name in vars(server.Ops) if name.startswith("op_")}
+    assert served == set(requests.BY_OP)
+    for op, kind in requests.BY_OP.items():
+        hints = typing.get_type_hints(getattr(server.Ops, "op_" + op))
+        assert hints["req"] is kind and hints["return"] == kind.reply, op
+        fields = list(inspect.signature(kind).parameters.values())
+        for name in (op, "submit_" + op):
+            method = getattr(CaffeOps, name, None)
+            if method is None or op == "prototxt":  # prototxt takes its options as keywords
+                continue
+            assert list(inspect.signature(method).parameters.values())[1:] == fields, name
+            assert method.__doc__.endswith(inspect.cleandoc(kind.__doc__)), name
+    typed = {op for op in requests.BY_OP if hasattr(CaffeOps, op)}
+    # crash is for tests (sent untyped); run_many is worker.submit_run_many
+    assert set(requests.BY_OP) - typed == {"crash", "run_many"}
+
+
+def test_a_request_crosses_as_its_fields() -> None:
+    x = np.zeros((1, 4), np.float32)
+    recipe = Recipe(inputs=[("data", (1, 4), 0)], params=[])
+    sent = requests.RunGeneratedRequest("net", recipe, 1, 1.0, 1.0, 2, True).kwargs()
+    assert sent["recipe"] is recipe and sent["phase"] == "TEST" and len(sent) == 13
+    run = requests.RunRequest("net", types.MappingProxyType({"data": x}), phase="TEST")
+    sent = run.kwargs()
+    assert type(sent["inputs"]) is dict and sent["inputs"]["data"] is x
+    assert requests.RunRequest(**sent) == dataclasses.replace(run, inputs={"data": x})
 
 
 def test_nets_are_reused_across_batch_sizes(caffe_install: provision.CaffeInstall) -> None:

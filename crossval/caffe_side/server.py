@@ -1,7 +1,8 @@
 """The Caffe worker's main loop: ``python -m crossval.caffe_side.server``.
 
-Reads pickled ``(op, kwargs)`` requests on stdin and writes ``("ok", result)`` or
-``("error", text)`` on a private copy of stdout. Nets are cached by prototxt and reused
+Reads pickled ``(op, kwargs)`` requests on stdin (the fields of a request of
+``crossval.caffe_side.requests``) and writes ``("ok", reply)`` or ``("error", text)`` on a
+private copy of stdout. Nets are cached by prototxt and reused
 across requests (only the batch axis is reshaped), never rebuilt per example.
 """
 
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -39,6 +41,25 @@ from crossval.caffe_side.replies import (
     run_many_arrays,
     with_arrays,
 )
+from crossval.caffe_side.requests import (
+    BY_OP,
+    CheckNetRequest,
+    CrashRequest,
+    DescribeRequest,
+    GradientCheckRequest,
+    LayerSpecsRequest,
+    LayerTypesRequest,
+    ParamsRequest,
+    PingRequest,
+    PrototxtRequest,
+    RunGeneratedRequest,
+    RunManyRequest,
+    RunRequest,
+    SaveRequest,
+    SurgeryRequest,
+    TimeRawRequest,
+    TrainRequest,
+)
 from crossval.caffe_side.wire import (
     die_with_parent,
     get_arrays,
@@ -46,7 +67,6 @@ from crossval.caffe_side.wire import (
     read_frame,
     write_frame,
 )
-from crossval.examplegen import Recipe
 
 
 def main() -> None:
@@ -66,11 +86,8 @@ def main() -> None:
             op, kwargs = read_frame(requests)
         except EOFError:
             return
-        handler = getattr(ops, "op_" + op, None)
         try:
-            if handler is None:
-                raise ValueError(f"unknown worker op {op!r}")
-            write_frame(replies, ("ok", handler(**kwargs)))
+            write_frame(replies, ("ok", ops.serve(op, kwargs)))
         except Exception as exc:  # reported to the caller; the worker lives on
             write_frame(replies, ("error", f"{type(exc).__name__}: {exc}"))
 
@@ -138,9 +155,10 @@ def layer_spec(lp: Any) -> CaffeLayerSpec:
 
 
 class Ops:
-    """The worker's operations; each `op_<name>` is requested by the typed method `<name>` of
-    ``crossval.worker.CaffeOps`` and replies with a dataclass of
-    ``crossval.caffe_side.replies``."""
+    """The worker's operations: `op_<op>` serves the request of ``crossval.caffe_side.requests``
+    whose op is `<op>` (the typed method `<op>` of ``crossval.worker.CaffeOps`` sends it),
+    and returns its reply. What each does, and its arguments, are said by its request
+    class."""
 
     MAX_NETS = 64
 
@@ -148,6 +166,13 @@ class Ops:
         self.caffe = caffe
         self.nets: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
         self.shared_files: dict[str, int] = {}  # the parent's shared memory files (run_many)
+
+    def serve(self, op: str, kwargs: dict[str, Any]) -> object:
+        """The reply to the request `op` with fields `kwargs`, as it came over the pipe."""
+        kind = BY_OP.get(op)
+        if kind is None:
+            raise ValueError(f"unknown worker op {op!r}")
+        return getattr(self, "op_" + op)(kind(**kwargs))
 
     # -- nets ------------------------------------------------------------------------------
 
@@ -205,17 +230,15 @@ class Ops:
             if not model.layer and not model.layers:
                 raise ValueError(f"{weights} holds no layers: not a caffemodel")
 
-    def op_describe(self, prototxt: str, phase: str = "TEST", surgery: str = "") -> NetDescription:
-        """The net's structure: layers in order with bottoms, tops, param shapes and
-        multipliers (from the prototxt), blob shapes in Caffe's (topological) order, and the
-        tops of Input layers."""
+    def op_describe(self, req: DescribeRequest) -> NetDescription:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        spec = parse_net(prototxt)
+        spec = parse_net(req.prototxt)
         mults = {
-            lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param] for lp in filter_net(spec, phase)
+            lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param]
+            for lp in filter_net(spec, req.phase)
         }
-        net = self.net(prototxt, phase, "", surgery)
+        net = self.net(req.prototxt, req.phase, "", req.surgery)
         layers = []
         for name, layer in zip(net._layer_names, net.layers, strict=True):
             given = mults.get(name, [])
@@ -246,65 +269,37 @@ class Ops:
             force_backward=bool(spec.force_backward),
         )
 
-    def op_layer_specs(self, prototxt: str, phase: str = "TEST") -> list[CaffeLayerSpec]:
-        """Each layer a net loaded in `phase` keeps (V1 nets and input headers upgraded as
-        Caffe does, see crossval.caffe_side.upgrade), as the reference layer library reads
-        it: name, type, bottoms, tops, phase rules, and its parameter messages (those set,
-        and the one for its own type even when unset) with every field filled in, Caffe's
-        proto defaults included."""
+    def op_layer_specs(self, req: LayerSpecsRequest) -> list[CaffeLayerSpec]:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        return [layer_spec(lp) for lp in filter_net(parse_net(prototxt), phase)]
+        return [layer_spec(lp) for lp in filter_net(parse_net(req.prototxt), req.phase)]
 
-    def op_layer_types(self, prototxt: str, phase: str | None = None) -> list[str]:
-        """The `type` of each layer in `prototxt` (upgraded; only those `phase` keeps, when
-        given), parsed only (no net is made, so a type the build lacks cannot abort here)."""
+    def op_layer_types(self, req: LayerTypesRequest) -> list[str]:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
-        spec = parse_net(prototxt)
-        layers = filter_net(spec, phase) if phase else spec.layer
+        spec = parse_net(req.prototxt)
+        layers = filter_net(spec, req.phase) if req.phase else spec.layer
         return [str(lp.type) for lp in layers]
 
-    def op_ping(self) -> Ping:
+    def op_ping(self, req: PingRequest) -> Ping:
         return Ping(caffe=os.path.dirname(self.caffe.__file__), pid=os.getpid())
 
-    def op_prototxt(self, head: str, **kwargs: Any) -> str:
+    def op_prototxt(self, req: PrototxtRequest) -> str:
         from crossval.caffe_side import nets
 
-        return str(nets.BUILDERS[head](**kwargs))
+        return str(nets.BUILDERS[req.head](**req.options))
 
-    def op_params(
-        self, prototxt: str, phase: str = "TEST", weights: str = "", surgery: str = ""
-    ) -> NetParams:
-        """Every param blob, by layer, in Caffe's order (copies), plus layer types."""
-        net = self.net(prototxt, phase, weights, surgery)
+    def op_params(self, req: ParamsRequest) -> NetParams:
+        net = self.net(req.prototxt, req.phase, req.weights, req.surgery)
         types = {name: layer.type for name, layer in zip(net._layer_names, net.layers, strict=True)}
         return NetParams(
             params={name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()},
             types={name: types[name] for name in net.params},
         )
 
-    def op_run(
-        self,
-        prototxt: str,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]] | None = None,
-        phase: str = "TRAIN",
-        backward: bool = False,
-        weights: str = "",
-        surgery: str = "",
-        return_params: bool = True,
-        all_diffs: bool = False,
-        top_diffs: dict[str, np.ndarray] | None = None,
-        top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> RunReply:
-        """Set params and inputs, forward (and backward), and return every blob, the inputs'
-        diffs (every blob's with `all_diffs`) and the param diffs. `top_diffs` seeds the
-        backward pass: each named blob's diff is set to its value first (a net without a loss
-        needs `force_backward: true` for the diffs to reach its inputs). `top_diff_seed`
-        (seed, blobs) draws them here instead, standard normal in float32 at each blob's shape
-        after the forward pass, in the order given; the reply's `top_diffs` holds them."""
-        net = self.net(prototxt, phase, weights, surgery)
+    def op_run(self, req: RunRequest) -> RunReply:
+        net = self.net(req.prototxt, req.phase, req.weights, req.surgery)
+        inputs = req.inputs
         reshaped = False
         for name, value in inputs.items():
             if name not in net.blobs:
@@ -319,7 +314,7 @@ class Ops:
             net.reshape()
         for name, value in inputs.items():
             net.blobs[name].data[...] = value
-        for layer, blobs in (params or {}).items():
+        for layer, blobs in (req.params or {}).items():
             if layer not in net.params:
                 raise KeyError(f"layer {layer!r} has no params in the net")
             for i, value in enumerate(blobs):
@@ -332,19 +327,20 @@ class Ops:
         net.forward()
         after = {name: b.data.copy() for name, b in net.blobs.items()}
         drawn: dict[str, np.ndarray] = {}
-        if top_diff_seed is not None:
+        top_diffs = req.top_diffs
+        if req.top_diff_seed is not None:
             from crossval import examplegen
 
+            seed, names = req.top_diff_seed
             top_diffs = drawn = examplegen.top_diffs(
-                top_diff_seed[0],
-                [(name, tuple(net.blobs[name].data.shape)) for name in top_diff_seed[1]],
+                seed, [(name, tuple(net.blobs[name].data.shape)) for name in names]
             )
         kept: Params = {}
-        if return_params:
+        if req.return_params:
             kept = {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
         diffs: dict[str, np.ndarray] = {}
         param_diffs: Params = {}
-        if backward:
+        if req.backward:
             # pycaffe's backward accumulates param diffs (gemm with beta 1): clear them first.
             for blobs in net.params.values():
                 for b in blobs:
@@ -354,7 +350,7 @@ class Ops:
                     raise KeyError(f"top diff for {name!r}: no such blob in the net")
                 net.blobs[name].diff[...] = value
             net.backward()
-            wanted = net.blobs if all_diffs else inputs
+            wanted = net.blobs if req.all_diffs else inputs
             diffs = {name: net.blobs[name].diff.copy() for name in wanted}
             param_diffs = {name: [b.diff.copy() for b in bl] for name, bl in net.params.items()}
         return RunReply(after, diffs, kept, param_diffs, drawn)
@@ -373,49 +369,29 @@ class Ops:
         return fd
 
     def op_run_many(
-        self,
-        prototxt: str,
-        inputs: dict[str, np.ndarray] | dict[str, Descriptor],
-        params: Params | dict[str, list[Descriptor]],
-        surgery: str = "",
-        phase: str = "TRAIN",
-        shared: tuple[str, int] | None = None,
+        self, req: RunManyRequest
     ) -> ManyRunsReply[np.ndarray] | ManyRunsReply[Descriptor]:
-        """`run` (forward and backward) on many independent cases back to back, on one cached
-        net: every array of `inputs` and `params` has a leading case axis, and case m runs with
-        `inputs[...][m]` and `params[...][i][m]`. The reply stacks, per case, every blob, the
-        diffs of the inputs, and every param's data (read back after the case's run) and
-        diff; see ``crossval.worker.ManyRuns``. The params that were sent are read back and
-        compared bit for bit here: the reply's `params` leave them out, and `sent_back` holds
-        (layer, i, case, read-back value) for each case whose read-back differs at all (the
-        client puts those back into the values it sent).
-
-        With `shared` (path, offset), the arrays of `inputs` and `params` are descriptors of
-        arrays in the parent's shared memory file (``crossval.caffe_side.wire.put_arrays``), and the
-        reply's arrays are written to it from the offset, the reply holding their
-        descriptors (in ``crossval.caffe_side.replies.run_many_arrays`` order)."""
-        if shared is None:
-            return self._run_many(
-                prototxt, cast(dict[str, np.ndarray], inputs), cast(Params, params), surgery, phase
-            )
-        fd = self._shared(shared[0])
-        descs = cast(dict[str, Descriptor], inputs)
-        param_descs = cast(dict[str, list[Descriptor]], params)
+        if req.shared is None:
+            arrays = cast(Mapping[str, np.ndarray], req.inputs)
+            return self._run_many(req, arrays, cast(Params, req.params))
+        fd = self._shared(req.shared[0])
+        descs = cast(Mapping[str, Descriptor], req.inputs)
+        param_descs = cast(dict[str, list[Descriptor]], req.params)
         got = iter(get_arrays(fd, [*descs.values(), *(d for v in param_descs.values() for d in v)]))
         arrays = {n: next(got) for n in descs}
         values = {k: [next(got) for _ in v] for k, v in param_descs.items()}
-        out = self._run_many(prototxt, arrays, values, surgery, phase)
-        return with_arrays(out, put_arrays(fd, run_many_arrays(out), shared[1])[0])
+        out = self._run_many(req, arrays, values)
+        return with_arrays(out, put_arrays(fd, run_many_arrays(out), req.shared[1])[0])
 
     def _run_many(
         self,
-        prototxt: str,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]],
-        surgery: str,
-        phase: str,
+        req: RunManyRequest,
+        inputs: Mapping[str, np.ndarray],
+        params: Mapping[str, list[np.ndarray]],
     ) -> ManyRunsReply[np.ndarray]:
-        net = self.net(prototxt, phase, "", surgery)
+        """`op_run_many` on the arrays of `req`'s `inputs` and `params` (read from the shared
+        file when they came as descriptors)."""
+        net = self.net(req.prototxt, req.phase, "", req.surgery)
         cases = {len(v) for v in inputs.values()}
         cases |= {len(b) for blobs in params.values() for b in blobs}
         if len(cases) != 1:
@@ -483,30 +459,12 @@ class Ops:
                     out_pdiffs[name][i][m] = v
         return ManyRunsReply(out_blobs, out_diffs, out_params, out_pdiffs, sent_back)
 
-    def op_gradient_check(
-        self,
-        prototxt: str,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]],
-        targets: list[tuple[str, str, int]],
-        step: float = 1e-2,
-        threshold: float = 1e-3,
-        surgery: str = "",
-        kink: tuple[str, str, float] | None = None,
-        slacks: list[float] | None = None,
-    ) -> GradientCheckReply:
-        """Caffe's GradientChecker, in float32, on chosen elements.
-
-        `targets` are (kind, layer-or-blob, flat index) with kind "blob" (an input blob) or
-        "param" (param blob 0 or 1 is given as `layer/i` in the name). For each element:
-        estimated = (L(v + step) - L(v - step)) / (2 step); it must be within
-        threshold * max(|computed|, |estimated|, 1) + slack of the backward pass, with
-        `slacks` one per target (zero by default, as in Caffe). With `kink`
-        (blob, target blob, k), an element whose perturbation moves any |blob - target|
-        across k is skipped, as Caffe's checker skips its kink range.
-        """
-        net = self.op_run(prototxt, inputs, params, backward=True, surgery=surgery)
-        live = self.net(prototxt, "TRAIN", "", surgery)
+    def op_gradient_check(self, req: GradientCheckRequest) -> GradientCheckReply:
+        kink, step, slacks = req.kink, req.step, req.slacks
+        net = self.op_run(
+            RunRequest(req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery)
+        )
+        live = self.net(req.prototxt, "TRAIN", "", req.surgery)
 
         def value_of(kind: str, name: str) -> Any:
             if kind == "blob":
@@ -527,7 +485,7 @@ class Ops:
             return loss, resid
 
         results: list[GradientCheckResult] = []
-        for t, (kind, name, idx) in enumerate(targets):
+        for t, (kind, name, idx) in enumerate(req.targets):
             slack = slacks[t] if slacks else 0.0
             if kind == "blob":
                 computed = float(net.diffs[name].reshape(-1)[idx])
@@ -541,52 +499,34 @@ class Ops:
                 continue
             estimated = (pos - neg) / (2 * step)
             scale = max(abs(computed), abs(estimated), 1.0)
-            ok = abs(computed - estimated) <= threshold * scale + slack
+            ok = abs(computed - estimated) <= req.threshold * scale + slack
             verdict = "ok" if ok else "FAIL"
             results.append(GradientCheckResult(kind, name, idx, computed, estimated, verdict))
         live.forward()
         return GradientCheckReply(results)
 
-    def op_time_raw(
-        self,
-        prototxt: str,
-        inputs: dict[str, np.ndarray],
-        params: dict[str, list[np.ndarray]],
-        repeat: int = 1000,
-        surgery: str = "",
-    ) -> RawTime:
-        """Seconds per forward+backward of the net, in this process (no IPC), best of 5."""
+    def op_time_raw(self, req: TimeRawRequest) -> RawTime:
         import time
 
-        self.op_run(prototxt, inputs, params, backward=True, surgery=surgery)
-        net = self.net(prototxt, "TRAIN", "", surgery)
+        self.op_run(
+            RunRequest(req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery)
+        )
+        net = self.net(req.prototxt, "TRAIN", "", req.surgery)
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
-            for _ in range(repeat):
+            for _ in range(req.repeat):
                 net.forward()
                 net.backward()
-            best = min(best, (time.perf_counter() - t0) / repeat)
+            best = min(best, (time.perf_counter() - t0) / req.repeat)
         return RawTime(forward_backward=best)
 
-    def op_train(
-        self,
-        solver_prototxt: str,
-        steps: int,
-        batches: list[dict[str, np.ndarray]],
-        weights: str = "",
-    ) -> TrainReply:
-        """Run Caffe's solver (from its prototxt file) `steps` iterations from `weights`.
-
-        Iteration t gets input batch t (cycled). Returns the loss of each iteration (computed
-        before its update, as Caffe reports it), every param after each iteration, and
-        whether each layer in `fixed` still matched its initial value bit for bit.
-        """
-        solver = self.caffe.get_solver(solver_prototxt)
+    def op_train(self, req: TrainRequest) -> TrainReply:
+        solver = self.caffe.get_solver(req.solver_prototxt)
         net = solver.net
-        if weights:
-            self.validate("", weights)
-            net.copy_from(weights)
+        if req.weights:
+            self.validate("", req.weights)
+            net.copy_from(req.weights)
 
         def snapshot() -> Params:
             return {name: [b.data.copy() for b in bl] for name, bl in net.params.items()}
@@ -594,8 +534,8 @@ class Ops:
         initial = snapshot()
         losses: list[float] = []
         params: list[Params] = []
-        for t in range(steps):
-            batch = batches[t % len(batches)]
+        for t in range(req.steps):
+            batch = req.batches[t % len(req.batches)]
             for name, value in batch.items():
                 if net.blobs[name].data.shape != value.shape:
                     raise ValueError(
@@ -608,42 +548,27 @@ class Ops:
             params.append(snapshot())
         return TrainReply(initial=initial, losses=losses, params=params, iter=int(solver.iter))
 
-    def op_run_generated(
-        self,
-        prototxt: str,
-        recipe: Recipe,
-        seed: int,
-        input_scale: float,
-        weight_scale: float,
-        batch: int,
-        learnable: bool,
-        phase: str = "TEST",
-        weights: str = "",
-        surgery: str = "",
-        backward: bool = False,
-        all_diffs: bool = False,
-        top_diff_seed: tuple[int, list[str]] | None = None,
-    ) -> GeneratedRun:
-        """`run` on an example generated here (crossval.examplegen) instead of shipped: the
-        reply carries the digest of every param the net ran with."""
+    def op_run_generated(self, req: RunGeneratedRequest) -> GeneratedRun:
         from crossval import examplegen
 
         inputs, params = examplegen.generate(
-            recipe, seed, input_scale, weight_scale, batch, None, learnable
+            req.recipe, req.seed, req.input_scale, req.weight_scale, req.batch, None, req.learnable
         )
         out = self.op_run(
-            prototxt,
-            inputs,
-            params,
-            phase=phase,
-            backward=backward,
-            weights=weights,
-            surgery=surgery,
-            return_params=False,
-            all_diffs=all_diffs,
-            top_diff_seed=top_diff_seed,
+            RunRequest(
+                req.prototxt,
+                inputs,
+                params,
+                phase=req.phase,
+                backward=req.backward,
+                weights=req.weights,
+                surgery=req.surgery,
+                return_params=False,
+                all_diffs=req.all_diffs,
+                top_diff_seed=req.top_diff_seed,
+            )
         )
-        net = self.net(prototxt, phase, weights, surgery)
+        net = self.net(req.prototxt, req.phase, req.weights, req.surgery)
         used = {name: [b.data for b in bl] for name, bl in net.params.items()}
         return GeneratedRun(
             blobs=out.blobs,
@@ -653,35 +578,22 @@ class Ops:
             digest=examplegen.digest(used),
         )
 
-    def op_save(
-        self, prototxt: str, params: dict[str, list[np.ndarray]], out: str, phase: str = "TEST"
-    ) -> str:
-        """Write a caffemodel holding `params` (blob order as in the net)."""
-        net = self.net(prototxt, phase)
-        for layer, blobs in params.items():
+    def op_save(self, req: SaveRequest) -> str:
+        net = self.net(req.prototxt, req.phase)
+        for layer, blobs in req.params.items():
             for i, value in enumerate(blobs):
                 net.params[layer][i].data[...] = value
-        net.save(out)
-        return out
+        net.save(req.out)
+        return req.out
 
-    def op_surgery(
-        self,
-        prototxt: str,
-        phase: str = "TRAIN",
-        layer: str = "pred_age",
-        weights: str = "",
-        out: str = "",
-        params: dict[str, list[np.ndarray]] | None = None,
-    ) -> SurgeryReply | None:
-        """The seed's net surgery on a fresh net (after setting `params`, if given); with
-        `out`, save the net as a caffemodel. None when no `layer` is given."""
-        net = self.load(prototxt, phase, weights)
-        for name, blobs in (params or {}).items():
+    def op_surgery(self, req: SurgeryRequest) -> SurgeryReply | None:
+        net = self.load(req.prototxt, req.phase, req.weights)
+        for name, blobs in (req.params or {}).items():
             for i, value in enumerate(blobs):
                 net.params[name][i].data[...] = value
-        result = self._surgery(net, layer) if layer else None
-        if out:
-            net.save(out)
+        result = self._surgery(net, req.layer) if req.layer else None
+        if req.out:
+            net.save(req.out)
         return result
 
     @staticmethod
@@ -712,15 +624,12 @@ class Ops:
         kernel[...] = np.arange(k, dtype=np.float32)
         return SurgeryReply(bins=k, kernel=kernel.copy(), bottom=bottom)
 
-    def op_check_net(self, prototxt: str, phase: str = "TEST", weights: str = "") -> CheckNetReply:
-        """For crossval.inputs.check_net: layer names and types and the input shapes, read
-        from the text; with `weights`, the caffemodel's blob shapes per layer and the net's
-        param shapes and lr_mults (the net is built only when its inputs have no zero
-        dimension and its layer names are unique)."""
+    def op_check_net(self, req: CheckNetRequest) -> CheckNetReply:
         from caffe.proto import caffe_pb2
 
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
+        prototxt, phase, weights = req.prototxt, req.phase, req.weights
         spec = parse_net(prototxt)  # V1 nets and input headers upgraded, as Caffe does
         kept = filter_net(spec, phase)
         layers = [(lp.name, lp.type) for lp in kept]
@@ -772,9 +681,8 @@ class Ops:
                     out.params[name] = blobs
         return out
 
-    def op_crash(self, how: str) -> None:
-        """For tests of crash isolation and time limits: die (abort, segfault) or hang the
-        way Caffe can."""
+    def op_crash(self, req: CrashRequest) -> None:
+        how = req.how
         if how == "abort":
             os.abort()
         if how == "segfault":

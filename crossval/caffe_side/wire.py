@@ -1,7 +1,8 @@
 """The Caffe worker's pipe protocol, both sides of it (numpy only).
 
 Each message is one frame: its pickle's length (8 bytes, little-endian) and the pickle.
-Requests are ``(op, kwargs)``; replies ``("ok", reply)`` with a dataclass of
+Requests are ``(op, kwargs)``, the fields of a request of ``crossval.caffe_side.requests``
+(``Request.kwargs``); replies ``("ok", reply)`` with a dataclass of
 ``crossval.caffe_side.replies``, or ``("error", text)``. run_many's arrays may go through a
 memory file instead (``put_arrays``/``get_arrays``), the frames carrying their descriptors.
 The isolated children of validate-port and conformance speak the same frames.
