@@ -44,6 +44,7 @@ from .caffe_side.replies import (
     with_arrays,
 )
 from .caffe_side.requests import (
+    BY_OP,
     CheckNetRequest,
     DescribeRequest,
     GradientCheckRequest,
@@ -61,6 +62,7 @@ from .caffe_side.requests import (
     TimeRawRequest,
     TrainRequest,
     conforms,
+    defaults,
     described,
 )
 from .caffe_side.wire import Expired, get_arrays, put_arrays, recv_frame, send_frame
@@ -77,11 +79,12 @@ PIPE_SIZE = 1 << 20  # bytes; Linux caps it at /proc/sys/fs/pipe-max-size (1 MiB
 BASE_LIMIT = 120.0
 LIMIT_PER_PROTOTXT_KB = 30.0
 LIMIT_PER_MILLION_ELEMENTS = 2.0
-# Calls that repeat the net's work, and how many times (in units of one run).
+# Calls that repeat the net's work, and how many times (in units of one run), from the
+# request's arguments (those not given at their defaults).
 _REPEATS: dict[str, Callable[[Mapping[str, Any]], float]] = {
-    "train": lambda kw: max(1.0, float(kw.get("steps", 1))),
-    "gradient_check": lambda kw: 1.0 + len(kw.get("targets", ())) / 10,
-    "time_raw": lambda kw: 1.0 + float(kw.get("repeat", 1000)) / 100,
+    TrainRequest.op: lambda kw: max(1.0, float(kw.get("steps", 1))),
+    GradientCheckRequest.op: lambda kw: 1.0 + len(kw.get("targets", ())) / 10,
+    TimeRawRequest.op: lambda kw: 1.0 + float(kw["repeat"]) / 100,
 }
 
 
@@ -101,7 +104,7 @@ def default_limit(op: str, kwargs: Mapping[str, Any]) -> float:
     chars = sum(len(v) for k, v in kwargs.items() if "prototxt" in k and isinstance(v, str))
     size = chars / 1024 * LIMIT_PER_PROTOTXT_KB
     size += _elements(kwargs) / 1e6 * LIMIT_PER_MILLION_ELEMENTS
-    repeats = _REPEATS[op](kwargs) if op in _REPEATS else 1.0
+    repeats = _REPEATS[op]({**defaults(BY_OP[op]), **kwargs}) if op in _REPEATS else 1.0
     return BASE_LIMIT + size * repeats + (repeats - 1) * BASE_LIMIT / 10
 
 

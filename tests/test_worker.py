@@ -409,6 +409,10 @@ def test_default_limits_grow_with_the_net_and_its_work() -> None:
     big = default_limit("run", {"prototxt": "x" * 8000, "inputs": {"a": np.zeros((10, 10**5))}})
     train = default_limit("train", {"solver_prototxt": "x" * 1000, "steps": 50})
     assert BASE_LIMIT < small < big and small < train
+    # an argument left out counts at its default
+    timed = {"prototxt": "x" * 1000, "inputs": {}, "params": {}}
+    assert default_limit("time_raw", timed) == default_limit("time_raw", {**timed, "repeat": 1000})
+    assert default_limit("time_raw", timed) > default_limit("time_raw", {**timed, "repeat": 10})
 
 
 def test_a_crash_ends_a_hypothesis_search_at_once(caffe_install: provision.CaffeInstall) -> None:

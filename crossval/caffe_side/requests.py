@@ -75,6 +75,17 @@ class Request(Generic[R]):
         }
 
 
+def defaults(kind: type[Request[Any]]) -> dict[str, Any]:
+    """The default of each field of the request class `kind` that has one."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(kind):  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _plain(value: object) -> object:
     return dict(value) if isinstance(value, Mapping) and not isinstance(value, dict) else value
 
@@ -353,5 +364,6 @@ __all__ = [
     "TimeRawRequest",
     "TrainRequest",
     "conforms",
+    "defaults",
     "described",
 ]
