@@ -32,13 +32,14 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 
 import numpy as np
 
 from . import provision
 from .caffe_side.replies import (
     Descriptor,
+    GeneratedRun,
     ManyRunsReply,
     run_many_arrays,
     with_arrays,
@@ -322,6 +323,16 @@ class CaffeOps:
     save = _typed(SaveRequest)
     surgery = _typed(SurgeryRequest)
     check_net = _typed(CheckNetRequest)
+
+
+if TYPE_CHECKING:  # read by mypy, never run (warn_unused_ignores: each line must be refused)
+
+    def _call_sites_are_checked(ops: CaffeOps, x: np.ndarray) -> None:
+        """The typed methods check their callers' keywords, types and use of the reply."""
+        ops.run("net", {"data": x}, phse="TEST")  # type: ignore[call-arg]
+        ops.submit_run("net", {"data": x}, backward="yes")  # type: ignore[arg-type]
+        ops.describe(prototxt=3)  # type: ignore[arg-type]
+        _: GeneratedRun = ops.run("net", {"data": x})  # type: ignore[assignment]
 
 
 def _expect(request: Request[_R], reply: object) -> _R:
