@@ -37,34 +37,13 @@ from typing import IO, TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, Typ
 import numpy as np
 
 from . import provision
+from .caffe_side import requests
 from .caffe_side.replies import (
     Descriptor,
     GeneratedRun,
     ManyRunsReply,
     run_many_arrays,
     with_arrays,
-)
-from .caffe_side.requests import (
-    BY_OP,
-    CheckNetRequest,
-    DescribeRequest,
-    GradientCheckRequest,
-    LayerSpecsRequest,
-    LayerTypesRequest,
-    ParamsRequest,
-    PingRequest,
-    PrototxtRequest,
-    Request,
-    RunGeneratedRequest,
-    RunManyRequest,
-    RunRequest,
-    SaveRequest,
-    SurgeryRequest,
-    TimeRawRequest,
-    TrainRequest,
-    conforms,
-    defaults,
-    described,
 )
 from .caffe_side.wire import Expired, get_arrays, put_arrays, recv_frame, send_frame
 from .errors import CrossvalError, raise_if_interrupted
@@ -83,9 +62,9 @@ LIMIT_PER_MILLION_ELEMENTS = 2.0
 # Calls that repeat the net's work, and how many times (in units of one run), from the
 # request's arguments (those not given at their defaults).
 _REPEATS: dict[str, Callable[[Mapping[str, Any]], float]] = {
-    TrainRequest.op: lambda kw: max(1.0, float(kw.get("steps", 1))),
-    GradientCheckRequest.op: lambda kw: 1.0 + len(kw.get("targets", ())) / 10,
-    TimeRawRequest.op: lambda kw: 1.0 + float(kw["repeat"]) / 100,
+    requests.TrainRequest.op: lambda kw: max(1.0, float(kw.get("steps", 1))),
+    requests.GradientCheckRequest.op: lambda kw: 1.0 + len(kw.get("targets", ())) / 10,
+    requests.TimeRawRequest.op: lambda kw: 1.0 + float(kw["repeat"]) / 100,
 }
 
 
@@ -105,7 +84,9 @@ def default_limit(op: str, kwargs: Mapping[str, Any]) -> float:
     chars = sum(len(v) for k, v in kwargs.items() if "prototxt" in k and isinstance(v, str))
     size = chars / 1024 * LIMIT_PER_PROTOTXT_KB
     size += _elements(kwargs) / 1e6 * LIMIT_PER_MILLION_ELEMENTS
-    repeats = _REPEATS[op]({**defaults(BY_OP[op]), **kwargs}) if op in _REPEATS else 1.0
+    repeats = (
+        _REPEATS[op]({**requests.defaults(requests.BY_OP[op]), **kwargs}) if op in _REPEATS else 1.0
+    )
     return BASE_LIMIT + size * repeats + (repeats - 1) * BASE_LIMIT / 10
 
 
@@ -229,7 +210,7 @@ _R = TypeVar("_R")
 _P = ParamSpec("_P")
 
 
-def _typed(request: Callable[_P, Request[_R]]) -> Callable[Concatenate[CaffeOps, _P], _R]:
+def _typed(request: Callable[_P, requests.Request[_R]]) -> Callable[Concatenate[CaffeOps, _P], _R]:
     """The typed method of `request`'s op: it takes the request's arguments (mypy checks
     them against the request class) and returns its reply."""
 
@@ -240,7 +221,7 @@ def _typed(request: Callable[_P, Request[_R]]) -> Callable[Concatenate[CaffeOps,
 
 
 def _submitting(
-    request: Callable[_P, Request[_R]],
+    request: Callable[_P, requests.Request[_R]],
 ) -> Callable[Concatenate[CaffeOps, _P], Callable[[], _R]]:
     """The `submit_` method of `request`'s op: it starts the op in the worker and returns a
     function that waits for its reply."""
@@ -254,10 +235,10 @@ def _submitting(
 _M = TypeVar("_M", bound=Callable[..., Any])
 
 
-def _named(method: _M, request: Callable[..., Request[Any]], submitted: bool) -> _M:
+def _named(method: _M, request: Callable[..., requests.Request[Any]], submitted: bool) -> _M:
     """`method` named, documented and signed after the request class `request` (for
     ``help()`` and ``inspect.signature``)."""
-    kind = cast(type[Request[Any]], request)
+    kind = cast(type[requests.Request[Any]], request)
     doc = inspect.cleandoc(kind.__doc__ or "")
     reply: object = kind.reply
     if submitted:
@@ -295,34 +276,34 @@ class CaffeOps:
         reply = self.request(op, **kwargs)
         return lambda: reply
 
-    def perform(self, request: Request[_R]) -> _R:
+    def perform(self, request: requests.Request[_R]) -> _R:
         """Run `request` in the worker and return its reply."""
         return _expect(request, self.request(request.op, **request.kwargs()))
 
-    def start(self, request: Request[_R]) -> Callable[[], _R]:
+    def start(self, request: requests.Request[_R]) -> Callable[[], _R]:
         """Start `request` in the worker; call the result to wait for its reply."""
         pending = self.submit_request(request.op, **request.kwargs())
         return lambda: _expect(request, pending())
 
     def prototxt(self, head: str, **options: object) -> str:
         """``PrototxtRequest``'s op, the builder's `options` given as keywords."""
-        return self.perform(PrototxtRequest(head, options))
+        return self.perform(requests.PrototxtRequest(head, options))
 
-    ping = _typed(PingRequest)
-    describe = _typed(DescribeRequest)
-    layer_specs = _typed(LayerSpecsRequest)
-    layer_types = _typed(LayerTypesRequest)
-    params = _typed(ParamsRequest)
-    run = _typed(RunRequest)
-    submit_run = _submitting(RunRequest)
-    run_generated = _typed(RunGeneratedRequest)
-    submit_run_generated = _submitting(RunGeneratedRequest)
-    gradient_check = _typed(GradientCheckRequest)
-    time_raw = _typed(TimeRawRequest)
-    train = _typed(TrainRequest)
-    save = _typed(SaveRequest)
-    surgery = _typed(SurgeryRequest)
-    check_net = _typed(CheckNetRequest)
+    ping = _typed(requests.PingRequest)
+    describe = _typed(requests.DescribeRequest)
+    layer_specs = _typed(requests.LayerSpecsRequest)
+    layer_types = _typed(requests.LayerTypesRequest)
+    params = _typed(requests.ParamsRequest)
+    run = _typed(requests.RunRequest)
+    submit_run = _submitting(requests.RunRequest)
+    run_generated = _typed(requests.RunGeneratedRequest)
+    submit_run_generated = _submitting(requests.RunGeneratedRequest)
+    gradient_check = _typed(requests.GradientCheckRequest)
+    time_raw = _typed(requests.TimeRawRequest)
+    train = _typed(requests.TrainRequest)
+    save = _typed(requests.SaveRequest)
+    surgery = _typed(requests.SurgeryRequest)
+    check_net = _typed(requests.CheckNetRequest)
 
 
 if TYPE_CHECKING:  # read by mypy, never run (warn_unused_ignores: each line must be refused)
@@ -335,12 +316,12 @@ if TYPE_CHECKING:  # read by mypy, never run (warn_unused_ignores: each line mus
         _: GeneratedRun = ops.run("net", {"data": x})  # type: ignore[assignment]
 
 
-def _expect(request: Request[_R], reply: object) -> _R:
+def _expect(request: requests.Request[_R], reply: object) -> _R:
     """`reply`, when it is of `request`'s reply type; otherwise CaffeError saying what came."""
-    if not conforms(reply, request.reply):
+    if not requests.conforms(reply, request.reply):
         raise CaffeError(
             f"the Caffe worker replied a {type(reply).__name__} to {request.op}, "
-            f"not {described(request.reply)}"
+            f"not {requests.described(request.reply)}"
         )
     return cast(_R, reply)
 
@@ -583,7 +564,9 @@ def submit_run_many(
     Caffe's type) with those cases' read-back values put in."""
     fd = _shared_file(worker)
     if fd is None:
-        request = RunManyRequest(prototxt, inputs, {k: list(v) for k, v in params.items()}, surgery)
+        request = requests.RunManyRequest(
+            prototxt, inputs, {k: list(v) for k, v in params.items()}, surgery
+        )
     else:
         names = list(inputs)
         flat = [(layer, len(blobs)) for layer, blobs in params.items()]
@@ -594,7 +577,7 @@ def submit_run_many(
         for layer, count in flat:
             sent[layer] = descs[i : i + count]
             i += count
-        request = RunManyRequest(
+        request = requests.RunManyRequest(
             prototxt,
             dict(zip(names, descs[: len(names)], strict=True)),
             sent,

@@ -24,22 +24,7 @@ import numpy as np
 
 from crossval.examplegen import Recipe
 
-from .replies import (
-    CaffeLayerSpec,
-    CheckNetReply,
-    Descriptor,
-    GeneratedRun,
-    GradientCheckReply,
-    ManyRunsReply,
-    NetDescription,
-    NetParams,
-    Params,
-    Ping,
-    RawTime,
-    RunReply,
-    SurgeryReply,
-    TrainReply,
-)
+from . import replies
 
 R = TypeVar("R")
 
@@ -51,7 +36,7 @@ BY_OP: dict[str, type[Request[Any]]] = {}
 
 class Request(Generic[R]):
     """A request to the worker whose reply is an `R`. A subclass names its operation:
-    ``class RunRequest(Request[RunReply], op="run")``."""
+    ``class RunRequest(Request[replies.RunReply], op="run")``."""
 
     op: ClassVar[str]
     reply: ClassVar[object]  # R at run time: a class, list[...] of one, or a union
@@ -126,7 +111,7 @@ def described(form: object) -> str:
 
 
 @dataclass(frozen=True)
-class PingRequest(Request[Ping], op="ping"):
+class PingRequest(Request[replies.Ping], op="ping"):
     """Where the worker's pycaffe comes from, and its process id."""
 
 
@@ -140,7 +125,7 @@ class PrototxtRequest(Request[str], op="prototxt"):
 
 
 @dataclass(frozen=True)
-class DescribeRequest(Request[NetDescription], op="describe"):
+class DescribeRequest(Request[replies.NetDescription], op="describe"):
     """The net's structure: layers in order with bottoms, tops, param shapes and
     multipliers (from the prototxt), blob shapes in Caffe's (topological) order, and the
     tops of Input layers."""
@@ -151,7 +136,7 @@ class DescribeRequest(Request[NetDescription], op="describe"):
 
 
 @dataclass(frozen=True)
-class LayerSpecsRequest(Request[list[CaffeLayerSpec]], op="layer_specs"):
+class LayerSpecsRequest(Request[list[replies.CaffeLayerSpec]], op="layer_specs"):
     """Each layer a net loaded in `phase` keeps (V1 nets and input headers upgraded as
     Caffe does, see crossval.caffe_side.upgrade), as the reference layer library reads
     it: name, type, bottoms, tops, phase rules, and its parameter messages (those set,
@@ -172,7 +157,7 @@ class LayerTypesRequest(Request[list[str]], op="layer_types"):
 
 
 @dataclass(frozen=True)
-class ParamsRequest(Request[NetParams], op="params"):
+class ParamsRequest(Request[replies.NetParams], op="params"):
     """Every param blob of the net (from `weights`, or as Caffe fills it in), by layer, in
     Caffe's order (copies), plus those layers' types."""
 
@@ -183,7 +168,7 @@ class ParamsRequest(Request[NetParams], op="params"):
 
 
 @dataclass(frozen=True)
-class RunRequest(Request[RunReply], op="run"):
+class RunRequest(Request[replies.RunReply], op="run"):
     """Set `params` and `inputs`, forward (and backward), and return every blob, the
     inputs' diffs (every blob's with `all_diffs`), the param diffs and (unless
     `return_params` is false) the params. `top_diffs` seeds the backward pass: each named
@@ -207,7 +192,7 @@ class RunRequest(Request[RunReply], op="run"):
 
 
 @dataclass(frozen=True)
-class RunGeneratedRequest(Request[GeneratedRun], op="run_generated"):
+class RunGeneratedRequest(Request[replies.GeneratedRun], op="run_generated"):
     """`run` on an example the worker generates (``crossval.examplegen``; `recipe` is its
     recipe) instead of one shipped to it; the reply carries the digest of every param the
     net ran with."""
@@ -228,7 +213,10 @@ class RunGeneratedRequest(Request[GeneratedRun], op="run_generated"):
 
 
 @dataclass(frozen=True)
-class RunManyRequest(Request[ManyRunsReply[np.ndarray] | ManyRunsReply[Descriptor]], op="run_many"):
+class RunManyRequest(
+    Request[replies.ManyRunsReply[np.ndarray] | replies.ManyRunsReply[replies.Descriptor]],
+    op="run_many",
+):
     """`run` (forward and backward) on many independent cases back to back, on one cached
     net: every array of `inputs` and `params` has a leading case axis, and case m runs with
     `inputs[...][m]` and `params[...][i][m]`. The reply stacks, per case, every blob, the
@@ -244,15 +232,15 @@ class RunManyRequest(Request[ManyRunsReply[np.ndarray] | ManyRunsReply[Descripto
     descriptors (in ``crossval.caffe_side.replies.run_many_arrays`` order)."""
 
     prototxt: str
-    inputs: Arrays | Mapping[str, Descriptor]
-    params: Params | dict[str, list[Descriptor]]
+    inputs: Arrays | Mapping[str, replies.Descriptor]
+    params: replies.Params | dict[str, list[replies.Descriptor]]
     surgery: str = ""
     phase: str = "TRAIN"
     shared: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
-class GradientCheckRequest(Request[GradientCheckReply], op="gradient_check"):
+class GradientCheckRequest(Request[replies.GradientCheckReply], op="gradient_check"):
     """Caffe's GradientChecker, in float32, on chosen elements.
 
     `targets` are (kind, layer-or-blob, flat index) with kind "blob" (an input blob) or
@@ -275,7 +263,7 @@ class GradientCheckRequest(Request[GradientCheckReply], op="gradient_check"):
 
 
 @dataclass(frozen=True)
-class TimeRawRequest(Request[RawTime], op="time_raw"):
+class TimeRawRequest(Request[replies.RawTime], op="time_raw"):
     """Seconds per forward and backward of the net inside the worker (no IPC), best of 5
     runs of `repeat` each."""
 
@@ -287,7 +275,7 @@ class TimeRawRequest(Request[RawTime], op="time_raw"):
 
 
 @dataclass(frozen=True)
-class TrainRequest(Request[TrainReply], op="train"):
+class TrainRequest(Request[replies.TrainReply], op="train"):
     """Caffe's solver (from its prototxt file) for `steps` iterations from `weights`.
     Iteration t gets input batch t (cycled). The reply holds the loss of each iteration
     (computed before its update, as Caffe reports it) and every param after each
@@ -311,7 +299,7 @@ class SaveRequest(Request[str], op="save"):
 
 
 @dataclass(frozen=True)
-class SurgeryRequest(Request[SurgeryReply | None], op="surgery"):
+class SurgeryRequest(Request[replies.SurgeryReply | None], op="surgery"):
     """The net surgery on a fresh net (after setting `params`, if given): `layer`'s kernel
     set to arange(K); with `out`, the net saved as a caffemodel. None when `layer` is
     ''."""
@@ -325,7 +313,7 @@ class SurgeryRequest(Request[SurgeryReply | None], op="surgery"):
 
 
 @dataclass(frozen=True)
-class CheckNetRequest(Request[CheckNetReply], op="check_net"):
+class CheckNetRequest(Request[replies.CheckNetReply], op="check_net"):
     """What ``crossval.inputs.check_net`` needs to know of the net: layer names and types
     and the input shapes, read from the text; with `weights`, the caffemodel's blob shapes
     per layer and the net's param shapes and lr_mults (the net is built only when its

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from crossval.caffe_side import requests
 from crossval.caffe_side.replies import (
     CaffeLayerSpec,
     CheckNetReply,
@@ -40,25 +41,6 @@ from crossval.caffe_side.replies import (
     TrainReply,
     run_many_arrays,
     with_arrays,
-)
-from crossval.caffe_side.requests import (
-    BY_OP,
-    CheckNetRequest,
-    CrashRequest,
-    DescribeRequest,
-    GradientCheckRequest,
-    LayerSpecsRequest,
-    LayerTypesRequest,
-    ParamsRequest,
-    PingRequest,
-    PrototxtRequest,
-    RunGeneratedRequest,
-    RunManyRequest,
-    RunRequest,
-    SaveRequest,
-    SurgeryRequest,
-    TimeRawRequest,
-    TrainRequest,
 )
 from crossval.caffe_side.wire import (
     die_with_parent,
@@ -169,7 +151,7 @@ class Ops:
 
     def serve(self, op: str, kwargs: dict[str, Any]) -> object:
         """The reply to the request `op` with fields `kwargs`, as it came over the pipe."""
-        kind = BY_OP.get(op)
+        kind = requests.BY_OP.get(op)
         if kind is None:
             raise ValueError(f"unknown worker op {op!r}")
         return getattr(self, "op_" + op)(kind(**kwargs))
@@ -230,7 +212,7 @@ class Ops:
             if not model.layer and not model.layers:
                 raise ValueError(f"{weights} holds no layers: not a caffemodel")
 
-    def op_describe(self, req: DescribeRequest) -> NetDescription:
+    def op_describe(self, req: requests.DescribeRequest) -> NetDescription:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
         spec = parse_net(req.prototxt)
@@ -269,27 +251,27 @@ class Ops:
             force_backward=bool(spec.force_backward),
         )
 
-    def op_layer_specs(self, req: LayerSpecsRequest) -> list[CaffeLayerSpec]:
+    def op_layer_specs(self, req: requests.LayerSpecsRequest) -> list[CaffeLayerSpec]:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
         return [layer_spec(lp) for lp in filter_net(parse_net(req.prototxt), req.phase)]
 
-    def op_layer_types(self, req: LayerTypesRequest) -> list[str]:
+    def op_layer_types(self, req: requests.LayerTypesRequest) -> list[str]:
         from crossval.caffe_side.upgrade import filter_net, parse_net
 
         spec = parse_net(req.prototxt)
         layers = filter_net(spec, req.phase) if req.phase else spec.layer
         return [str(lp.type) for lp in layers]
 
-    def op_ping(self, req: PingRequest) -> Ping:
+    def op_ping(self, req: requests.PingRequest) -> Ping:
         return Ping(caffe=os.path.dirname(self.caffe.__file__), pid=os.getpid())
 
-    def op_prototxt(self, req: PrototxtRequest) -> str:
+    def op_prototxt(self, req: requests.PrototxtRequest) -> str:
         from crossval.caffe_side import nets
 
         return str(nets.BUILDERS[req.head](**req.options))
 
-    def op_params(self, req: ParamsRequest) -> NetParams:
+    def op_params(self, req: requests.ParamsRequest) -> NetParams:
         net = self.net(req.prototxt, req.phase, req.weights, req.surgery)
         types = {name: layer.type for name, layer in zip(net._layer_names, net.layers, strict=True)}
         return NetParams(
@@ -297,7 +279,7 @@ class Ops:
             types={name: types[name] for name in net.params},
         )
 
-    def op_run(self, req: RunRequest) -> RunReply:
+    def op_run(self, req: requests.RunRequest) -> RunReply:
         net = self.net(req.prototxt, req.phase, req.weights, req.surgery)
         inputs = req.inputs
         reshaped = False
@@ -369,7 +351,7 @@ class Ops:
         return fd
 
     def op_run_many(
-        self, req: RunManyRequest
+        self, req: requests.RunManyRequest
     ) -> ManyRunsReply[np.ndarray] | ManyRunsReply[Descriptor]:
         if req.shared is None:
             arrays = cast(Mapping[str, np.ndarray], req.inputs)
@@ -385,7 +367,7 @@ class Ops:
 
     def _run_many(
         self,
-        req: RunManyRequest,
+        req: requests.RunManyRequest,
         inputs: Mapping[str, np.ndarray],
         params: Mapping[str, list[np.ndarray]],
     ) -> ManyRunsReply[np.ndarray]:
@@ -459,10 +441,12 @@ class Ops:
                     out_pdiffs[name][i][m] = v
         return ManyRunsReply(out_blobs, out_diffs, out_params, out_pdiffs, sent_back)
 
-    def op_gradient_check(self, req: GradientCheckRequest) -> GradientCheckReply:
+    def op_gradient_check(self, req: requests.GradientCheckRequest) -> GradientCheckReply:
         kink, step, slacks = req.kink, req.step, req.slacks
         net = self.op_run(
-            RunRequest(req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery)
+            requests.RunRequest(
+                req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery
+            )
         )
         live = self.net(req.prototxt, "TRAIN", "", req.surgery)
 
@@ -505,11 +489,13 @@ class Ops:
         live.forward()
         return GradientCheckReply(results)
 
-    def op_time_raw(self, req: TimeRawRequest) -> RawTime:
+    def op_time_raw(self, req: requests.TimeRawRequest) -> RawTime:
         import time
 
         self.op_run(
-            RunRequest(req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery)
+            requests.RunRequest(
+                req.prototxt, req.inputs, req.params, backward=True, surgery=req.surgery
+            )
         )
         net = self.net(req.prototxt, "TRAIN", "", req.surgery)
         best = float("inf")
@@ -521,7 +507,7 @@ class Ops:
             best = min(best, (time.perf_counter() - t0) / req.repeat)
         return RawTime(forward_backward=best)
 
-    def op_train(self, req: TrainRequest) -> TrainReply:
+    def op_train(self, req: requests.TrainRequest) -> TrainReply:
         solver = self.caffe.get_solver(req.solver_prototxt)
         net = solver.net
         if req.weights:
@@ -548,14 +534,14 @@ class Ops:
             params.append(snapshot())
         return TrainReply(initial=initial, losses=losses, params=params, iter=int(solver.iter))
 
-    def op_run_generated(self, req: RunGeneratedRequest) -> GeneratedRun:
+    def op_run_generated(self, req: requests.RunGeneratedRequest) -> GeneratedRun:
         from crossval import examplegen
 
         inputs, params = examplegen.generate(
             req.recipe, req.seed, req.input_scale, req.weight_scale, req.batch, None, req.learnable
         )
         out = self.op_run(
-            RunRequest(
+            requests.RunRequest(
                 req.prototxt,
                 inputs,
                 params,
@@ -578,7 +564,7 @@ class Ops:
             digest=examplegen.digest(used),
         )
 
-    def op_save(self, req: SaveRequest) -> str:
+    def op_save(self, req: requests.SaveRequest) -> str:
         net = self.net(req.prototxt, req.phase)
         for layer, blobs in req.params.items():
             for i, value in enumerate(blobs):
@@ -586,7 +572,7 @@ class Ops:
         net.save(req.out)
         return req.out
 
-    def op_surgery(self, req: SurgeryRequest) -> SurgeryReply | None:
+    def op_surgery(self, req: requests.SurgeryRequest) -> SurgeryReply | None:
         net = self.load(req.prototxt, req.phase, req.weights)
         for name, blobs in (req.params or {}).items():
             for i, value in enumerate(blobs):
@@ -624,7 +610,7 @@ class Ops:
         kernel[...] = np.arange(k, dtype=np.float32)
         return SurgeryReply(bins=k, kernel=kernel.copy(), bottom=bottom)
 
-    def op_check_net(self, req: CheckNetRequest) -> CheckNetReply:
+    def op_check_net(self, req: requests.CheckNetRequest) -> CheckNetReply:
         from caffe.proto import caffe_pb2
 
         from crossval.caffe_side.upgrade import filter_net, parse_net
@@ -681,7 +667,7 @@ class Ops:
                     out.params[name] = blobs
         return out
 
-    def op_crash(self, req: CrashRequest) -> None:
+    def op_crash(self, req: requests.CrashRequest) -> None:
         how = req.how
         if how == "abort":
             os.abort()
