@@ -1,7 +1,8 @@
 """`crossval validate-port` with the port where it cannot take crossval down.
 
-The parent (the CLI) runs ``python -m crossval.isolation DIR FD`` in a session of its own,
-with a private directory DIR (the job in, the example being run out). That child runs
+The parent (the CLI) runs a child in a session of its own, forked from its warm process
+(``crossval.warmstart``: PyTorch already imported), with a private directory DIR (the job in,
+the example being run out) and the write end FD of a pipe. That child runs
 ``portcheck.command.validate``: the user's port (import, factory, forward, backward) and its
 own Caffe worker. Before each call into the port's code it tells the parent, over the pipe FD, which
 call and which example (whose arrays it first writes to DIR/example.npz), and after it that
@@ -21,7 +22,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -31,10 +31,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from . import errors
-from .caffe_side.wire import Expired, die_with_parent, recv_frame, write_frame
+from . import errors, warmstart
+from .caffe_side.wire import Expired, recv_frame, write_frame
 from .errors import CrossvalError
-from .worker import default_limit, kill_group, private_dir
+from .worker import default_limit, private_dir
 
 if TYPE_CHECKING:
     from .portcheck.command import Report
@@ -83,7 +83,7 @@ def validate_isolated(
     Report with verdict "crash"; the child's CrossvalErrors are raised here as they were."""
     directory = private_dir(PREFIX)
     read_end, write_end = os.pipe()
-    proc: subprocess.Popen[bytes] | None = None
+    proc: warmstart.Forked | None = None
     finished = False
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -100,23 +100,12 @@ def validate_isolated(
         env["TMPDIR"] = directory  # the child's Caffe worker makes its directory in here
         pkg_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = ":".join(filter(None, [pkg_root, env.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "crossval.isolation",
-                directory,
-                str(write_end),
-                str(os.getpid()),
-            ],
-            pass_fds=(write_end,),
-            env=env,
-            start_new_session=True,
-        )
+        warmstart.warm()  # its imports (torch) while this process makes its own
+        from .portcheck import command  # noqa: F401
+
+        proc = warmstart.fork("crossval.isolation:forked_main", [directory], (write_end,), env)
         os.close(write_end)
         write_end = -1
-        from .portcheck import command  # noqa: F401  (torch, while the child starts)
-
         report = _supervise(proc, read_end, directory, net, port, options)
         finished = True
         return report
@@ -126,7 +115,7 @@ def validate_isolated(
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5 if finished else 0)  # after its result, let it exit
-            kill_group(proc)
+            proc.kill_group()
         for fd in (read_end, write_end):
             if fd >= 0:
                 os.close(fd)
@@ -134,7 +123,7 @@ def validate_isolated(
 
 
 def _supervise(
-    proc: subprocess.Popen[bytes],
+    proc: warmstart.Forked,
     fd: int,
     directory: str,
     net: Path,
@@ -149,7 +138,7 @@ def _supervise(
             frame = recv_frame(fd, deadline)
         except Expired:
             assert running is not None
-            kill_group(proc)
+            proc.kill_group()
             return _crashed(
                 f"the port did not return within {running.limit:.0f} s in {running.where}",
                 running,
@@ -162,7 +151,7 @@ def _supervise(
             try:
                 how = _how(proc.wait(timeout=30))
             except subprocess.TimeoutExpired:  # alive, but it closed its end of the pipe
-                kill_group(proc)
+                proc.kill_group()
                 how = "closed crossval's pipe"
             if running is not None:
                 return _crashed(
@@ -314,14 +303,10 @@ def _child(directory: str, fd: int) -> None:
     pipe.close()
 
 
-def main(argv: list[str]) -> None:
-    directory, fd, parent = argv[0], int(argv[1]), int(argv[2])
-    die_with_parent(parent)
+def forked_main(argv: list[str]) -> None:
+    """The child's entry (forked by ``crossval.warmstart``): `argv` is its directory and the
+    number of its end of the pipe."""
     # Should the port exhaust memory, the kernel's OOM killer takes this process first.
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
-    _child(directory, fd)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    _child(argv[0], int(argv[1]))

@@ -147,7 +147,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
     "core": (
         "__init__", "errors", "names", "profiles", "outputs", "provision", "examplegen",
-        "heads", "tolerances", "compare", "transfer", "worker", "caffe_side", "net", "inputs",
+        "heads", "tolerances", "compare", "transfer", "worker", "warmstart", "caffe_side", "net",
+        "inputs",
     ),
     "checks and generation": (
         "checks", "batched", "strategies", "localize", "golden", "layercheck",
