@@ -35,11 +35,13 @@ ETA64 = 2.0**-1074  # smallest float64 denormal
 LIBM_ULPS = 6  # float32 exp, tanh, log: glibc and SLEEF <= 2 ulp; onnxruntime's Tanh measured 5.46
 
 
-def gamma(n: int | float) -> float:
-    """Higham's gamma_n for float32: relative error bound of an n-term accumulation."""
-    nu = float(n) * U32
+def gamma(n: int | float, u: float = U32) -> float:
+    """Higham's gamma_n for float32 (or for unit roundoff `u`): relative error bound of an
+    n-term accumulation."""
+    nu = float(n) * u
     if nu >= 1:
-        raise ValueError(f"gamma({n}) is undefined for float32 (n*u >= 1)")
+        kind = "float32" if u == U32 else f"unit roundoff {u:g}"
+        raise ValueError(f"gamma({n}) is undefined for {kind} (n*u >= 1)")
     return nu / (1.0 - nu)
 
 

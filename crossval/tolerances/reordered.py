@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from . import ETA32, ETA64, F64, LIBM_ULPS, TABLE, U32, U64, Rule
+from . import ETA32, ETA64, F64, LIBM_ULPS, TABLE, U32, U64, Rule, gamma
 
 TABLE.update(
     {
@@ -71,19 +71,11 @@ def roundoff(dtype: torch.dtype) -> tuple[float, float]:
     raise ValueError(f"no roundoff for {dtype}: float32 or float64")
 
 
-def gamma_u(n: int | float, u: float) -> float:
-    """Higham's gamma_n for unit roundoff u (``gamma`` is the float32 one)."""
-    nu = float(n) * u
-    if nu >= 1:
-        raise ValueError(f"gamma({n}) is undefined for unit roundoff {u} (n*u >= 1)")
-    return nu / (1.0 - nu)
-
-
 def reordered_sum(abs_sum: F64 | float, n: int, dtype: torch.dtype) -> F64:
     """Bound between two summation orders of n terms whose |terms| sum to `abs_sum`: see
     TABLE['reordered_sum']."""
     u, _ = roundoff(dtype)
-    return np.asarray(2.0 * gamma_u(n, u) * np.asarray(abs_sum, dtype=np.float64))
+    return np.asarray(2.0 * gamma(n, u) * np.asarray(abs_sum, dtype=np.float64))
 
 
 def softmax_with_loss(
