@@ -250,6 +250,28 @@ def _unstacked(a: Any, n: int) -> Any:
     return a.reshape(n, c, ns // n * r, w)
 
 
+def _slab_param_diffs(
+    sample: _Sample,
+    head: LayerSpec,
+    ws: Sequence[Any],
+    res: Any,
+    outputs: Idx,
+    transposed: bool = False,
+) -> None:
+    """A slab's param diffs (in `res`, the restricted problem's) into `sample`: of each of
+    the layer's params `ws`, the elements of the slab's `outputs` along the first axis (the
+    second of an InnerProduct's transposed weight)."""
+    for j, w in enumerate(ws):
+        key = (head.name, j)
+        if key not in res.param_diffs:
+            continue
+        if j == 0 and transposed:
+            where = _grid(np.arange(w.shape[0]), outputs)
+        else:
+            where = _grid(outputs, *[np.arange(s) for s in w.shape[1:]])
+        sample.add(("p", key), w.shape, where, res.param_diffs[key], res.param_diff_bounds[key])
+
+
 def _conv(
     layers: Sequence[LayerSpec],
     ws: Sequence[Any],
@@ -320,11 +342,7 @@ def _conv(
         _unstacked(res.values[top], n_img),
         _unstacked(res.value_bounds[top], n_img),
     )
-    for j, w in enumerate(ws):
-        key = (head.name, j)
-        if key in res.param_diffs:
-            where = _grid(chans, *[np.arange(s) for s in w.shape[1:]])
-            sample.add(("p", key), w.shape, where, res.param_diffs[key], res.param_diff_bounds[key])
+    _slab_param_diffs(sample, head, ws, res, chans)
 
     for k in range(PATCHES):  # top patches: every channel
         img = int(rng.integers(n_img))
@@ -395,17 +413,7 @@ def _inner_product(
     sample.add(
         ("v", top), top_shape, _grid(np.arange(n_img), rows), res.values[top], res.value_bounds[top]
     )
-    for j, arr in enumerate(ws):
-        key = (head.name, j)
-        if key not in res.param_diffs:
-            continue
-        if j == 0 and p["transpose"]:
-            where = _grid(np.arange(arr.shape[0]), rows)
-        elif j == 0:
-            where = _grid(rows, np.arange(arr.shape[1]))
-        else:
-            where = _grid(rows)
-        sample.add(("p", key), arr.shape, where, res.param_diffs[key], res.param_diff_bounds[key])
+    _slab_param_diffs(sample, head, ws, res, rows, transposed=bool(p["transpose"]))
     if g_top is None:
         return top_shape
     img = int(rng.integers(n_img))  # one image, whole: its bottom diff sums every output
