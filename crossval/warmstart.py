@@ -98,7 +98,7 @@ class Warm:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = ":".join(filter(None, [pkg_root, env.get("PYTHONPATH", "")]))
+        env["PYTHONPATH"] = pkg_root  # the caller's own entries go to each child
         try:
             self.proc = subprocess.Popen(
                 [
@@ -281,7 +281,9 @@ def _child(request: Request, fds: list[int]) -> None:
         os.environ.update(request.env)
         tempfile.tempdir = None
         os.chdir(request.cwd)
-        sys.path[:0] = [p for p in request.path if p not in sys.path]
+        # as `python -m` in the caller's directory: that first, then $PYTHONPATH, then the
+        # interpreter's own entries (not the warm process's directory)
+        sys.path[:] = [*request.path, *(p for p in _BASE_PATH if p not in request.path)]
         importlib.invalidate_caches()
         module, function = request.entry.split(":")
         getattr(importlib.import_module(module), function)([*request.args, *map(str, own)])
@@ -297,8 +299,12 @@ def _child(request: Request, fds: list[int]) -> None:
         os._exit(code)
 
 
+_BASE_PATH: list[str] = []
+
+
 def main(argv: list[str]) -> None:
     fd, parent = int(argv[0]), int(argv[1])
+    _BASE_PATH[:] = sys.path[1:]  # sys.path[0] is the directory it was started in
     die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     for name in PRELOAD:
