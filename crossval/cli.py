@@ -253,7 +253,7 @@ def _validate_port(args: argparse.Namespace) -> int:
         batch=args.batch,
         save_failure=save_failure,
         replay=Path(args.replay) if args.replay else None,
-        argv=sys.argv[1:],
+        argv=args.argv,
         generate=args.generate,
         layer_plugins=args.layer_plugin or [],
     )
@@ -755,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what a replay line repeats
     except SystemExit as exc:  # argparse has printed the usage error (or the help)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func

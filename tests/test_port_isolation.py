@@ -9,14 +9,16 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from crossval_cli import ROOT, run_crossval
+from crossval_cli import ROOT
 from profiles import thorough
 
-from crossval import provision
+from crossval import provision, warmstart
 from crossval.cli import main
 
 PORT = '''
@@ -113,36 +115,71 @@ def _ours(tag: str) -> list[int]:
     return found
 
 
-def _run(tmp_path: Path, *args: str) -> tuple[int, str, str, float]:
-    """validate-port ARGS with this test's modules on PYTHONPATH and its own TMPDIR; checks
-    that no process or temporary file of the run is left behind."""
+def _descendants(pid: int) -> list[int]:
+    """Live (not zombie) processes below `pid`."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+Run = Callable[..., tuple[int, str, str, float]]
+
+
+@pytest.fixture()
+def run_vp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Run:
+    """validate-port ARGS in this process (each run's port and Caffe in a child forked from
+    the warm process) with this test's modules on PYTHONPATH and its own TMPDIR; checks that
+    no process or temporary file of the run is left behind."""
     private = tmp_path / "tmp"
     private.mkdir(exist_ok=True)
-    env = dict(os.environ, TMPDIR=str(private))
-    env["PYTHONPATH"] = ":".join(filter(None, [str(tmp_path), env.get("PYTHONPATH", "")]))
-    start = time.monotonic()
-    proc = run_crossval("validate-port", *args, env=env, timeout=120)
-    took = time.monotonic() - start
-    end = time.monotonic() + 3
-    while _ours(str(private)) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert _ours(str(private)) == [], "processes of the run are left"
-    assert list(private.iterdir()) == [], "temporary files of the run are left"
-    out = proc.stdout + proc.stderr
-    assert "Traceback" not in out, out
-    return proc.returncode, proc.stdout, proc.stderr, took
+    pythonpath = [str(tmp_path), str(ROOT), str(ROOT / "tests")]
+    monkeypatch.setenv("TMPDIR", str(private))
+    monkeypatch.setenv("PYTHONPATH", ":".join(pythonpath))
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def run(*args: str) -> tuple[int, str, str, float]:
+        capsys.readouterr()
+        start = time.monotonic()
+        code = main(["validate-port", *args])
+        took = time.monotonic() - start
+        warm = warmstart.warm().proc.pid
+        end = time.monotonic() + 3
+        while _descendants(warm) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _descendants(warm) == [], "processes of the run are left"
+        assert list(private.iterdir()) == [], "temporary files of the run are left"
+        got = capsys.readouterr()
+        assert "Traceback" not in got.out + got.err, got.out + got.err
+        return code, got.out, got.err, took
+
+    return run
 
 
 @pytest.mark.parametrize("how", list(FAULTS))
 def test_a_failing_port_is_a_finding_naming_the_example(
-    sigmoid_net: Path, tmp_path: Path, how: str
+    sigmoid_net: Path, tmp_path: Path, run_vp: Run, how: str
 ) -> None:
     fault, said = FAULTS[how]
     (tmp_path / f"port_{how}.py").write_text(PORT.replace("{fault}", fault))
     limit = ["--timeout", "3"] if how == "hang" else []
     args = [str(sigmoid_net), "--port", f"port_{how}:make", *limit]
     saved_dir = tmp_path / "failures"
-    rc, out, err, _ = _run(tmp_path, *args, "--save-failure", str(saved_dir))
+    rc, out, err, _ = run_vp(*args, "--save-failure", str(saved_dir))
     assert rc == 1, out + err
     m = re.search(
         rf"PORT FAILURE: the port {re.escape(said)} in its forward while running "
@@ -157,14 +194,16 @@ def test_a_failing_port_is_a_finding_naming_the_example(
     if how != "segfault" and not thorough():
         return  # the replay's run (a process again) for one fault in `ci`, each in `thorough`
     # The saved example fails the same way on its own.
-    rc2, out2, err2, _ = _run(tmp_path, *replay.group(1).split()[1:])
+    rc2, out2, err2, _ = run_vp(*replay.group(1).split()[1:])
     assert rc2 == 1, out2 + err2
     assert f"the port {said} in its forward while running example 1 (replayed" in out2, out2
 
 
-def test_a_port_that_crashes_on_import_is_a_finding(sigmoid_net: Path, tmp_path: Path) -> None:
+def test_a_port_that_crashes_on_import_is_a_finding(
+    sigmoid_net: Path, tmp_path: Path, run_vp: Run
+) -> None:
     (tmp_path / "port_import.py").write_text("import ctypes\nctypes.string_at(0)\n")
-    rc, out, err, _ = _run(tmp_path, str(sigmoid_net), "--port", "port_import:make")
+    rc, out, err, _ = run_vp(str(sigmoid_net), "--port", "port_import:make")
     assert rc == 1, out + err
     assert "the port crashed (SIGSEGV) in its module 'port_import' (import)" in out, out
 
@@ -187,11 +226,12 @@ def _guarded_net(net: Path, tmp_path: Path, fault: str) -> Path:
     return out
 
 
-def test_a_caffe_abort_in_the_search_is_reported_at_once(sigmoid_net: Path, tmp_path: Path) -> None:
+def test_a_caffe_abort_in_the_search_is_reported_at_once(
+    sigmoid_net: Path, tmp_path: Path, run_vp: Run
+) -> None:
     net = _guarded_net(sigmoid_net, tmp_path, "os.abort()")
     saved_dir = tmp_path / "failures"
-    rc, out, err, took = _run(
-        tmp_path,
+    rc, out, err, took = run_vp(
         str(net),
         "--port",
         "ports.heads:sigmoid",
@@ -215,11 +255,10 @@ def test_a_caffe_abort_in_the_search_is_reported_at_once(sigmoid_net: Path, tmp_
 
 
 def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
-    sigmoid_net: Path, tmp_path: Path
+    sigmoid_net: Path, tmp_path: Path, run_vp: Run
 ) -> None:
     net = _guarded_net(sigmoid_net, tmp_path, "time.sleep(3600)")
-    rc, out, err, took = _run(
-        tmp_path,
+    rc, out, err, took = run_vp(
         str(net),
         "--port",
         "ports.heads:sigmoid",
@@ -237,9 +276,11 @@ def test_a_caffe_hang_in_the_search_is_stopped_by_the_time_limit(
     assert took < 30, took
 
 
-def test_a_python_layer_without_a_reference_is_refused(sigmoid_net: Path, tmp_path: Path) -> None:
+def test_a_python_layer_without_a_reference_is_refused(
+    sigmoid_net: Path, tmp_path: Path, run_vp: Run
+) -> None:
     net = _guarded_net(sigmoid_net, tmp_path, "os.abort()")
-    rc, out, err, _ = _run(tmp_path, str(net), "--port", "ports.heads:sigmoid")
+    rc, out, err, _ = run_vp(str(net), "--port", "ports.heads:sigmoid")
     assert rc == 2, out + err
     assert "no layer for guard (Python layer guard_layer.Guard)" in err and "--layer-plugin" in err
 
