@@ -131,6 +131,7 @@ def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> 
     ids = [grid.layer_cases(worker, t, PROFILES["ci"])[0].id for t in types]
     result = command.run(worker, MISBEHAVING, cases=ids, timeout=2.0)
     got = {r.type: r.outcome for r in result.rows}
+    shown = "\n".join(f"{t}: {o.verdict} {o.detail}" for t, o in got.items())
     assert {t: o.verdict for t, o in got.items()} == {
         "ReLU": "crash",
         "Sigmoid": "timeout",
@@ -139,7 +140,7 @@ def test_misbehaving_converter_costs_only_its_own_cases(worker: CaffeWorker) -> 
         "ELU": "unsupported",
         "PReLU": "fail",
         "Power": "pass",
-    }
+    }, shown
     assert "SIGABRT" in got["ReLU"].detail and "its convert()" in got["ReLU"].detail
     assert "2 s" in got["Sigmoid"].detail and "its convert()" in got["Sigmoid"].detail
     assert got["TanH"].output_bytes == 50 * 1024 * 1024

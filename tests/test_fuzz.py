@@ -3,9 +3,11 @@ that names the problem, no traceback, the user's files byte for byte unchanged, 
 leftover temporary file and no leftover Caffe worker.
 
 Cases are data (``CASES``): a command line with placeholders for the files a case sets up
-in its own directory. Most run in-process through ``crossval.cli.main`` (fast); those that
-crash, hang or signal run as a real process. The valid artifacts the bad inputs are made
-from (nets, an init caffemodel) are written once per session by crossval itself.
+in its own directory. Most run in-process through ``crossval.cli.main`` (fast; a port that
+crashes, exits or hangs does so in validate-port's child); those that need an environment of
+their own run as a real process, and the signal tests below start one. The valid artifacts
+the bad inputs are made from (nets, an init caffemodel) are written once per session by
+crossval itself.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ class Fuzz:
     code: int
     message: str
     files: tuple[str, ...] = ()
-    process: bool = False  # run as a real process (crashes, hangs, environment)
+    process: bool = False  # run as a real process (its own environment)
     env: dict[str, str] = field(default_factory=dict)
     creates: tuple[str, ...] = ()  # files the command may create in the case's directory
 
@@ -795,7 +797,6 @@ CASES: tuple[Fuzz, ...] = (
         "exp.prototxt",
         "exp.caffemodel",
         "port_segv.py",
-        process=True,
         creates=("failures",),
     ),
     F(
@@ -806,7 +807,6 @@ CASES: tuple[Fuzz, ...] = (
         "exp.prototxt",
         "exp.caffemodel",
         "port_exit.py",
-        process=True,
     ),
     F(
         "vp-port-hangs",
@@ -816,7 +816,6 @@ CASES: tuple[Fuzz, ...] = (
         "exp.prototxt",
         "exp.caffemodel",
         "port_sleep.py",
-        process=True,
     ),
     # -- train
     F("train-steps-0", "train expectation --out {f}/run --steps 0", 2, BADCOUNT),

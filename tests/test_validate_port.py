@@ -3,11 +3,11 @@ gradients, and a full-size DEX-style net.
 
 Most tests run the command's engine in this process (`portcheck.command.validate` on the
 shared Caffe worker; its report's text and exit code are what the command prints and
-returns): each run of the command line starts a child process that imports PyTorch and starts
-a Caffe worker of its own, seconds before the first example. The command line itself runs in
-test_correct_ports_match's first case (exit 0, --weights and --generate),
-test_saved_failure_replays_and_json (exit 1, --save-failure, --json, the replay line) and
-test_bad_input_exits_2 (exit 2, through `main`); its isolation of the port in
+returns): each run of the command starts a child (forked from the warm process) with a Caffe
+worker of its own. The command runs through `main` in test_correct_ports_match's first case
+(exit 0, --weights and --generate), the replay of test_saved_failure_replays_and_json and
+test_bad_input_exits_2 (exit 2); as a process of its own in test_saved_failure_replays_and_json
+(exit 1, --save-failure, --json, the replay line); its isolation of the port in
 tests/test_port_isolation.py."""
 
 from __future__ import annotations
@@ -112,19 +112,24 @@ def first_failing(stdout: str) -> str:
     ],
 )
 def test_correct_ports_match(
-    worker: CaffeWorker, nets: dict[str, Path], net: str, port: str
+    worker: CaffeWorker,
+    nets: dict[str, Path],
+    net: str,
+    port: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if net == "expectation":  # command line: --weights and --generate, exit 0
-        proc = run_crossval(
-            "validate-port",
-            str(nets[net]),
-            "--port",
-            port,
-            "--examples",
-            CLEAN,
-            *with_init(nets, net),
-        )
-        code, out = proc.returncode, proc.stdout + proc.stderr
+    if net == "expectation":  # the command (`main`): --weights and --generate, exit 0
+        paths = [
+            str(Path(__file__).parent),
+            *filter(None, os.environ.get("PYTHONPATH", "").split(":")),
+        ]
+        monkeypatch.setenv("PYTHONPATH", ":".join(paths))  # the port child imports tests' ports
+        capsys.readouterr()
+        argv = ["validate-port", str(nets[net]), "--port", port, "--examples", CLEAN]
+        code = main([*argv, *with_init(nets, net)])
+        got = capsys.readouterr()
+        out = got.out + got.err
     else:
         code, out = engine(worker, nets, net, port, int(CLEAN))
     assert code == 0, out
