@@ -25,9 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_zoo_nets import BUGS, NETS, generate_params, load_weights  # noqa: E402
 
+from crossval.errors import UsageError  # noqa: E402
 from crossval.portcheck.command import generated as examples  # noqa: E402
 from crossval.portcheck.engine import PortChecker  # noqa: E402
-from crossval.portcheck.port import UsageError  # noqa: E402
 from crossval.portcheck.refport import reference_port  # noqa: E402
 from crossval.worker import CaffeWorker  # noqa: E402
 
