@@ -1,21 +1,26 @@
-"""A warm process that forks `crossval validate-port`'s isolated children.
+"""Warm processes that fork crossval's child processes with their imports already done.
 
-A validation child imports PyTorch and the engine (about 2.5 s) before it can run a port. A
-process that runs many validations (a test session, a campaign, a long CLI run) pays that
-once: the first validation starts a *warm* process, ``python -m crossval.warmstart FD PID``,
-which imports those modules and then, on each request, forks a child that is ready at once.
+A validate-port child imports PyTorch and the engine (about 2.5 s), a Caffe worker imports
+pycaffe (about 0.6 s), before either can work. A process that starts many of them (a test
+session, the pytest plugin, a script calling ``crossval.cli.main``) pays that once: the first
+start launches a *warm* process, ``python -m crossval.warmstart FD MODULE...``, which imports
+the modules and then, on each request, forks a child that is ready at once. Each set of
+modules and environment variables the imports depend on (``KEY_VARIABLES``: a Caffe build's
+library path, say) has a warm process of its own.
 
 The forked child is made to look like a fresh ``python -m`` process of the caller: its own
-session (so its process group can be killed), the caller's current environment, working
-directory, standard streams (received as file descriptors, so output capture follows the
-caller), and ``sys.path`` led by the working directory and ``$PYTHONPATH``. Its entry point
-is called with its arguments, followed by the numbers (in the child) of the descriptors handed
-to it; what it raises becomes its exit status, as in a script.
+session (so its process group can be killed), the caller's environment and working directory,
+standard streams the caller hands over as file descriptors (by default its own, so output
+capture follows the caller), and ``sys.path`` led by the working directory and
+``$PYTHONPATH``. Its entry point is called with its arguments, followed by the numbers (in the
+child) of the other descriptors handed to it; what it raises becomes its exit status, as in
+a script.
 
-The warm process dies with its caller (parent-death signal), and each child with the warm
-process, so no process outlives the caller; the warm process reaps its children and reports
-each exit status, which `Forked` (the caller's handle, with the subset of ``Popen`` the
-supervisor uses) returns as ``Popen`` would: negative for a signal.
+A warm process ends when its caller's end of their socket closes (the caller exited or was
+killed), and each child dies with the warm process (parent-death signal), so nothing outlives
+the caller. The warm process reaps its children and reports each exit status, which `Forked`
+(the caller's handle, with the subset of ``Popen`` crossval uses) returns as ``Popen`` would:
+negative for a signal.
 """
 
 from __future__ import annotations
@@ -33,14 +38,16 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .caffe_side.wire import die_with_parent
 from .errors import CrossvalError
 
-# imported by the warm process before it forks (what a validation child needs first)
-PRELOAD = ("numpy", "torch", "crossval.portcheck.command", "crossval.worker")
+# the environment variables a warm process's imports depend on (a warm process each)
+KEY_VARIABLES = ("PYTHONPATH", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MESSAGE_BYTES = 1 << 20
 READY_TIMEOUT = 120.0
 
@@ -63,6 +70,9 @@ class Forked:
     def __init__(self, pid: int, warm: Warm) -> None:
         self.pid = pid
         self._warm = warm
+        # the caller's ends of the child's standard streams, when it made them pipes
+        self.stdin: IO[bytes] | None = None
+        self.stdout: IO[bytes] | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -77,10 +87,13 @@ class Forked:
             raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
         return code
 
-    def kill(self) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
     def kill_group(self) -> None:
         """SIGKILL the child's process group (it leads its own session) and wait for it."""
@@ -94,27 +107,21 @@ class Forked:
 class Warm:
     """The caller's side of one warm process."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...], env: Mapping[str, str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        pkg_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = pkg_root  # the caller's own entries go to each child
         try:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "crossval.warmstart",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                ],
+                [sys.executable, "-m", __name__, str(theirs.fileno()), *preload],
                 pass_fds=(theirs.fileno(),),
-                env=env,
+                env=dict(env),
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # what its imports print; each child has its own
                 start_new_session=True,
             )
         finally:
             theirs.close()
+        self.owner = os.getpid()  # a fork of the caller does not share it
+        self.preload = preload
         self.sock = ours
         self._lock = threading.Lock()  # one request at a time
         self._changed = threading.Condition()
@@ -133,7 +140,7 @@ class Warm:
         if not first or pickle.loads(first)[0] != "ready":
             self.close()
             raise CrossvalError(
-                "crossval's warm process for validation children did not start "
+                f"crossval's warm process ({', '.join(self.preload)}) did not start "
                 f"(exit status {self.proc.poll()}); this is a fault of crossval"
             )
         self._ready = True
@@ -141,11 +148,11 @@ class Warm:
         self._reader.start()
 
     def alive(self) -> bool:
-        return not self._closed and self.proc.poll() is None
+        return self.owner == os.getpid() and not self._closed and self.proc.poll() is None
 
     def fork(self, request: Request, fds: tuple[int, ...]) -> Forked:
-        """Fork a child running `request`, handing it `fds` (duplicated in the child: the
-        standard streams 0, 1, 2 first, then the child's own, closed in the warm process)."""
+        """Fork a child running `request`, handing it `fds` (duplicated in the child: its
+        standard streams 0, 1, 2 first, then its own, closed in the warm process)."""
         with self._lock:
             self._await_ready()
             socket.send_fds(self.sock, [pickle.dumps(request)], list(fds))
@@ -157,10 +164,14 @@ class Warm:
                 return Forked(self._started.pop(0), self)
 
     def status(self, pid: int) -> int | None:
+        if self.owner != os.getpid():  # a fork of the caller: not its child to ask about
+            return None
         with self._changed:
             return self._exits.get(pid)
 
     def wait(self, pid: int, timeout: float | None) -> int | None:
+        if self.owner != os.getpid():
+            raise CrossvalError(f"process {pid} is not a child of this process's warm process")
         with self._changed:
             self._changed.wait_for(lambda: pid in self._exits or self._closed, timeout)
             if pid not in self._exits and self._closed:
@@ -202,40 +213,74 @@ class Warm:
             self.proc.wait()
 
 
-_WARM: Warm | None = None
+# imported by the warm process of validate-port's children (what such a child needs first)
+PORT_PRELOAD = ("numpy", "torch", "crossval.portcheck.command", "crossval.worker")
+
+_WARMS: dict[tuple[str, ...], Warm] = {}
 _WARM_LOCK = threading.Lock()
 
 
-def warm() -> Warm:
-    """This process's warm process, started (in the background) on first use."""
-    global _WARM
+def warm(preload: tuple[str, ...] = PORT_PRELOAD, env: Mapping[str, str] | None = None) -> Warm:
+    """This process's warm process importing `preload` in the environment `env` (this
+    process's, with crossval's source first on PYTHONPATH, by default), started in the
+    background on first use. `env` is what the imports depend on: each set of preloads and
+    environment has its own."""
+    if env is None:
+        pkg_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": pkg_root}  # the caller's own entries go to each child
+    key = (*preload, "", *sorted(f"{k}={v}" for k, v in env.items() if k in KEY_VARIABLES))
     with _WARM_LOCK:
-        if _WARM is None or not _WARM.alive():
-            if _WARM is None:
+        found = _WARMS.get(key)
+        if found is None or not found.alive():
+            if not _WARMS:
                 atexit.register(_close)
-            _WARM = Warm()
-        return _WARM
+            found = _WARMS[key] = Warm(preload, env)
+        return found
 
 
-def fork(entry: str, args: list[str], fds: tuple[int, ...], env: dict[str, str]) -> Forked:
+def fork(
+    entry: str,
+    args: list[str],
+    fds: tuple[int, ...],
+    env: dict[str, str],
+    *,
+    streams: tuple[int, int, int] = (0, 1, 2),
+    preload: tuple[str, ...] = PORT_PRELOAD,
+    warm_env: Mapping[str, str] | None = None,
+) -> Forked:
     """Run ``entry(args + numbers)`` ("module:function") in a child forked from this process's
-    warm process, with environment `env`, this process's working directory and standard
-    streams, and the descriptors `fds` open in the child (`numbers`: theirs there, as
-    strings)."""
+    warm process for `preload` (and `warm_env`, see `warm`), with environment `env`, this
+    process's working directory, `streams` as its standard input, output and error, and the
+    descriptors `fds` open in the child (`numbers`: theirs there, as strings)."""
     cwd = os.getcwd()
     path = (cwd, *filter(None, env.get("PYTHONPATH", "").split(":")))
-    return warm().fork(Request(entry, tuple(args), env, cwd, path), (0, 1, 2, *fds))
+    request = Request(entry, tuple(args), env, cwd, path)
+    return warm(preload, warm_env).fork(request, (*streams, *fds))
+
+
+def _forget_in_child() -> None:
+    """In a fork of the caller (a conformance case, say): the caller's warm processes are
+    not this process's, and a lock a thread of the caller held at the fork stays held."""
+    global _WARM_LOCK
+    _WARMS.clear()
+    _WARM_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _close() -> None:
-    global _WARM
     with _WARM_LOCK:
-        if _WARM is not None:
-            _WARM.close()
-            _WARM = None
+        for found in _WARMS.values():
+            if found.owner == os.getpid():
+                found.close()
+        _WARMS.clear()
 
 
 # ---- the warm process ------------------------------------------------------------------
+
+
+_BASE_PATH: list[str] = []
 
 
 def _serve(sock: socket.socket) -> None:
@@ -299,15 +344,13 @@ def _child(request: Request, fds: list[int]) -> None:
         os._exit(code)
 
 
-_BASE_PATH: list[str] = []
-
-
 def main(argv: list[str]) -> None:
-    fd, parent = int(argv[0]), int(argv[1])
+    """The warm process: `argv` is its end of the socket and the modules to import. It ends
+    when the caller's end closes (the caller exited or was killed), and its children with
+    it (their parent-death signal)."""
+    sock = socket.socket(fileno=int(argv[0]))
     _BASE_PATH[:] = sys.path[1:]  # sys.path[0] is the directory it was started in
-    die_with_parent(parent)
-    sock = socket.socket(fileno=fd)
-    for name in PRELOAD:
+    for name in argv[1:]:
         importlib.import_module(name)
     sock.send(pickle.dumps(("ready", os.getpid())))
     _serve(sock)

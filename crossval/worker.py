@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -36,7 +35,7 @@ from typing import IO, TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, Typ
 
 import numpy as np
 
-from . import provision
+from . import provision, warmstart
 from .caffe_side import requests
 from .caffe_side.replies import (
     Descriptor,
@@ -164,7 +163,11 @@ def searching() -> Iterator[None]:
         raise stop.error from None
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
+# imported by the Caffe workers' warm process
+SERVER_PRELOAD = ("numpy", "caffe", "crossval.caffe_side.server")
+
+
+def kill_group(proc: subprocess.Popen[bytes] | warmstart.Forked) -> None:
     """SIGKILL `proc`'s process group (it leads its own session) and reap it."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -174,7 +177,12 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _reap(proc: subprocess.Popen[bytes], log: IO[bytes], directory: str) -> None:
+def _reap(proc: warmstart.Forked, log: IO[bytes], directory: str, owner: int) -> None:
+    """Kill the worker and remove its directory, in the process that started it only: a
+    fork of that process (a conformance case, say) inherits the worker object, and its
+    garbage collector must not take the parent's worker and files down."""
+    if os.getpid() != owner:
+        return
     kill_group(proc)
     for stream in (proc.stdin, proc.stdout, log):
         if stream is not None:
@@ -338,7 +346,7 @@ class CaffeWorker(CaffeOps):
     ) -> None:
         self.install = install or provision.locate()
         self.timeout = timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: warmstart.Forked | None = None
         self._log: IO[bytes] | None = None
         self._dir = ""
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -354,7 +362,7 @@ class CaffeWorker(CaffeOps):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def _start(self) -> warmstart.Forked:
         self._dir = private_dir()
         self._log = open(os.path.join(self._dir, "caffe.log"), "w+b")
         env = self.install.env()
@@ -363,16 +371,33 @@ class CaffeWorker(CaffeOps):
         env["OMP_NUM_THREADS"] = env.get("CROSSVAL_CAFFE_THREADS", "1")
         env["OPENBLAS_NUM_THREADS"] = env.get("CROSSVAL_CAFFE_THREADS", "1")
         env["TMPDIR"] = self._dir
-        env["CROSSVAL_WORKER_PARENT"] = str(os.getpid())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crossval.caffe_side.server"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-            bufsize=0,
-            start_new_session=True,
-        )
+        # forked from a warm process that has imported pycaffe in the environment the
+        # imports depend on (the build's path and thread counts: crossval.warmstart)
+        # (the caller's own PYTHONPATH entries, a test's modules say, reach the worker through
+        # its environment: one warm process serves every caller of this build)
+        warm_env = {k: v for k, v in env.items() if k not in ("TMPDIR", "CROSSVAL_WORKER_PARENT")}
+        warm_env["PYTHONPATH"] = f"{self.install.python_path}:{pkg_root}"
+        child_in, requests_end = os.pipe()
+        replies_end, child_out = os.pipe()
+        try:
+            proc = warmstart.fork(
+                "crossval.caffe_side.server:forked_main",
+                [],
+                (),
+                env,
+                streams=(child_in, child_out, self._log.fileno()),
+                preload=SERVER_PRELOAD,
+                warm_env=warm_env,
+            )
+        except BaseException:
+            for fd in (requests_end, replies_end):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (child_in, child_out):
+                os.close(fd)
+        proc.stdin = os.fdopen(requests_end, "wb", buffering=0)
+        proc.stdout = os.fdopen(replies_end, "rb", buffering=0)
         assert proc.stdin is not None
         os.set_blocking(proc.stdin.fileno(), False)
         assert proc.stdout is not None
@@ -381,7 +406,7 @@ class CaffeWorker(CaffeOps):
             with contextlib.suppress(OSError, AttributeError):
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._proc = proc
-        self._finalizer = weakref.finalize(self, _reap, proc, self._log, self._dir)
+        self._finalizer = weakref.finalize(self, _reap, proc, self._log, self._dir, os.getpid())
         return proc
 
     def _log_lines(self) -> list[str]:
@@ -423,7 +448,7 @@ class CaffeWorker(CaffeOps):
 
     def _collect(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: warmstart.Forked,
         op: str,
         deadline: float,
         limit: float,
@@ -448,7 +473,7 @@ class CaffeWorker(CaffeOps):
             return payload
         raise CaffeError(f"{op} failed in the Caffe worker: {payload}")
 
-    def _timed_out(self, proc: subprocess.Popen[bytes], op: str, limit: float) -> NoReturn:
+    def _timed_out(self, proc: warmstart.Forked, op: str, limit: float) -> NoReturn:
         self._pending = False
         where = ""
         if proc.poll() is None and self._log is not None:

@@ -958,23 +958,23 @@ CASES: tuple[Fuzz, ...] = (
 # -- the runner --------------------------------------------------------------------------
 
 
-def _workers(tmpdir: Path | None = None) -> set[int]:
-    """Pids of live Caffe workers (crossval.caffe_side.server); with `tmpdir`, only those
-    started under that TMPDIR (a worker's own is a directory inside it), so other test runs
-    on the machine do not count."""
+def _workers(tmpdir: Path) -> set[int]:
+    """Pids of live Caffe workers started under `tmpdir` (a worker's log is open in its own
+    directory inside it), so other test runs on the machine do not count. A worker is
+    forked from a warm process (crossval.warmstart) whose command line names the server."""
     pids = set()
-    mark = f"TMPDIR={tmpdir}".encode() if tmpdir is not None else b""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().split()[2]
-            env = (entry / "environ").read_bytes().split(b"\0") if mark else []
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if b"crossval.caffe_side.server" not in cmd or state == "Z":
+                continue
+            opened = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
         except OSError:
             continue
-        ours = not mark or any(v == mark or v.startswith(mark + b"/") for v in env)
-        if b"crossval.caffe_side.server" in cmd and state != "Z" and ours:
+        if any(path.startswith(f"{tmpdir}/") for path in opened):
             pids.add(int(entry.name))
     return pids
 

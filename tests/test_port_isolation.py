@@ -101,16 +101,20 @@ def sigmoid_net(
 
 
 def _ours(tag: str) -> list[int]:
-    """Processes whose environment holds `tag` (this test's private TMPDIR)."""
+    """Live processes whose environment holds `tag` (this test's private TMPDIR) or that
+    hold a file open below it (a Caffe worker's log: a forked worker's environment is its
+    warm process's)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 environ = (entry / "environ").read_bytes()
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                opened = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
             except OSError:
                 continue
-            if tag.encode() in environ and state != "Z":
+            below = any(path.startswith(f"{tag}/") for path in opened)
+            if (tag.encode() in environ or below) and state != "Z":
                 found.append(int(entry.name))
     return found
 
@@ -305,11 +309,12 @@ def test_sigterm_to_crossval_leaves_nothing_behind(sigmoid_net: Path, tmp_path: 
         while time.monotonic() < end and not (
             list(private.glob("crossval-port-*/example.npz"))
             and list(private.glob("crossval-port-*/crossval-worker-*"))
-            and len(_ours(str(private))) >= 2
+            and len(_ours(str(private))) >= 3
         ):
             time.sleep(0.1)
         time.sleep(1.0)
-        assert len(_ours(str(private))) >= 2, "the child and its Caffe worker did not start"
+        # the warm process, the port's child and its Caffe worker
+        assert len(_ours(str(private))) >= 3, "the child and its Caffe worker did not start"
         proc.terminate()
         out, err = proc.communicate(timeout=10)
     finally:

@@ -150,3 +150,35 @@ def test_the_warm_process_is_reused_and_ends_with_its_caller() -> None:
     while Path(f"/proc/{warm_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{warm_pid}").exists(), "the warm process outlived its caller"
+
+
+def echo(argv: list[str]) -> None:
+    """Copies its standard input to its standard output."""
+    sys.stdout.write(sys.stdin.read().upper())
+
+
+def test_streams_handed_over_and_one_warm_process_per_preload_and_environment() -> None:
+    child_in, to_child = os.pipe()
+    from_child, child_out = os.pipe()
+    env = _env()
+    child = warmstart.fork(
+        "test_warmstart:echo",
+        [],
+        (),
+        env,
+        streams=(child_in, child_out, 2),
+        preload=("json",),
+        warm_env=env,
+    )
+    for fd in (child_in, child_out):
+        os.close(fd)
+    with os.fdopen(to_child, "w") as w:
+        w.write("through stdin")
+    with os.fdopen(from_child) as r:
+        assert r.read() == "THROUGH STDIN"
+    assert child.wait(timeout=60) == 0
+    json_warm = warmstart.warm(("json",), env)
+    assert json_warm is not warmstart.warm()  # the default preload's is another
+    other_env = {**env, "OMP_NUM_THREADS": "3"}
+    assert warmstart.warm(("json",), other_env) is not json_warm
+    assert warmstart.warm(("json",), {**env, "UNRELATED": "x"}) is json_warm

@@ -4,6 +4,7 @@ caller, it dies with its parent, and it leaves no temporary files."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import os
 import pickle
@@ -430,3 +431,29 @@ def test_a_crash_ends_a_hypothesis_search_at_once(caffe_install: provision.Caffe
             prop()
         # Hypothesis would otherwise shrink x through a fresh worker per step.
         assert worker.restarts == 1 and tried[-1] > 5 and sum(x > 5 for x in tried) == 1
+
+
+def test_a_fork_dropping_the_worker_leaves_it_alone(
+    caffe_install: provision.CaffeInstall, private_tmp: Path
+) -> None:
+    """A fork of the process (as a conformance case is) that garbage-collects its copy of
+    the worker object neither kills the parent's worker nor removes its directory."""
+    worker = CaffeWorker(caffe_install)
+    pid = worker.ping().pid
+    directory = Path(worker.directory)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        code = 0
+        try:
+            del worker
+            gc.collect()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    assert os.waitpid(child, 0)[1] == 0
+    try:
+        assert _alive(pid) and directory.is_dir()
+        assert worker.ping().pid == pid
+    finally:
+        worker.close()
+    assert not directory.exists()

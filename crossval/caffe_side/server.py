@@ -51,6 +51,14 @@ from crossval.caffe_side.wire import (
 )
 
 
+def forked_main(argv: list[str]) -> None:
+    """The worker's entry, in a child forked from a warm process that has imported pycaffe
+    (``crossval.warmstart``; it dies with that process, which dies with crossval): its
+    standard input carries the requests, its standard output the replies, its standard
+    error is the log."""
+    main()
+
+
 def main() -> None:
     die_with_parent(int(os.environ.get("CROSSVAL_WORKER_PARENT", "0")))
     # On SIGUSR1 (sent when a call reaches its time limit) the Python stack goes to the log,
