@@ -206,7 +206,8 @@ class Warm:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         try:
-            self.proc.wait(timeout=5)
+            # still importing: it reads its socket only when done, so it is ended now
+            self.proc.wait(timeout=5 if self._ready else 0)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
