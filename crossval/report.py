@@ -181,6 +181,10 @@ def _checker_row(harness: Harness, combo: tuple[str, str], examples: int) -> Row
                 allowed = fd_tol.allowed(fd.computed, fd.estimated, fd.slack)
                 row.max_abs = max(row.max_abs, err)
                 row.max_ratio = max(row.max_ratio, err / allowed)
+                scale = relative_error(
+                    np.array([err]), np.array([fd.estimated]), np.array([allowed])
+                )
+                row.max_rel = max(row.max_rel, scale)
 
     with searching():
         prop()

@@ -41,6 +41,9 @@ def test_report_runs_the_matrix_and_writes_its_files(
     ):
         assert needed in checks, checks
     assert all(r["verdict"] == "pass" and r["examples"] > 0 for r in data["rows"])
+    # the error scale is measured on every row that has an error (the gradient checker's too)
+    unscaled = [r["check"] for r in data["rows"] if r["max_abs"] > 0 and r["max_rel"] == 0]
+    assert not unscaled, unscaled
     assert data["caffe"]["caffe_version"] == "1.0.0"
     md = (out / "report.md").read_text()
     assert "| training SGD |" in md and "![expectation](expectation.png)" in md
