@@ -57,6 +57,13 @@ def nets(
     return out
 
 
+def ports_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' ports importable by the port child the command starts in process (as
+    run_crossval makes them for a process of its own)."""
+    paths = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+    monkeypatch.setenv("PYTHONPATH", ":".join(paths))
+
+
 def engine(
     worker: CaffeWorker,
     nets: dict[str, Path],
@@ -120,11 +127,7 @@ def test_correct_ports_match(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if net == "expectation":  # the command (`main`): --weights and --generate, exit 0
-        paths = [
-            str(Path(__file__).parent),
-            *filter(None, os.environ.get("PYTHONPATH", "").split(":")),
-        ]
-        monkeypatch.setenv("PYTHONPATH", ":".join(paths))  # the port child imports tests' ports
+        ports_importable(monkeypatch)
         capsys.readouterr()
         argv = ["validate-port", str(nets[net]), "--port", port, "--examples", CLEAN]
         code = main([*argv, *with_init(nets, net)])
@@ -237,9 +240,7 @@ def test_bad_input_exits_2(
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     filled = [a.replace("{tiny}", str(nets["tiny"])).replace("{bad}", str(bad)) for a in args]
-    # the port child the command starts imports the tests' ports as the CLI tests do
-    paths = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
-    monkeypatch.setenv("PYTHONPATH", ":".join(paths))
+    ports_importable(monkeypatch)
     code = main(["validate-port", *filled])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -292,8 +293,7 @@ def test_saved_failure_replays_and_json(
     assert report["verdict"] == "mismatch" and report["fault"]["layer"].startswith("prob ")
     replay = report["replay"]
     assert replay.startswith("crossval validate-port ") and f"--replay {saved[0]}" in replay
-    paths = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
-    monkeypatch.setenv("PYTHONPATH", ":".join(paths))  # for the port child, as run_crossval
+    ports_importable(monkeypatch)
     capsys.readouterr()
     again = main(replay.split()[1:])
     stdout = capsys.readouterr().out

@@ -340,6 +340,15 @@ class PortChecker:
     def _position(self, layer: str) -> int:
         return next((i for i, lay in enumerate(self.net.layers) if lay.name == layer), 0)
 
+    def _port_finding(
+        self, kind: str, lay: NetLayer | None, otherwise: str, text: str, key: str = ""
+    ) -> Finding:
+        """A finding about the port at layer `lay` (its label and position), or at
+        `otherwise` (first in the net) when no layer is known."""
+        if lay is None:
+            return Finding(kind, "port", otherwise, 0, text, key)
+        return Finding(kind, "port", lay.describe(), self._position(lay.name), text, key)
+
     def _bind(self) -> tuple[list[Binding], list[Finding]]:
         """Every Caffe param to a port tensor. A Caffe param with no port tensor is bad
         usage (exit 2: a mapping is missing); everything else is a finding about the port."""
@@ -808,11 +817,10 @@ class PortChecker:
         lay = next((x for x in self.net.compute_layers if param_name(x.name) == owner), None)
         where = f" (module {module!r})" if module else ""
         verdict.findings.append(
-            Finding(
+            self._port_finding(
                 "exception",
-                "port",
-                lay.describe() if lay else (module or "the port"),
-                self._position(lay.name) if lay else 0,
+                lay,
+                module or "the port",
                 f"the port raised {type(exc).__name__}: {exc} in "
                 + self.guard.where(f"its {what}{where}"),
             )
@@ -851,11 +859,10 @@ class PortChecker:
                 f"{n} ({type(m).__name__})" for n, m in self.port.named_modules() if m.training
             ]
             verdict.findings.append(
-                Finding(
+                self._port_finding(
                     "nondeterministic",
-                    "port",
-                    lay.describe() if lay else blob,
-                    self._position(lay.name) if lay else 0,
+                    lay,
+                    blob,
                     f"not deterministic: the same example run twice gives another {blob!r} "
                     "(the first blob, in Caffe's order, that differs); "
                     + (f"random: {', '.join(random)}; " if random else "")
@@ -894,13 +901,8 @@ class PortChecker:
             dims = ", ".join(["N", *map(str, got[1:])]) if got else ""
             wdims = ", ".join(["N", *map(str, want[1:])]) if want else ""
             verdict.findings.append(
-                Finding(
-                    "shape",
-                    "port",
-                    lay.describe() if lay else blob,
-                    self._position(lay.name) if lay else 0,
-                    f"{blob}: ({dims}), Caffe ({wdims}){hint}",
-                    blob,
+                self._port_finding(
+                    "shape", lay, blob, f"{blob}: ({dims}), Caffe ({wdims}){hint}", blob
                 )
             )
         return ok
