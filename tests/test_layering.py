@@ -19,6 +19,16 @@ ROUNDOFF_NAMES = frozenset({"U32", "ETA32", "LIBM_ULPS", "gamma"})
 ROUNDOFF_EXPONENTS = frozenset({24, 23, 149})
 
 
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module a `from ... import` names, a relative one resolved against `package`."""
+    base = node.module or ""
+    if node.level:
+        parts = package.split(".")
+        parts = parts[: len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([base] if base else []))
+    return base
+
+
 def _tolerance_aliases(tree: ast.Module, module: str) -> tuple[set[str], set[str]]:
     """Names under which `module` binds the tolerance package, and names it imports from it."""
     aliases: set[str] = set()
@@ -30,11 +40,7 @@ def _tolerance_aliases(tree: ast.Module, module: str) -> tuple[set[str], set[str
                 if a.name == "crossval.tolerances" or a.name.startswith("crossval.tolerances."):
                     aliases.add(a.asname or a.name)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parts = parts[: len(parts) - (node.level - 1)]
-                base = ".".join(parts + ([base] if base else []))
+            base = _absolute(node, package)
             for a in node.names:
                 full = f"{base}.{a.name}"
                 if not (full + ".").startswith("crossval.tolerances."):
@@ -176,11 +182,7 @@ def imports_of(source: str, module: str, is_package: bool) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parts = parts[: len(parts) - (node.level - 1)]
-                base = ".".join(parts + ([base] if base else []))
+            base = _absolute(node, package)
             # `from crossval import heads` imports crossval.heads
             if base == "crossval" or (node.level and not node.module):
                 found.update(f"{base}.{a.name}" for a in node.names)
