@@ -163,6 +163,9 @@ def searching() -> Iterator[None]:
         raise stop.error from None
 
 
+# the request fields that name files (``crossval.caffe_side.requests``)
+PATH_FIELDS = ("weights", "out", "solver_prototxt")
+
 # imported by the Caffe workers' warm process
 SERVER_PRELOAD = ("numpy", "caffe", "crossval.caffe_side.server")
 
@@ -431,6 +434,12 @@ class CaffeWorker(CaffeOps):
         caller can work meanwhile (the worker runs on the other core). One request at a time:
         collect the result before the next submit. The time limit runs from here."""
         raise_if_interrupted()
+        # a file named relative to the caller's directory, which a long-lived worker may
+        # not share (it keeps the directory it was started in)
+        kwargs = {
+            k: os.path.abspath(v) if k in PATH_FIELDS and isinstance(v, str) and v else v
+            for k, v in kwargs.items()
+        }
         if self._proc is not None and self._proc.poll() is not None:
             self._retire()  # died between calls (killed from outside)
         proc = self._proc or self._start()

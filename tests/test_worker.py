@@ -457,3 +457,19 @@ def test_a_fork_dropping_the_worker_leaves_it_alone(
     finally:
         worker.close()
     assert not directory.exists()
+
+
+def test_relative_paths_are_the_callers(
+    caffe_install: provision.CaffeInstall, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker started in one directory reads and writes a relative path as the caller,
+    now in another directory, means it."""
+    with CaffeWorker(caffe_install) as worker:
+        proto = worker.prototxt(head="sigmoid_scale", features=4, batch=2, loss="euclidean")
+        params = worker.params(proto).params
+        monkeypatch.chdir(tmp_path)
+        assert worker.save(proto, params, "here.caffemodel") == str(tmp_path / "here.caffemodel")
+        again = worker.params(proto, weights="here.caffemodel").params
+        assert {k: [a.tobytes() for a in v] for k, v in again.items()} == {
+            k: [a.tobytes() for a in v] for k, v in params.items()
+        }
