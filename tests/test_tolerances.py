@@ -72,3 +72,14 @@ def test_softmax_layer_backward_bound_covers_its_own_rounding() -> None:
         )
         assert gz is not None
         assert np.all(bound >= tol.U32 * np.abs(gz.detach().numpy())), shape
+
+
+def test_sigmoid_grad_covers_a_saturated_output_under_a_cancelling_gradient() -> None:
+    """The reference's y = 0 and g_y = 0 exactly; the other side's are y' = e_y and
+    g_y' = e_gy, each within its own bound, so its g_x = e_gy e_y must be within the bound
+    (the cross term: without it the bound is ETA32 alone)."""
+    y, g_y = np.zeros(1), np.zeros(1)
+    e_y, e_gy = np.full(1, 1e-20), np.full(1, 1e-12)
+    other = float(e_gy[0] * e_y[0] * (1 - e_y[0]))
+    bound = float(tol.sigmoid_grad(g_y, y, e_gy, e_y)[0])
+    assert other <= bound < 3 * other

@@ -124,8 +124,9 @@ TABLE: dict[str, Rule] = {
         Rule(
             "sigmoid_grad",
             "g_x = g_y y (1 - y), y the forward output",
-            "|g_y| (|1 - 2y| e_y + e_y^2) + y (1 - y) e_gy + 3 u |g_x|: Caffe and PyTorch "
-            "both differentiate through the stored output y, so its error enters",
+            "(|g_y| + e_gy) (|1 - 2y| e_y + e_y^2) + y (1 - y) e_gy + 3 u |g_x|: Caffe and "
+            "PyTorch both differentiate through the stored output y, so its error enters (the "
+            "e_gy e_y cross term too, for a saturated sigmoid under a cancelling gradient)",
         ),
         Rule("dot_fixed_grad", "g_p = g_y k", "|k| e_gy + u |g_p|"),
         Rule(
@@ -366,11 +367,13 @@ def scale_grad(g_y: F64, s: float, e_gy: F64) -> F64:
 
 def sigmoid_grad(g_y: F64, y: F64, e_gy: F64, e_y: F64) -> F64:
     """Bound for g_x = g_y y (1 - y): see TABLE['sigmoid_grad']."""
+    # (g + dg)(y + dy)(1 - y - dy) - g y (1 - y)
+    #   = (g + dg)(dy (1 - 2y) - dy^2) + dg y (1 - y): the cross term dg dy (1 - 2y - dy)
+    # is second order, but where the sigmoid saturates (y (1 - y) below e_y) and g_y
+    # cancels (|g_y| below e_gy) it is not covered by the first-order terms
+    dy = np.abs(1 - 2 * y) * e_y + e_y * e_y
     out: F64 = (
-        np.abs(g_y) * (np.abs(1 - 2 * y) * e_y + e_y * e_y)
-        + y * (1 - y) * e_gy
-        + 3 * U32 * np.abs(g_y * y * (1 - y))
-        + ETA32
+        (np.abs(g_y) + e_gy) * dy + y * (1 - y) * e_gy + 3 * U32 * np.abs(g_y * y * (1 - y)) + ETA32
     )
     return out
 
