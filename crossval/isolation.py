@@ -98,8 +98,6 @@ def validate_isolated(
             pickle.dump(Job(net, port, options, timeout), f)
         env = dict(os.environ)
         env["TMPDIR"] = directory  # the child's Caffe worker makes its directory in here
-        pkg_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = ":".join(filter(None, [pkg_root, env.get("PYTHONPATH", "")]))
         warmstart.warm()  # its imports (torch) while this process makes its own
         from .portcheck import command  # noqa: F401
 

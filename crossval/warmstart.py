@@ -96,7 +96,8 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
     def kill_group(self) -> None:
-        """SIGKILL the child's process group (it leads its own session) and wait for it."""
+        """SIGKILL the child's process group (it leads its own session: whatever the child
+        started goes too) and wait for it."""
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
@@ -285,15 +286,16 @@ _BASE_PATH: list[str] = []
 
 
 def _serve(sock: socket.socket) -> None:
-    children: set[int] = set()
+    children: dict[int, int] = {}  # a pidfd (readable once its child has exited): the pid
     while True:
-        ready, _, _ = select.select([sock], [], [], 0.02 if children else None)
-        for pid in list(children):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                children.discard(pid)
+        ready, _, _ = select.select([sock.fileno(), *children], [], [])
+        for fd in ready:
+            if fd in children:
+                pid = children.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
                 sock.send(pickle.dumps(("exit", pid, os.waitstatus_to_exitcode(status))))
-        if not ready:
+        if sock.fileno() not in ready:
             continue
         data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 16)
         if not data:
@@ -302,10 +304,12 @@ def _serve(sock: socket.socket) -> None:
         pid = os.fork()
         if pid == 0:
             sock.close()
+            for fd in children:
+                os.close(fd)
             _child(request, fds)  # never returns
         for fd in fds:
             os.close(fd)
-        children.add(pid)
+        children[os.pidfd_open(pid)] = pid
         sock.send(pickle.dumps(("started", pid)))
 
 

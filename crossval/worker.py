@@ -170,23 +170,13 @@ PATH_FIELDS = ("weights", "out", "solver_prototxt")
 SERVER_PRELOAD = ("numpy", "caffe", "crossval.caffe_side.server")
 
 
-def kill_group(proc: subprocess.Popen[bytes] | warmstart.Forked) -> None:
-    """SIGKILL `proc`'s process group (it leads its own session) and reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    proc.wait()
-
-
 def _reap(proc: warmstart.Forked, log: IO[bytes], directory: str, owner: int) -> None:
     """Kill the worker and remove its directory, in the process that started it only: a
     fork of that process (a conformance case, say) inherits the worker object, and its
     garbage collector must not take the parent's worker and files down."""
     if os.getpid() != owner:
         return
-    kill_group(proc)
+    proc.kill_group()
     for stream in (proc.stdin, proc.stdout, log):
         if stream is not None:
             with contextlib.suppress(OSError):
@@ -495,7 +485,7 @@ class CaffeWorker(CaffeOps):
                 time.sleep(0.02)
             time.sleep(0.05)
             where = innermost_frame(self._log_lines())
-        kill_group(proc)
+        proc.kill_group()
         lines = self._log_lines()
         self._retire()
         raise CaffeTimeout(op, limit, where, lines[-20:])
